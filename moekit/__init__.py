@@ -1,0 +1,8 @@
+"""moekit: Mixture-of-Experts layers and models in PyTorch."""
+
+from moekit.config import MoEConfig
+from moekit.layer import MoELayer
+from moekit.types import DispatchPlan, MoEOutput, ModelOutput, RoutingDecision
+
+__all__ = ["DispatchPlan", "MoEConfig", "MoELayer", "MoEOutput", "ModelOutput", "RoutingDecision"]
+__version__ = "0.1.0"

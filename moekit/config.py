@@ -1,0 +1,262 @@
+"""Configuration of an MoE layer: one frozen, keyword-only dataclass that validates itself.
+
+Every field a user can get wrong is checked in `__post_init__`, and the error names the field, the
+value and what is allowed. Runtime things (device, dtype, process group) are never config fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from moekit.experts.activations import GATED as GLU_ACTIVATIONS
+
+ROUTER_NAMES = ("topk", "expert_choice", "hash", "sinkhorn", "soft")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+
+
+def check(condition: bool, field_name: str, value: Any, allowed: str) -> None:
+    """Raise a ValueError naming the field, its bad value and what is allowed."""
+    if not condition:
+        raise ValueError(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def check_choice(value: Any, field_name: str, choices: tuple) -> None:
+    check(value in choices, field_name, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Everything that defines an MoE feed-forward layer.
+
+    Routing:
+        router: which router picks experts ("topk" covers Switch, Mixtral, DBRX, Qwen-MoE, OLMoE,
+            DeepSeek-V2/V3 by configuration).
+        top_k: experts per token (for expert choice: the average, which sets each expert's capacity).
+        score_func: "softmax" or "sigmoid" scores over experts.
+        softmax_after_topk: softmax over only the selected logits (Mixtral's formulation; equal to
+            softmax-then-renormalise).
+        normalize_topk: renormalise the selected weights to sum to 1.
+        routed_scaling_factor: multiplies the combine weights (DeepSeek-V2/V3).
+        router_bias: a learned bias in the router's linear layer.
+        noisy_gating: Shazeer et al. 2017 learned noise, softplus(x W_noise) * N(0, 1), training only.
+        jitter_eps: Switch multiplicative jitter on the router input, U(1-eps, 1+eps), training only.
+        num_groups / topk_groups / group_score: group-limited routing (DeepSeek-V2 device-limited,
+            DeepSeek-V3 node-limited): experts in `num_groups` groups, each token keeps the best
+            `topk_groups` groups (scored by their max or their top-2 sum) and picks its top-k there.
+        expert_bias: aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores
+            for selection only; `bias_update_rate` is the step of its sign update.
+        hash_vocab_size / hash_table: the token-id -> expert table of hash routing.
+        sinkhorn_iters: iterations of the balanced-assignment (Sinkhorn) router.
+        soft_slots: slots per expert of Soft MoE.
+    Capacity:
+        capacity_factor: None for dropless; otherwise each expert keeps at most
+            ceil(capacity_factor * T * top_k / E) slots.
+        drop_policy: which slots are kept when an expert overflows: earliest "position" or
+            highest "score".
+    Experts:
+        activation: "swiglu", "geglu" (gated, 3 matrices) or "gelu", "relu", "silu" (2 matrices).
+        expert_mlp_bias: biases in the expert MLPs.
+        num_shared_experts / shared_d_ff / shared_expert_gate: shared experts every token passes
+            through (DeepSeekMoE), optionally scaled by a sigmoid gate (Qwen2-MoE). shared_d_ff is
+            the total width of the shared part (defaults to num_shared_experts * d_ff).
+        dense_residual_d_ff: a dense MLP in parallel with the MoE (Snowflake Arctic).
+    Losses:
+        load_balance_coef, load_balance_granularity: Switch/GShard balance loss, per micro-batch,
+            per sequence (DeepSeek-V3) or over the global batch.
+        z_loss_coef: ST-MoE router z-loss.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int = 2
+    router: Literal["topk", "expert_choice", "hash", "sinkhorn", "soft"] = "topk"
+    # token-choice scoring
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    softmax_after_topk: bool = False
+    normalize_topk: bool = True
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False
+    noisy_gating: bool = False
+    jitter_eps: float = 0.0
+    # group-limited routing
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    group_score: Literal["max", "top2_sum"] = "max"
+    # aux-loss-free balancing
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    # other routers
+    hash_vocab_size: int | None = None
+    hash_table: Literal["random", "balanced"] = "random"
+    sinkhorn_iters: int = 3
+    soft_slots: int = 1
+    # capacity
+    capacity_factor: float | None = None
+    drop_policy: Literal["position", "score"] = "position"
+    # experts
+    activation: Literal["swiglu", "geglu", "gelu", "relu", "silu"] = "swiglu"
+    expert_mlp_bias: bool = False
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
+    dense_residual_d_ff: int | None = None
+    # losses
+    load_balance_coef: float = 0.01
+    load_balance_granularity: Literal["micro_batch", "sequence", "global"] = "micro_batch"
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+        check_choice(self.router, "router", ROUTER_NAMES)
+        check_choice(self.score_func, "score_func", ("softmax", "sigmoid"))
+        check_choice(self.activation, "activation", ACTIVATIONS)
+        check_choice(self.drop_policy, "drop_policy", ("position", "score"))
+        check_choice(self.group_score, "group_score", ("max", "top2_sum"))
+        check_choice(self.hash_table, "hash_table", ("random", "balanced"))
+        check_choice(
+            self.load_balance_granularity,
+            "load_balance_granularity",
+            ("micro_batch", "sequence", "global"),
+        )
+        check(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        check(
+            self.top_k <= self.num_experts,
+            "top_k",
+            self.top_k,
+            f"must be <= num_experts ({self.num_experts})",
+        )
+        if self.capacity_factor is not None:
+            check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
+                  "must be > 0, or None for dropless routing")
+        check(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor,
+              "must be > 0")
+        check(0 <= self.jitter_eps < 1, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
+        check(self.bias_update_rate >= 0, "bias_update_rate", self.bias_update_rate, "must be >= 0")
+        for name in ("load_balance_coef", "z_loss_coef"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        check(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts,
+              "must be >= 0")
+        for name in ("shared_d_ff", "dense_residual_d_ff", "hash_vocab_size"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= 1), name, value,
+                  "must be a positive integer or None")
+        if self.shared_d_ff is not None or self.shared_expert_gate:
+            check(self.num_shared_experts >= 1, "num_shared_experts", self.num_shared_experts,
+                  "must be >= 1 when shared_d_ff or shared_expert_gate is set")
+        check(self.sinkhorn_iters >= 1, "sinkhorn_iters", self.sinkhorn_iters, "must be >= 1")
+        check(self.soft_slots >= 1, "soft_slots", self.soft_slots, "must be >= 1")
+        self._check_groups()
+        self._check_router_specific()
+
+    def _check_groups(self) -> None:
+        if self.num_groups is None and self.topk_groups is None:
+            return
+        check(self.num_groups is not None and self.topk_groups is not None, "num_groups",
+              self.num_groups, "num_groups and topk_groups must be set together")
+        assert self.num_groups is not None and self.topk_groups is not None
+        check(self.router == "topk", "router", self.router,
+              "group-limited routing (num_groups) needs router='topk'")
+        check(self.num_groups >= 1 and self.num_experts % self.num_groups == 0, "num_groups",
+              self.num_groups, f"must be >= 1 and divide num_experts ({self.num_experts})")
+        check(1 <= self.topk_groups <= self.num_groups, "topk_groups", self.topk_groups,
+              f"must be in [1, num_groups={self.num_groups}]")
+        per_group = self.num_experts // self.num_groups
+        check(self.topk_groups * per_group >= self.top_k, "topk_groups", self.topk_groups,
+              f"the kept groups hold {self.topk_groups * per_group} experts, fewer than "
+              f"top_k={self.top_k}")
+        if self.group_score == "top2_sum":
+            check(per_group >= 2, "group_score", self.group_score,
+                  "'top2_sum' needs at least 2 experts per group")
+
+    def _check_router_specific(self) -> None:
+        token_choice_only = {
+            "noisy_gating": self.noisy_gating,
+            "expert_bias": self.expert_bias,
+            "softmax_after_topk": self.softmax_after_topk,
+        }
+        if self.router != "topk":
+            for name, value in token_choice_only.items():
+                check(not value, name, value, f"is only supported with router='topk', "
+                      f"not router={self.router!r}")
+            check(self.score_func == "softmax" or self.router == "sinkhorn", "score_func",
+                  self.score_func, f"router={self.router!r} supports only 'softmax'")
+        if self.softmax_after_topk:
+            check(self.score_func == "softmax", "softmax_after_topk", True,
+                  "needs score_func='softmax'")
+        if self.router == "hash":
+            check(self.hash_vocab_size is not None, "hash_vocab_size", None,
+                  "router='hash' needs hash_vocab_size (the tokenizer's vocabulary size)")
+        if self.router in ("expert_choice", "soft"):
+            check(self.capacity_factor is None, "capacity_factor", self.capacity_factor,
+                  f"router={self.router!r} sets expert capacity itself; leave capacity_factor None")
+
+    # ---- derived facts -------------------------------------------------------------------
+    @property
+    def gated(self) -> bool:
+        return self.activation in GLU_ACTIVATIONS
+
+    @property
+    def shared_width(self) -> int:
+        """Total ffn width of the shared experts (0 when there are none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_d_ff if self.shared_d_ff is not None else self.num_shared_experts * self.d_ff
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        mats = 3 if self.gated else 2
+        bias = (2 * self.d_ff + self.d_model if self.gated else self.d_ff + self.d_model)
+        return mats * self.d_model * self.d_ff + (bias if self.expert_mlp_bias else 0)
+
+    def num_params(self) -> int:
+        """Parameters of the whole layer (router, routed experts, shared and dense parts)."""
+        mats = 3 if self.gated else 2
+        router = self.d_model * self.num_experts + (self.num_experts if self.router_bias else 0)
+        if self.noisy_gating:
+            router += self.d_model * self.num_experts
+        if self.router == "hash":
+            router = 0
+        if self.router == "soft":
+            router = self.d_model * self.num_experts * self.soft_slots
+        total = router + self.num_experts * self.expert_params()
+        total += mats * self.d_model * self.shared_width
+        if self.shared_expert_gate:
+            total += self.d_model
+        if self.dense_residual_d_ff:
+            total += mats * self.d_model * self.dense_residual_d_ff
+        return total
+
+    def active_params(self) -> int:
+        """Parameters one token touches: router, top_k experts, shared and dense parts."""
+        return self.num_params() - (self.num_experts - self.top_k) * self.expert_params()
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MoEConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of MoEConfig fields")
+        return cls.from_dict(data)

@@ -1,0 +1,71 @@
+"""Fixed expert capacity with token dropping (GShard, Switch Transformer).
+
+Each expert keeps at most C slots; the rest are dropped (expert id -1, weight 0) and the token
+passes through the residual unchanged. Which slots are kept:
+    "position": first-choice slots of all tokens before second choices, then token order
+                (GShard / Switch);
+    "score":    highest router weight first (batch prioritized routing, Riquelme et al. 2021).
+The dropped decision is then dispatched by the same sort dispatcher as dropless routing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from moekit.routing.base import counts_from_ids
+from moekit.types import RoutingDecision
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """C = ceil(capacity_factor * T * k / E), at least 1."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def keep_within_capacity(expert_ids_TK: Tensor, priority_TK: Tensor, capacity: int) -> Tensor:
+    """Bool (T, K): slots kept when each expert takes its `capacity` slots of lowest priority value.
+
+    Slots with id -1 are never kept. Ties in priority keep the lower flat slot index (k-major).
+    """
+    T, K = expert_ids_TK.shape
+    ids_S = expert_ids_TK.t().reshape(-1)  # k-major: all first choices, then second choices...
+    prio_S = priority_TK.t().reshape(-1)
+    by_prio_S = torch.sort(prio_S, stable=True).indices
+    ids_by_prio_S = ids_S[by_prio_S]
+    # Rank of each slot among the slots of its expert, in priority order.
+    by_expert_S = torch.sort(ids_by_prio_S, stable=True).indices
+    sorted_ids_S = ids_by_prio_S[by_expert_S]
+    first_S = torch.searchsorted(sorted_ids_S, sorted_ids_S, side="left")
+    rank_S = torch.arange(ids_S.numel(), device=ids_S.device) - first_S
+    keep_sorted_S = (rank_S < capacity) & (sorted_ids_S >= 0)
+    keep_S = torch.empty_like(keep_sorted_S)
+    keep_S[by_prio_S[by_expert_S]] = keep_sorted_S
+    return keep_S.view(K, T).t()
+
+
+def apply_capacity(
+    decision: RoutingDecision, *, capacity: int, policy: str = "position"
+) -> RoutingDecision:
+    """Drop the slots over each expert's capacity; the result records them in `dropped_TK`."""
+    ids_TK = decision.expert_ids_TK
+    T, K = ids_TK.shape
+    if policy == "position":
+        priority_TK = torch.zeros(T, K, device=ids_TK.device)  # stable sort keeps k-major token order
+    elif policy == "score":
+        priority_TK = -decision.weights_TK.detach().float()
+    else:
+        raise ValueError(f"drop_policy={policy!r} is invalid: must be 'position' or 'score'")
+    keep_TK = keep_within_capacity(ids_TK, priority_TK, capacity)
+    dropped_TK = (ids_TK >= 0) & ~keep_TK
+    kept_ids_TK = ids_TK.masked_fill(~keep_TK, -1)
+    return RoutingDecision(
+        expert_ids_TK=kept_ids_TK,
+        weights_TK=decision.weights_TK.masked_fill(~keep_TK, 0.0),
+        logits_TE=decision.logits_TE,
+        probs_TE=decision.probs_TE,
+        counts_E=counts_from_ids(kept_ids_TK, decision.num_experts),
+        dropped_TK=dropped_TK,
+        selected_TK=decision.selection_TK,
+    )

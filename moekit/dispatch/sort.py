@@ -1,0 +1,44 @@
+"""Dropless dispatch: sort token slots by expert, run the experts, scatter back.
+
+`dispatch` gathers one row per (token, slot) whose expert id is >= 0, ordered by expert (stable, so
+rows of one expert keep token order). `combine` multiplies each row by its routing weight, in fp32,
+and sums the rows of a token: the only place routing weights are applied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.types import DispatchPlan, RoutingDecision
+
+
+def sort_plan(expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int) -> tuple[DispatchPlan, Tensor]:
+    """Plan of rows sorted by expert, and tokens per expert (long (E,)). Slots with id -1 are skipped."""
+    T, K = expert_ids_TK.shape
+    ids_S = expert_ids_TK.reshape(-1)
+    # Unrouted slots (-1) sort after every expert and are cut off.
+    key_S = torch.where(ids_S < 0, torch.full_like(ids_S, num_experts), ids_S)
+    order_S = torch.sort(key_S, stable=True).indices
+    counts_E = torch.bincount(key_S, minlength=num_experts + 1)[:num_experts]
+    order_R = order_S[: int(counts_E.sum())]
+    plan = DispatchPlan(
+        token_index_R=order_R // K,
+        weights_R=weights_TK.reshape(-1)[order_R],
+        num_tokens=T,
+    )
+    return plan, counts_E
+
+
+class SortDispatcher:
+    """Dropless dispatcher (no parameters): `dispatch(x_TD, decision)` -> rows sorted by expert."""
+
+    def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchPlan]:
+        plan, counts_E = sort_plan(decision.expert_ids_TK, decision.weights_TK, decision.num_experts)
+        return x_TD[plan.token_index_R], counts_E, plan
+
+    def combine(self, y_RD: Tensor, plan: DispatchPlan) -> Tensor:
+        """Weighted sum of each token's rows, accumulated in fp32, returned in y's dtype."""
+        y_TD = y_RD.new_zeros((plan.num_tokens, y_RD.shape[-1]), dtype=torch.float32)
+        y_TD.index_add_(0, plan.token_index_R, y_RD.float() * plan.weights_R.float()[:, None])
+        return y_TD.to(y_RD.dtype)

@@ -1,0 +1,29 @@
+"""A dense feed-forward MLP: shared experts, Arctic's dense residual, and dense model layers."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moekit.experts.activations import GATED, glu, plain
+
+
+class DenseMLP(nn.Module):
+    """`down(act(gate(x)) * up(x))` for gated activations, `out(act(in(x)))` otherwise.
+
+    Parameter names follow the Hugging Face layout (gate_proj / up_proj / down_proj), so shared
+    experts and dense layers map onto checkpoints by name.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", *, bias: bool = False):
+        super().__init__()
+        self.activation = activation
+        self.gated = activation in GATED
+        if self.gated:
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self.activation))
+        return self.down_proj(plain(self.up_proj(x), self.activation))

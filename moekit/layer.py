@@ -1,0 +1,153 @@
+"""The MoE layer: router + dispatcher + experts, plus optional shared experts and dense residual.
+
+    x -> router -> (capacity) -> dispatch (sort by expert) -> experts -> combine (weights) -> y
+                                                           + shared experts (+ sigmoid gate)
+                                                           + dense residual MLP
+Auxiliary losses are returned by name; their coefficients are applied by the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moekit import losses
+from moekit.config import MoEConfig
+from moekit.dispatch.capacity import apply_capacity, expert_capacity
+from moekit.dispatch.sort import SortDispatcher
+from moekit.experts.dense import DenseMLP
+from moekit.experts.grouped import Experts
+from moekit.routing import ROUTERS, Router
+from moekit.types import MoEOutput, RoutingDecision
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    Args:
+        config: the layer's MoEConfig.
+        router / experts / dispatcher: prebuilt parts (tests inject fixed routers this way).
+    Forward:
+        x: (B, S, D) or (T, D), any float dtype. mask: (B, S) or (T,) bool, True for real tokens.
+        token_ids: (B, S) or (T,) long, needed by hash routing.
+        Returns MoEOutput(y (same shape and dtype as x), aux_losses {"load_balance", "z"}, decision).
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        *,
+        router: Router | None = None,
+        experts: nn.Module | None = None,
+        dispatcher: SortDispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        if config.router not in ROUTERS:
+            raise ValueError(f"router={config.router!r} is not available; have {sorted(ROUTERS)}")
+        self.config = config
+        self.router = router if router is not None else ROUTERS[config.router](config)
+        self.experts = experts if experts is not None else Experts(config)
+        self.dispatcher = dispatcher if dispatcher is not None else SortDispatcher()
+        self.shared_experts = (
+            DenseMLP(config.d_model, config.shared_width, config.activation)
+            if config.num_shared_experts else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
+        )
+        self.dense_residual = (
+            DenseMLP(config.d_model, config.dense_residual_d_ff, config.activation)
+            if config.dense_residual_d_ff else None
+        )
+        # Tokens routed to each expert since the last `update_expert_bias` (training only).
+        self.register_buffer("load_counts_E", torch.zeros(config.num_experts), persistent=False)
+
+    def forward(
+        self, x: Tensor, *, mask: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> MoEOutput:
+        D = self.config.d_model
+        if x.shape[-1] != D or x.dim() not in (2, 3):
+            raise ValueError(f"MoELayer expects input (B, S, {D}) or (T, {D}); got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, D)
+        mask_T = self._flat(mask, lead, "mask")
+        token_ids_T = self._flat(token_ids, lead, "token_ids")
+        num_sequences = lead[0] if x.dim() == 3 else 1
+
+        decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T)
+        x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
+        y_RD = self.experts(x_RD, counts_E)
+        y_TD = self.dispatcher.combine(y_RD, plan)
+        y_TD = y_TD + self.dense_parts(x_TD)
+
+        if self.training:
+            with torch.no_grad():
+                self.load_counts_E += decision.counts_E.to(self.load_counts_E.dtype)
+        aux = self.aux_losses(decision, mask_T, num_sequences)
+        return MoEOutput(y=y_TD.reshape(x.shape), aux_losses=aux, decision=decision)
+
+    def route(
+        self, x_TD: Tensor, *, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None
+    ) -> RoutingDecision:
+        """Router decision for flat tokens, with capacity dropping when configured."""
+        cfg = self.config
+        decision = self.router(x_TD, token_ids_T=token_ids_T, mask_T=mask_T)
+        if cfg.capacity_factor is not None:
+            T = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
+            capacity = expert_capacity(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+            decision = apply_capacity(decision, capacity=capacity, policy=cfg.drop_policy)
+        return decision
+
+    def dense_parts(self, x_TD: Tensor) -> Tensor | float:
+        """Shared experts (optionally sigmoid-gated) plus the dense residual MLP, or 0."""
+        out: Tensor | float = 0.0
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            out = out + shared_TD
+        if self.dense_residual is not None:
+            out = out + self.dense_residual(x_TD)
+        return out
+
+    def aux_losses(
+        self, decision: RoutingDecision, mask_T: Tensor | None, num_sequences: int
+    ) -> dict[str, Tensor]:
+        cfg = self.config
+        out: dict[str, Tensor] = {}
+        if cfg.load_balance_coef > 0:
+            out["load_balance"] = losses.load_balance_loss(
+                probs_TE=decision.probs_TE,
+                selected_TK=decision.selection_TK,
+                mask_T=mask_T,
+                num_sequences=num_sequences,
+                granularity=cfg.load_balance_granularity,
+            )
+        if cfg.z_loss_coef > 0:
+            out["z"] = losses.z_loss(logits_TE=decision.logits_TE, mask_T=mask_T)
+        return out
+
+    def aux_loss(self, aux_losses: dict[str, Tensor]) -> Tensor:
+        """The aux losses summed with this layer's coefficients."""
+        coefs = {"load_balance": self.config.load_balance_coef, "z": self.config.z_loss_coef}
+        total = torch.zeros((), dtype=torch.float32)
+        for name, value in aux_losses.items():
+            total = total.to(value.device) + coefs.get(name, 1.0) * value
+        return total
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step from the loads counted since the last call; resets them."""
+        update = getattr(self.router, "update_bias", None)
+        if update is None or getattr(self.router, "expert_bias", None) is None:
+            raise ValueError("update_expert_bias needs MoEConfig(router='topk', expert_bias=True)")
+        update(self.load_counts_E)
+        self.load_counts_E.zero_()
+
+    @staticmethod
+    def _flat(t: Tensor | None, lead: torch.Size, name: str) -> Tensor | None:
+        if t is None:
+            return None
+        if tuple(t.shape) != tuple(lead):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(lead)} to match the input")
+        return t.reshape(-1)

@@ -1,0 +1,89 @@
+"""Balancing losses for MoE routers: pure, keyword-only functions.
+
+Every function takes an optional padding mask (True = real token) and ignores padded tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _mask_T(mask_T: Tensor | None, T: int, device: torch.device) -> Tensor:
+    if mask_T is None:
+        return torch.ones(T, dtype=torch.float32, device=device)
+    return mask_T.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def expert_fraction_E(selected_TK: Tensor, *, num_experts: int, mask_T: Tensor | None = None) -> Tensor:
+    """f_e: the fraction of (real) token slots the router sent to expert e (before dropping)."""
+    T, K = selected_TK.shape
+    m_T = _mask_T(mask_T, T, selected_TK.device)
+    valid_TK = (selected_TK >= 0).float() * m_T[:, None]
+    counts_E = torch.zeros(num_experts, device=selected_TK.device).index_add_(
+        0, selected_TK.clamp_min(0).reshape(-1), valid_TK.reshape(-1)
+    )
+    return counts_E / (m_T.sum() * K).clamp_min(1.0)
+
+
+def mean_prob_E(probs_TE: Tensor, *, mask_T: Tensor | None = None) -> Tensor:
+    """P_e: the mean router probability of expert e over real tokens."""
+    m_T = _mask_T(mask_T, probs_TE.shape[0], probs_TE.device)
+    return (probs_TE.float() * m_T[:, None]).sum(0) / m_T.sum().clamp_min(1.0)
+
+
+def load_balance_loss(
+    *,
+    probs_TE: Tensor,
+    selected_TK: Tensor,
+    mask_T: Tensor | None = None,
+    num_sequences: int = 1,
+    granularity: str = "micro_batch",
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Switch / GShard balance loss  E * sum_e f_e * P_e  (Fedus et al. 2021, eq. 4).
+
+    Uniform routing gives 1; all tokens on one expert gives E (for top-1).
+    granularity:
+        "micro_batch": f and P over all tokens of this call.
+        "sequence":    the loss per sequence, averaged (DeepSeek-V3 sequence-wise loss); tokens
+                       are laid out as `num_sequences` equal, contiguous sequences.
+        "global":      f over the whole data-parallel batch: the expert counts are summed over
+                       `group` (the default group when torch.distributed is initialised), P stays
+                       local (Qiu et al. 2025, global-batch balance).
+    """
+    T, E = probs_TE.shape
+    if granularity == "sequence":
+        if T % num_sequences:
+            raise ValueError(f"{T} tokens do not split into num_sequences={num_sequences} sequences")
+        S = T // num_sequences
+        m_BS = _mask_T(mask_T, T, probs_TE.device).view(num_sequences, S)
+        losses = [
+            load_balance_loss(probs_TE=probs_TE[b * S:(b + 1) * S],
+                              selected_TK=selected_TK[b * S:(b + 1) * S], mask_T=m_BS[b])
+            for b in range(num_sequences)
+        ]
+        present = (m_BS.sum(1) > 0).float()
+        return (torch.stack(losses) * present).sum() / present.sum().clamp_min(1.0)
+    if granularity not in ("micro_batch", "global"):
+        raise ValueError(f"granularity={granularity!r} is invalid: 'micro_batch', 'sequence' or 'global'")
+    f_E = expert_fraction_E(selected_TK, num_experts=E, mask_T=mask_T)
+    if granularity == "global" and dist.is_available() and dist.is_initialized():
+        f_E = f_E.clone()
+        dist.all_reduce(f_E, group=group)
+        f_E = f_E / dist.get_world_size(group)
+    return E * (f_E.detach() * mean_prob_E(probs_TE, mask_T=mask_T)).sum()
+
+
+def z_loss(*, logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
+    m_T = _mask_T(mask_T, logits_TE.shape[0], logits_TE.device)
+    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    return (lse_T.square() * m_T).sum() / m_T.sum().clamp_min(1.0)
+
+
+def expert_bias_update(bias_E: Tensor, counts_E: Tensor, *, rate: float) -> Tensor:
+    """Aux-loss-free bias step (Wang et al. 2024; DeepSeek-V3): b + rate * sign(mean load - load)."""
+    load_E = counts_E.float()
+    return bias_E + rate * torch.sign(load_E.mean() - load_E)
