@@ -26,7 +26,7 @@ def routing_stats(decision: RoutingDecision, *, mask_T: Tensor | None = None) ->
     mean = counts_E.mean().clamp_min(1e-9)
     selected = (decision.selection_TK >= 0)
     dropped = decision.dropped_TK
-    probs_TE = decision.probs_TE.float()
+    probs_TE = decision.probs_TE.detach().float()
     if mask_T is not None:
         m_T = mask_T.reshape(-1).bool()
         selected = selected[m_T]
