@@ -1,0 +1,244 @@
+"""Reading and writing Hugging Face safetensors checkpoints: one file or shards plus an index.
+
+Reading is lazy: `CheckpointReader` memory-maps each shard with `safetensors.safe_open` and reads a
+tensor only when asked, so a model can be filled tensor by tensor. Writing splits tensors into
+shards of at most `max_shard_size` bytes and writes `model.safetensors.index.json`. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB" (10^9) or "500MiB" (2^20), as transformers reads them."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size={size} is invalid: must be a positive number of bytes")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if match is None:
+        raise ValueError(f"max_shard_size={size!r} is invalid: use bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
+    if value < 1:
+        raise ValueError(f"max_shard_size={size!r} is invalid: must be at least 1 byte")
+    return int(value)
+
+
+def read_config(path: str | Path) -> dict:
+    """The `config.json` of a checkpoint directory, as a dict."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; a Hugging Face checkpoint directory holds "
+                                f"{CONFIG_FILE} plus {SINGLE_FILE} or {INDEX_FILE} and its shards")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return config
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to the tensors of a checkpoint directory.
+
+    Args:
+        path: a directory with `model.safetensors`, or `model.safetensors.index.json` and the shards
+            it names. Every shard is opened (and its header checked) up front; data is read lazily.
+    Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: not a directory; expected a checkpoint directory")
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+        try:
+            self._key_to_file = self._weight_map()
+            for file in sorted(set(self._key_to_file.values())):
+                self._handles[file] = self._open(file)
+            self._check_index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map' "
+                                 f"object of tensor name -> shard file): {err}") from err
+            for key, file in weight_map.items():
+                if not (self.path / file).is_file():
+                    raise FileNotFoundError(f"{self.path / file}: shard missing; {INDEX_FILE} "
+                                            f"maps tensor {key!r} to it")
+            return dict(weight_map)
+        if (self.path / SINGLE_FILE).is_file():
+            return {key: SINGLE_FILE for key in self._open_keys(SINGLE_FILE)}
+        if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
+            raise ValueError(f"{self.path}: only pickle weight files (.bin/.pt) found; moekit reads "
+                             f"safetensors only (convert them with a trusted tool first)")
+        raise FileNotFoundError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+    def _open_keys(self, file: str) -> list[str]:
+        handle = self._open(file)
+        self._handles[file] = handle
+        return list(handle.keys())
+
+    def _open(self, file: str):
+        if file in self._handles:
+            return self._handles[file]
+        full = self.path / file
+        try:
+            return self._stack.enter_context(safe_open(str(full), framework="pt", device="cpu"))
+        except SafetensorError as err:
+            raise ValueError(f"{full}: not a readable safetensors file, truncated or corrupted "
+                             f"({err}); re-download or re-save it") from err
+
+    def _check_index(self) -> None:
+        """Every tensor the index names must be in the shard it names."""
+        for file, handle in self._handles.items():
+            have = set(handle.keys())
+            for key, mapped in self._key_to_file.items():
+                if mapped == file and key not in have:
+                    raise ValueError(f"{self.path / file}: has no tensor {key!r} although "
+                                     f"{INDEX_FILE} maps it there")
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles = {}
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def file_of(self, key: str) -> str:
+        return self._key_to_file[key]
+
+    def files(self) -> list[str]:
+        return sorted(set(self._key_to_file.values()))
+
+    def _handle(self, key: str):
+        if key not in self._key_to_file:
+            raise KeyError(f"{self.path}: checkpoint has no tensor {key!r}")
+        return self._handles[self._key_to_file[key]]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._handle(key).get_slice(key).get_dtype()
+        if name not in _DTYPES:
+            raise ValueError(f"{self.path / self.file_of(key)}: tensor {key!r} has dtype {name}, "
+                             f"which moekit does not read")
+        return _DTYPES[name]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor `key`, read from its memory-mapped shard."""
+        try:
+            return self._handle(key).get_tensor(key)
+        except SafetensorError as err:
+            raise ValueError(f"{self.path / self.file_of(key)}: cannot read tensor {key!r} "
+                             f"({err}); the file is corrupted") from err
+
+    def metadata(self) -> dict[str, str]:
+        first = self._handles[self.files()[0]] if self._handles else None
+        return dict(first.metadata() or {}) if first is not None else {}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Group names, in order, into shards of at most `max_shard_size` bytes.
+
+    A tensor larger than the limit gets a shard of its own (transformers does the same).
+    """
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if shards[-1] and used + size > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def write_checkpoint(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    max_shard_size: int | str = "5GB",
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Write `tensors` as safetensors into directory `path`, sharded with an index if needed.
+
+    Args:
+        tensors: name -> tensor (any device; written contiguous, on CPU).
+        max_shard_size: bytes per shard (int) or a string like "5GB".
+    Returns:
+        The files written (shards, and the index when there is more than one shard).
+    """
+    limit = parse_size(max_shard_size)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    names = list(tensors)
+    shards = plan_shards([(n, tensor_bytes(tensors[n])) for n in names], limit)
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(_contiguous(tensors, names), str(out / SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(_contiguous(tensors, shard), str(out / file), metadata=meta)
+        weight_map.update({name: file for name in shard})
+        written.append(file)
+    total = sum(tensor_bytes(t) for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [*written, INDEX_FILE]
+
+
+def _contiguous(tensors: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    return {n: tensors[n].detach().to("cpu").contiguous() for n in names}
+
+
+def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in checkpoint order; each is read on demand."""
+    for key in reader.keys():
+        yield key, reader.get(key)
