@@ -1,0 +1,229 @@
+"""Atomic, verifiable training checkpoints: safetensors for every tensor, JSON for the rest.
+
+A checkpoint is a folder `step_XXXXXXXX/` holding tensor files (model, optimizer state, RNG states)
+and `state.json`. It is written into a temporary folder, each file fsync'd, then `manifest.json`
+(every file's sha256) is written last and the folder renamed into place. A folder without a
+manifest, or whose files do not match it, is torn or corrupt and is skipped on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+MANIFEST = "manifest.json"
+STATE = "state.json"
+_PREFIX = "step_"
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write and fsync one file (tests inject failures here to simulate a kill mid-write)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    tensors: dict[str, dict[str, Tensor]],
+    state: dict,
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically and keep only the newest `keep_last`.
+
+    Args:
+        tensors: file stem -> {name: tensor}; each becomes `<stem>.safetensors`.
+        state: JSON-serialisable training state, written as `state.json`.
+    Returns the checkpoint folder. An existing complete checkpoint of the same step is kept as is.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    if final.exists() and verify_checkpoint(final) is None:
+        return final
+    tmp = root / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files: dict[str, bytes] = {
+        f"{stem}.safetensors": save_safetensors(
+            {k: v.detach().to("cpu").contiguous().clone() for k, v in named.items()})
+        for stem, named in tensors.items()
+    }
+    files[STATE] = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
+    for name, data in files.items():
+        _write_file(tmp / name, data)
+    manifest = {"step": step, "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
+    _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    _fsync_dir(tmp)
+    if final.exists():  # a torn folder of the same step: replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    if keep_last is not None:
+        prune_checkpoints(root, keep_last)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders under `root`, newest step first (complete or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)
+             and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]), reverse=True)
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if the checkpoint is complete and every file matches its manifest, else the problem."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (torn write)"
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"unreadable manifest.json ({err})"
+    for name, expected in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if hashlib.sha256(f.read_bytes()).hexdigest() != expected:
+            return f"{name} does not match its sha256 in the manifest (corrupt)"
+    return None
+
+
+def latest_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under `root`, and a note for each newer one skipped."""
+    skipped = []
+    for path in list_checkpoints(root):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"skipped {path}: {problem}")
+    return None, skipped
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (torn ones older than those too)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} is invalid: must be >= 1")
+    complete = 0
+    for path in list_checkpoints(root):
+        if complete >= keep_last:
+            shutil.rmtree(path)
+        elif verify_checkpoint(path) is None:
+            complete += 1
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """Verify and read a checkpoint: ({stem: {name: tensor}}, state). ValueError if it is corrupt."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is not usable: {problem}")
+    tensors = {f.name[: -len(".safetensors")]: load_safetensors(f.read_bytes())
+               for f in sorted(path.glob("*.safetensors"))}
+    return tensors, json.loads((path / STATE).read_text())
+
+
+# ---- what goes into the tensor files --------------------------------------------------------------
+def model_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer, non-persistent ones too (router load counters), by name."""
+    out = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    out.update({name: b for name, b in model.named_buffers(remove_duplicate=False) if b is not None})
+    return out
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], *, source: str = "checkpoint") -> None:
+    """Copy saved tensors into `model`; a ValueError naming the mismatch if the architecture differs."""
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+                   for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong_shape:
+            parts.append(f"shape mismatch {wrong_shape[:5]}")
+        raise ValueError(f"{source} does not fit this model architecture: {'; '.join(parts)}. "
+                         f"Use the same preset/config the checkpoint was trained with, or a new --out")
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name])
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """Optimizer state split into tensors ("<param index>.<key>") and a JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, object] = {}
+    for index, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, object]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = meta["param_groups"]
+    ours = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in ours]:
+        raise ValueError("the checkpoint's optimizer has different parameter groups than this model; "
+                         "the checkpoint comes from another architecture")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors() -> dict[str, Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda_{i}"] = s
+    return out
+
+
+def set_rng_tensors(tensors: dict[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

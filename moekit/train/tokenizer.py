@@ -1,0 +1,57 @@
+"""Byte-level BPE tokenizer (GPT-2 style) trained with the `tokenizers` library on the training split.
+
+Byte-level means every UTF-8 string encodes without unknown tokens; the tokenizer is saved as
+`tokenizer.json` beside the model and loaded back with `load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+MIN_VOCAB_SIZE = 257  # the 256 byte symbols + the end-of-text token
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` tokens (including `<|endoftext|>`, id 0)."""
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an integer >= {MIN_VOCAB_SIZE} "
+                         f"(256 bytes + the end-of-text token)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    token_id = tokenizer.token_to_id(EOS_TOKEN)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token; train it with train_tokenizer")
+    return token_id
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> Path:
+    path = Path(folder) / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load `tokenizer.json` (or the file inside a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    return Tokenizer.from_file(str(path))
