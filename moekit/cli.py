@@ -12,6 +12,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.commands.demo", "route a random batch with every router and print routing statistics"),
+    "data": ("moekit.commands.data", "fetch the built-in Shakespeare training corpus (sha256-pinned)"),
 }
 
 
