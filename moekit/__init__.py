@@ -2,7 +2,11 @@
 
 from moekit.config import MoEConfig
 from moekit.layer import MoELayer
+from moekit.model import ModelConfig, MoETransformer
 from moekit.types import DispatchPlan, MoEOutput, ModelOutput, RoutingDecision
 
-__all__ = ["DispatchPlan", "MoEConfig", "MoELayer", "MoEOutput", "ModelOutput", "RoutingDecision"]
+__all__ = [
+    "DispatchPlan", "MoEConfig", "MoELayer", "MoEOutput", "ModelConfig", "ModelOutput", "MoETransformer",
+    "RoutingDecision",
+]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from moekit.experts.activations import GATED as GLU_ACTIVATIONS
 
 ROUTER_NAMES = ("topk", "expert_choice", "hash", "sinkhorn", "soft")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu", "gelu", "relu", "silu")
 
 
 def check(condition: bool, field_name: str, value: Any, allowed: str) -> None:
@@ -56,8 +56,13 @@ class MoEConfig:
             ceil(capacity_factor * T * top_k / E) slots.
         drop_policy: which slots are kept when an expert overflows: earliest "position" or
             highest "score".
+        expert_capacity: a fixed number of slots per expert and capacity group, instead of
+            capacity_factor (transformers' SwitchTransformersConfig.expert_capacity).
+        capacity_group: which tokens compete for those slots: the whole "batch", or each
+            "sequence" on its own (GShard groups; Switch Transformers in transformers).
     Experts:
-        activation: "swiglu", "geglu" (gated, 3 matrices) or "gelu", "relu", "silu" (2 matrices).
+        activation: "swiglu", "geglu", "clamped_swiglu" (gpt-oss; gated, 3 matrices) or "gelu",
+            "relu", "silu" (2 matrices).
         expert_mlp_bias: biases in the expert MLPs.
         num_shared_experts / shared_d_ff / shared_expert_gate: shared experts every token passes
             through (DeepSeekMoE), optionally scaled by a sigmoid gate (Qwen2-MoE). shared_d_ff is
@@ -97,8 +102,10 @@ class MoEConfig:
     # capacity
     capacity_factor: float | None = None
     drop_policy: Literal["position", "score"] = "position"
+    expert_capacity: int | None = None
+    capacity_group: Literal["batch", "sequence"] = "batch"
     # experts
-    activation: Literal["swiglu", "geglu", "gelu", "relu", "silu"] = "swiglu"
+    activation: Literal["swiglu", "geglu", "clamped_swiglu", "gelu", "relu", "silu"] = "swiglu"
     expert_mlp_bias: bool = False
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
@@ -134,6 +141,12 @@ class MoEConfig:
         if self.capacity_factor is not None:
             check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
                   "must be > 0, or None for dropless routing")
+        if self.expert_capacity is not None:
+            check(isinstance(self.expert_capacity, int) and self.expert_capacity >= 1,
+                  "expert_capacity", self.expert_capacity, "must be a positive integer or None")
+            check(self.capacity_factor is None, "capacity_factor", self.capacity_factor,
+                  "set either capacity_factor or expert_capacity, not both")
+        check_choice(self.capacity_group, "capacity_group", ("batch", "sequence"))
         check(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor,
               "must be > 0")
         check(0 <= self.jitter_eps < 1, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
@@ -179,6 +192,7 @@ class MoEConfig:
             "noisy_gating": self.noisy_gating,
             "expert_bias": self.expert_bias,
             "softmax_after_topk": self.softmax_after_topk,
+            "jitter_eps": self.jitter_eps,
         }
         if self.router != "topk":
             for name, value in token_choice_only.items():
@@ -192,9 +206,17 @@ class MoEConfig:
         if self.router == "hash":
             check(self.hash_vocab_size is not None, "hash_vocab_size", None,
                   "router='hash' needs hash_vocab_size (the tokenizer's vocabulary size)")
+        if self.router in ("hash", "soft"):
+            check(not self.router_bias, "router_bias", self.router_bias,
+                  f"router={self.router!r} has no linear gate to put a bias in")
+        if self.router in ("expert_choice", "hash", "soft"):
+            check(self.routed_scaling_factor == 1.0, "routed_scaling_factor", self.routed_scaling_factor,
+                  f"must be 1.0 with router={self.router!r} (only 'topk' and 'sinkhorn' scale weights)")
         if self.router in ("expert_choice", "soft"):
             check(self.capacity_factor is None, "capacity_factor", self.capacity_factor,
                   f"router={self.router!r} sets expert capacity itself; leave capacity_factor None")
+            check(self.expert_capacity is None, "expert_capacity", self.expert_capacity,
+                  f"router={self.router!r} sets expert capacity itself; leave expert_capacity None")
 
     # ---- derived facts -------------------------------------------------------------------
     @property

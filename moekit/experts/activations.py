@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GATED = ("swiglu", "geglu")
+GATED = ("swiglu", "geglu", "clamped_swiglu")
+# gpt-oss clamped SwiGLU constants (openai/gpt-oss, swiglu_limit and alpha of its MLP).
+CLAMP_LIMIT = 7.0
+CLAMP_ALPHA = 1.702
 
 
 def glu(gate: Tensor, up: Tensor, activation: str) -> Tensor:
@@ -14,6 +18,11 @@ def glu(gate: Tensor, up: Tensor, activation: str) -> Tensor:
         return F.silu(gate) * up
     if activation == "geglu":
         return F.gelu(gate, approximate="tanh") * up
+    if activation == "clamped_swiglu":
+        # gpt-oss: gate clamped above, up clamped both sides, sigmoid(alpha * gate) and (up + 1).
+        gate = gate.clamp(max=CLAMP_LIMIT)
+        up = up.clamp(min=-CLAMP_LIMIT, max=CLAMP_LIMIT)
+        return (up + 1) * (gate * torch.sigmoid(CLAMP_ALPHA * gate))
     raise ValueError(f"activation={activation!r} is not a gated activation")
 
 

@@ -1,0 +1,96 @@
+"""One decoder block: pre-norm mixer (attention, latent attention or Mamba) and pre-norm feed-forward.
+
+    h = x + m * [out_norm](mixer(input_layernorm(x)))
+    y = h + m * [out_norm](mlp(post_attention_layernorm(h)))      (m = residual_multiplier)
+The feed-forward `mlp` is an MoELayer or a dense MLP; names follow transformers' decoder layers.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.experts.dense import DenseMLP
+from moekit.layer import MoELayer
+from moekit.model.attention import Attention
+from moekit.model.cache import KVCache
+from moekit.model.config import ModelConfig
+from moekit.model.mamba import MambaMixer
+from moekit.model.mla import MLAttention
+from moekit.model.norm import make_norm
+from moekit.types import RoutingDecision
+
+
+class DecoderLayer(nn.Module):
+    """Block `layer_idx` of a ModelConfig. Forward returns (y_BSD, routing decision or None, aux losses)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        D = config.d_model
+
+        def norm() -> nn.Module:
+            return make_norm(config.norm, D, config.norm_eps, config.norm_bias)
+
+        self.input_layernorm = norm()
+        self.is_attention = config.is_attention(layer_idx)
+        if self.is_attention:
+            self.self_attn = (MLAttention if config.mla is not None else Attention)(config, layer_idx)
+        else:
+            assert config.mamba is not None
+            self.mamba = MambaMixer(config.mamba)
+        self.post_attention_layernorm = norm()
+        if config.is_moe(layer_idx):
+            assert isinstance(config.moe, MoEConfig)
+            self.mlp: nn.Module = MoELayer(config.moe)
+        else:
+            assert config.d_ff is not None
+            self.mlp = DenseMLP(D, config.d_ff, config.ffn_activation, bias=config.mlp_bias)
+        if config.post_norms:
+            # Grok-1's sandwich: a norm on each branch output before the residual add.
+            self.attn_out_norm = norm()
+            self.ffn_out_norm = norm()
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        *,
+        cos_sin: tuple[Tensor, Tensor] | None,
+        mask_B1ST: Tensor | None,
+        mask_BS: Tensor | None = None,
+        token_ids_BS: Tensor | None = None,
+        cache: KVCache | None = None,
+        shared_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, RoutingDecision | None, dict[str, Tensor], tuple[Tensor, Tensor] | None]:
+        """Returns (y_BSD, decision or None, aux losses by name, this layer's K/V or None)."""
+        cfg = self.config
+        kv = None
+        h_BSD = self.input_layernorm(x_BSD)
+        if self.is_attention:
+            assert mask_B1ST is not None
+            h_BSD, kv = self.self_attn(h_BSD, cos_sin=cos_sin, mask_B1ST=mask_B1ST, cache=cache,
+                                       shared_kv=shared_kv)
+        else:
+            state = None
+            if cache is not None:
+                if cache.layers[self.layer_idx] is None:
+                    cache.layers[self.layer_idx] = self.mamba.new_cache(x_BSD.shape[0])
+                state = cache.layers[self.layer_idx]
+            if mask_BS is not None:
+                h_BSD = h_BSD * mask_BS[..., None].to(h_BSD.dtype)  # padding must not enter the state
+            h_BSD = self.mamba(h_BSD, cache=state)
+        if cfg.post_norms:
+            h_BSD = self.attn_out_norm(h_BSD)
+        x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
+
+        h_BSD = self.post_attention_layernorm(x_BSD)
+        decision, aux = None, {}
+        if isinstance(self.mlp, MoELayer):
+            out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS)
+            h_BSD, decision, aux = out.y, out.decision, out.aux_losses
+        else:
+            h_BSD = self.mlp(h_BSD)
+        if cfg.post_norms:
+            h_BSD = self.ffn_out_norm(h_BSD)
+        x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
+        return x_BSD, decision, aux, kv

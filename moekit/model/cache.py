@@ -1,0 +1,40 @@
+"""The decoding cache: per-layer keys and values (or MLA latents, or Mamba states) and the position.
+
+Attention layers append along the sequence, so decoding token by token sees exactly the keys a
+full forward would; sliding-window layers keep every key and let the mask cut the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    """State carried between forwards of one batch of sequences.
+
+    Attributes:
+        layers: per layer, the cached tensors: (k_BHTd, v_BHTd) for attention, (latent_BTc,
+            k_rot_BTr) for latent attention, a `MambaCache` for Mamba; None until first use (and
+            forever for layers that read another layer's K/V).
+        key_mask_BT: bool, True for real (non-padding) tokens seen so far; None if no mask was given.
+        position: tokens already processed (the position of the next token).
+    """
+
+    layers: list = field(default_factory=list)
+    key_mask_BT: Tensor | None = None
+    position: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls(layers=[None] * n_layers)
+
+    def append(self, layer: int, *tensors_BT: Tensor, dim: int) -> tuple[Tensor, ...]:
+        """Concatenate new tensors to layer `layer`'s cache along `dim`; return the full tensors."""
+        old = self.layers[layer]
+        full = tensors_BT if old is None else tuple(torch.cat((o, t), dim=dim) for o, t in zip(old, tensors_BT))
+        self.layers[layer] = tuple(t.detach() for t in full)
+        return full

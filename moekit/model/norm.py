@@ -1,0 +1,45 @@
+"""Normalisation layers: RMSNorm (statistics in fp32, as transformers) and LayerNorm with or without bias.
+
+`make_norm` picks one from a ModelConfig; `l2_norm` is Llama 4's parameter-free QK-norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight.
+
+    Numerics follow transformers' Llama/Mixtral RMSNorm: normalise in fp32, cast back to the input
+    dtype, then multiply by the weight.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x32.to(x.dtype)
+
+
+def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Parameter-free L2 normalisation over the last dim, in fp32 (Llama 4 QK-norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool = False) -> nn.Module:
+    """An RMSNorm, or a torch LayerNorm with or without bias (DBRX: without; Phi-3.5-MoE: with)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    raise ValueError(f"norm={kind!r} is unknown; use 'rmsnorm' or 'layernorm'")
+
+
+__all__ = ["RMSNorm", "l2_norm", "make_norm"]

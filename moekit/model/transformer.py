@@ -1,0 +1,168 @@
+"""The decoder-only MoE language model: embedding, blocks, final norm, LM head, losses.
+
+`MoETransformer(config)(tokens_BS, targets_BS=..., cache=..., mask_BS=...)` returns logits, the
+next-token loss, the coefficient-weighted sum of the MoE aux losses and every layer's routing.
+Parameter names follow transformers (model.embed_tokens, model.layers.{i}..., model.norm, lm_head).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.layer import MoELayer
+from moekit.model.attention import additive_mask
+from moekit.model.block import DecoderLayer
+from moekit.model.cache import KVCache
+from moekit.model.config import ModelConfig
+from moekit.model.norm import make_norm
+from moekit.model.rope import rope_cos_sin
+from moekit.types import ModelOutput, RoutingDecision
+
+IGNORE_INDEX = -100
+
+
+class DecoderStack(nn.Module):
+    """embed_tokens, layers and the final norm (transformers' `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps, config.norm_bias)
+
+
+class MoETransformer(nn.Module):
+    """A decoder-only language model built from a ModelConfig.
+
+    Forward:
+        tokens_BS: long (B, S).
+        targets_BS: long (B, S), already shifted (logits[:, t] predicts targets[:, t]); -100 = ignore.
+        cache: a KVCache (from `new_cache`) to decode incrementally; updated in place.
+        mask_BS: bool (B, S), False for padding tokens (hidden from attention, routed nowhere).
+        Returns ModelOutput(logits (B, S, V), loss, aux_loss (None without MoE layers), routing
+        (one RoutingDecision per layer, None for dense layers), cache).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """GPT-2 style init for embedding and linear weights (experts init themselves)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.model.embed_tokens.weight, std=std)
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(self.config.n_layers)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoELayer)]
+
+    @torch.no_grad()
+    def update_expert_biases(self) -> None:
+        """Aux-loss-free balancing step on every MoE layer whose router has an expert bias."""
+        for layer in self.moe_layers():
+            if getattr(layer.router, "expert_bias", None) is not None:
+                layer.update_expert_bias()
+
+    def forward(
+        self,
+        tokens_BS: Tensor,
+        targets_BS: Tensor | None = None,
+        cache: KVCache | None = None,
+        mask_BS: Tensor | None = None,
+    ) -> ModelOutput:
+        cfg = self.config
+        self._check_inputs(tokens_BS, targets_BS, mask_BS, cache)
+        B, S = tokens_BS.shape
+        device = tokens_BS.device
+        start = cache.position if cache is not None else 0
+        x_BSD = self.model.embed_tokens(tokens_BS)
+        if cfg.embedding_multiplier != 1.0:
+            x_BSD = x_BSD * cfg.embedding_multiplier
+
+        key_mask_BT = mask_BS
+        if cache is not None:
+            if mask_BS is not None or cache.key_mask_BT is not None:
+                old = cache.key_mask_BT if cache.key_mask_BT is not None else torch.ones(
+                    B, start, dtype=torch.bool, device=device)
+                new = mask_BS.bool() if mask_BS is not None else torch.ones(B, S, dtype=torch.bool, device=device)
+                cache.key_mask_BT = torch.cat((old, new), dim=1)
+            key_mask_BT = cache.key_mask_BT
+        q_pos_S = torch.arange(start, start + S, device=device)
+        k_pos_T = torch.arange(0, start + S, device=device)
+        masks: dict[int | None, Tensor] = {}
+        cos_sin = None
+        if cfg.rope is not None:
+            rot = cfg.mla.qk_rope_head_dim if cfg.mla is not None else int(cfg.dim_head * cfg.rope.partial_rotary)
+            cos_sin = rope_cos_sin(cfg.rope, rot, q_pos_S, max_seq_len=cfg.max_seq_len, dtype=x_BSD.dtype)
+
+        routing: list[RoutingDecision | None] = []
+        aux_total: Tensor | None = None
+        kv_by_layer: dict[int, tuple[Tensor, Tensor]] = {}
+        for i, layer in enumerate(self.model.layers):
+            mask_B1ST = None
+            if layer.is_attention:
+                window = cfg.layer_window(i)
+                if window not in masks:
+                    masks[window] = additive_mask(q_pos_S, k_pos_T, window=window, key_mask_BT=key_mask_BT,
+                                                  dtype=x_BSD.dtype)
+                mask_B1ST = masks[window]
+            x_BSD, decision, aux, kv = layer(
+                x_BSD,
+                cos_sin=cos_sin if cfg.uses_rope(i) else None,
+                mask_B1ST=mask_B1ST,
+                mask_BS=mask_BS,
+                token_ids_BS=tokens_BS,
+                cache=cache,
+                shared_kv=kv_by_layer.get(cfg.kv_source(i)),
+            )
+            if kv is not None and cfg.kv_source(i) == i and cfg.kv_share_every > 1:
+                kv_by_layer[i] = kv
+            routing.append(decision)
+            if isinstance(layer.mlp, MoELayer):
+                layer_aux = layer.mlp.aux_loss(aux)
+                aux_total = layer_aux if aux_total is None else aux_total + layer_aux
+        if cache is not None:
+            cache.position = start + S
+
+        logits_BSV = self.lm_head(self.model.norm(x_BSD))
+        if cfg.logits_scaling != 1.0:
+            logits_BSV = logits_BSV / cfg.logits_scaling
+        loss = None if targets_BS is None else lm_loss(logits_BSV, targets_BS)
+        return ModelOutput(logits=logits_BSV, loss=loss, aux_loss=aux_total, routing=routing, cache=cache)
+
+    def _check_inputs(self, tokens_BS: Tensor, targets_BS: Tensor | None, mask_BS: Tensor | None,
+                      cache: KVCache | None) -> None:
+        if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"tokens_BS must be an integer tensor (batch, seq); got {tuple(tokens_BS.shape)} "
+                             f"{tokens_BS.dtype}")
+        for name, t in (("targets_BS", targets_BS), ("mask_BS", mask_BS)):
+            if t is not None and tuple(t.shape) != tuple(tokens_BS.shape):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(tokens_BS.shape)} "
+                                 "like tokens_BS")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (from model.new_cache()), not {type(cache).__name__}")
+        if cache is not None and len(cache.layers) != self.config.n_layers:
+            raise ValueError(f"cache has {len(cache.layers)} layers; this model has {self.config.n_layers}")
+
+
+def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (fp32) over targets != -100; 0 (with a gradient path) if none."""
+    logits_TV = logits_BSV.reshape(-1, logits_BSV.shape[-1]).float()
+    targets_T = targets_BS.reshape(-1)
+    total = F.cross_entropy(logits_TV, targets_T, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (targets_T != IGNORE_INDEX).sum().clamp_min(1)
+    return total / count
