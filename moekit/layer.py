@@ -18,6 +18,7 @@ from moekit.dispatch.sort import SortDispatcher
 from moekit.experts.dense import DenseMLP
 from moekit.experts.grouped import Experts
 from moekit.routing import ROUTERS, Router
+from moekit.routing.soft import SoftRouter, soft_moe_layer
 from moekit.types import MoEOutput, RoutingDecision
 
 
@@ -30,6 +31,8 @@ class MoELayer(nn.Module):
     Forward:
         x: (B, S, D) or (T, D), any float dtype. mask: (B, S) or (T,) bool, True for real tokens.
         token_ids: (B, S) or (T,) long, needed by hash routing.
+        causal: True when a token must not depend on later tokens (decoders); router='soft' then
+            raises, the other routers ignore it (expert choice also ranks over the whole batch).
         Returns MoEOutput(y (same shape and dtype as x), aux_losses {"load_balance", "z"}, decision).
     """
 
@@ -63,7 +66,12 @@ class MoELayer(nn.Module):
         self.register_buffer("load_counts_E", torch.zeros(config.num_experts), persistent=False)
 
     def forward(
-        self, x: Tensor, *, mask: Tensor | None = None, token_ids: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        token_ids: Tensor | None = None,
+        causal: bool = False,
     ) -> MoEOutput:
         D = self.config.d_model
         if x.shape[-1] != D or x.dim() not in (2, 3):
@@ -74,10 +82,14 @@ class MoELayer(nn.Module):
         token_ids_T = self._flat(token_ids, lead, "token_ids")
         num_sequences = lead[0] if x.dim() == 3 else 1
 
-        decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T)
-        x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
-        y_RD = self.experts(x_RD, counts_E)
-        y_TD = self.dispatcher.combine(y_RD, plan)
+        if isinstance(self.router, SoftRouter):
+            # Soft MoE mixes each sequence's tokens into expert slots: its own path (routing/soft.py).
+            y_TD, decision = soft_moe_layer(self.router, self.experts, x, mask_T, causal=causal)
+        else:
+            decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T)
+            x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
+            y_RD = self.experts(x_RD, counts_E)
+            y_TD = self.dispatcher.combine(y_RD, plan)
         y_TD = y_TD + self.dense_parts(x_TD)
 
         if self.training:
@@ -115,7 +127,8 @@ class MoELayer(nn.Module):
     ) -> dict[str, Tensor]:
         cfg = self.config
         out: dict[str, Tensor] = {}
-        if cfg.load_balance_coef > 0:
+        # Soft MoE is balanced by construction (every expert gets soft_slots slots per sequence).
+        if cfg.load_balance_coef > 0 and not isinstance(self.router, SoftRouter):
             out["load_balance"] = losses.load_balance_loss(
                 probs_TE=decision.probs_TE,
                 selected_TK=decision.selection_TK,

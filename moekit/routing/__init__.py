@@ -1,10 +1,26 @@
 """Routers: one per file, all returning a `RoutingDecision`, chosen by `MoEConfig.router`."""
 
+from moekit.routing.balanced import SinkhornRouter
 from moekit.routing.base import Router
+from moekit.routing.expert_choice import ExpertChoiceRouter
+from moekit.routing.hash import HashRouter
+from moekit.routing.soft import SoftRouter
 from moekit.routing.topk import TopKRouter
 
 ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
+    "sinkhorn": SinkhornRouter,
+    "soft": SoftRouter,
 }
 
-__all__ = ["ROUTERS", "Router", "TopKRouter"]
+__all__ = [
+    "ROUTERS",
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "Router",
+    "SinkhornRouter",
+    "SoftRouter",
+    "TopKRouter",
+]
