@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.commands.demo", "route a random batch with every router and print routing statistics"),
     "data": ("moekit.commands.data", "fetch the built-in Shakespeare training corpus (sha256-pinned)"),
+    "train": ("moekit.commands.train", "train a preset MoE language model on a corpus (resumable)"),
 }
 
 

@@ -1,0 +1,91 @@
+"""Training metrics: per-layer routing summaries, a JSON-lines log, and a progress display.
+
+Each step appends one JSON object to `metrics.jsonl`; the progress display is a rich bar with an
+ETA on a terminal and a plain line every few steps otherwise (logs, CI).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from moekit.analysis.stats import routing_stats
+from moekit.types import RoutingDecision
+
+
+def summarize_routing(decisions: list[RoutingDecision]) -> dict[str, object]:
+    """Routing statistics of one MoE layer over the micro-batches of a step.
+
+    Token counts are summed (MaxVio is taken on the sums, as for one big batch); the dropped
+    fraction and router entropy are averaged over micro-batches.
+    """
+    stats = [routing_stats(d) for d in decisions]
+    counts = [sum(col) for col in zip(*(s["tokens_per_expert"] for s in stats))]
+    mean = max(sum(counts) / len(counts), 1e-9)
+    return {
+        "tokens_per_expert": counts,
+        "max_vio": max(counts) / mean - 1.0,
+        "dropped_fraction": sum(s["dropped_fraction"] for s in stats) / len(stats),
+        "router_entropy": sum(s["router_entropy"] for s in stats) / len(stats),
+    }
+
+
+class MetricsLog:
+    """Appends records to `path` as JSON lines; `truncate_after(step)` drops records of later steps."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with step <= `step` (a resumed run rewrites what came after)."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A rich progress bar with ETA on a TTY, plain lines (every `every` steps) otherwise."""
+
+    def __init__(self, total: int, *, start: int = 0, label: str = "train", every: int = 10,
+                 enabled: bool = True, tty: bool | None = None) -> None:
+        self.total, self.label, self.every, self.enabled = total, label, every, enabled
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.start_time = time.monotonic()
+        self.start = start
+        self._bar = None
+        if enabled and self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"))
+            self._task = self._bar.add_task(label, total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.monotonic() - self.start_time
+            done = step - self.start
+            eta = elapsed / done * (self.total - step) if done else 0.0
+            print(f"{self.label} step {step}/{self.total} {info} eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

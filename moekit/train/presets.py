@@ -1,0 +1,81 @@
+"""Training presets: a model shape and training settings that fit a small CPU budget.
+
+`tiny` trains a few hundred steps in about a minute on 2 CPU cores; `small` is a longer run.
+`catalog:NAME` takes an architecture from `moekit.catalog` scaled down to the `tiny` budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moekit.config import MoEConfig
+from moekit.model.config import ModelConfig
+from moekit.train.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: `model(vocab_size)` builds the ModelConfig; `train` holds the defaults."""
+
+    name: str
+    description: str
+    model: Callable[[int], ModelConfig]
+    train: TrainConfig
+    vocab_size: int
+
+
+def _tiny_model(vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, d_ff=128,
+        tie_embeddings=True,
+        moe=MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2, load_balance_coef=0.01),
+    )
+
+
+def _small_model(vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, d_model=128, n_layers=4, n_heads=4, max_seq_len=128, d_ff=512,
+        tie_embeddings=True,
+        moe=MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2, load_balance_coef=0.01),
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", "2 layers, d_model 64, 4 experts top-2; ~1 minute on 2 CPU cores",
+                   _tiny_model, TrainConfig(steps=300, batch_size=16, seq_len=64, lr=3e-3,
+                                            warmup_steps=20, eval_every=50, checkpoint_every=100),
+                   vocab_size=1024),
+    "small": Preset("small", "4 layers, d_model 128, 8 experts top-2; ~10 minutes on 2 CPU cores",
+                    _small_model, TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=2e-3,
+                                              warmup_steps=50, eval_every=100, checkpoint_every=200),
+                    vocab_size=2048),
+}
+
+
+def catalog_preset(name: str) -> Preset:
+    """A catalog architecture scaled to the `tiny` budget (its routing and block layout kept)."""
+    try:
+        from moekit import catalog
+    except ImportError as err:
+        raise ValueError("the model catalog (moekit.catalog) is not available in this build") from err
+    base = PRESETS["tiny"]
+    tiny = base.model(base.vocab_size)
+
+    def model(vocab_size: int) -> ModelConfig:
+        return catalog.get(name).scaled(vocab_size=vocab_size, d_model=tiny.d_model,
+                                         n_layers=tiny.n_layers, max_seq_len=base.train.seq_len)
+
+    model(base.vocab_size)  # fail now, with the catalog's message, if NAME is unknown
+    return Preset(f"catalog:{name}", f"{name} scaled to the tiny budget", model, base.train,
+                  base.vocab_size)
+
+
+def get_preset(name: str) -> Preset:
+    """`tiny`, `small`, or `catalog:NAME`; a ValueError lists the choices otherwise."""
+    if name.startswith("catalog:"):
+        return catalog_preset(name.split(":", 1)[1])
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or catalog:NAME "
+                         f"(see `moekit catalog`)")
+    return PRESETS[name]

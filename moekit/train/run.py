@@ -1,0 +1,92 @@
+"""From a corpus to a trained model folder: tokenizer, packed data, model, final weights.
+
+`prepare_data` trains the tokenizer on the training split (or reuses `tokenizer.json` in the run
+folder, so a resumed run tokenizes identically) and packs both splits. `save_final` writes the
+trained weights in the Hugging Face layout when `moekit.hf` provides it, else safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from moekit.model.config import ModelConfig
+from moekit.train.batches import PackedSequences, encode_documents
+from moekit.train.data import Corpus, load_corpus
+from moekit.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    tokenizer: Tokenizer
+    train: PackedSequences
+    val: PackedSequences
+    corpus: Corpus
+
+
+def prepare_data(
+    corpus_path: str | Path | None, *, seq_len: int, vocab_size: int, out_dir: str | Path | None = None,
+    cache_dir: Path | None = None,
+) -> PreparedData:
+    """Load the corpus, train (or reuse) the tokenizer, and pack train and validation splits."""
+    corpus = load_corpus(corpus_path, cache_dir=cache_dir)
+    existing = Path(out_dir) / "tokenizer.json" if out_dir is not None else None
+    if existing is not None and existing.is_file():
+        tokenizer = load_tokenizer(existing)
+        if tokenizer.get_vocab_size() > vocab_size:
+            raise ValueError(f"{existing} has {tokenizer.get_vocab_size()} tokens but --vocab-size is "
+                             f"{vocab_size}; use the run's vocab size or a new --out")
+    else:
+        tokenizer = train_tokenizer((d.text for d in corpus.train), vocab_size=vocab_size)
+    train = PackedSequences(tokens_N=encode_documents(tokenizer, corpus.train), seq_len=seq_len)
+    val = PackedSequences(tokens_N=encode_documents(tokenizer, corpus.val), seq_len=seq_len)
+    return PreparedData(tokenizer, train, val, corpus)
+
+
+def config_json(config: ModelConfig) -> dict:
+    """The config as plain JSON data (tuples become lists), for comparing with a saved one."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = "cpu") -> nn.Module:
+    """A freshly initialised MoETransformer; the global RNG is seeded first, so init is reproducible."""
+    from moekit.model import MoETransformer
+
+    torch.manual_seed(seed)
+    return MoETransformer(config).to(device)
+
+
+def save_final(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, folder: str | Path) -> Path:
+    """Final weights + config (+ tokenizer.json): `save_pretrained` when available, else safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+    else:
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        config.save(folder / "moekit_config.json")
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def load_final(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+    """Load weights saved by `save_final` (either layout)."""
+    folder = Path(folder)
+    if (folder / "moekit_config.json").is_file():
+        from moekit.model import MoETransformer
+
+        config = ModelConfig.from_dict(json.loads((folder / "moekit_config.json").read_text()))
+        model = MoETransformer(config)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.to(device), config
+    import moekit
+
+    model = moekit.from_pretrained(folder)
+    return model.to(device), model.config

@@ -1,0 +1,349 @@
+"""The training loop: AdamW with warmup + cosine decay, clipping, accumulation, checkpoints, metrics.
+
+`Trainer(model, config=..., train=..., val=..., out_dir=...).fit()` trains a language model whose
+forward is `model(tokens_BS, targets_BS=...) -> ModelOutput` (loss, weighted aux-loss sum, routing).
+Everything a run depends on (weights, optimizer, schedule position, RNG, router buffers) is in the
+checkpoint, and batches are a pure function of (seed, step), so a resumed run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import check
+from moekit.train import checkpoint as ckpt
+from moekit.train.batches import PackedSequences, batch_indices, eval_indices
+from moekit.train.metrics import MetricsLog, Progress, summarize_routing
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is untouched."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation, schedule, data and bookkeeping settings of one training run.
+
+    Args:
+        steps: optimizer steps. batch_size: sequences per micro-batch. grad_accum: micro-batches
+            per optimizer step. seq_len: tokens per sequence.
+        lr: peak learning rate; warmup_steps of linear warmup, then cosine decay to lr * min_lr_ratio.
+        weight_decay: AdamW decoupled decay on matrices only (not norms, biases or router biases).
+        grad_clip: max global gradient norm (0 disables clipping).
+        eval_every / eval_sequences: validation loss every N steps on the first M validation sequences.
+        checkpoint_every / keep_last: checkpoint every N steps (and at the end), keep the newest K.
+        bf16: run forward in bfloat16 autocast.
+    """
+
+    steps: int
+    batch_size: int = 16
+    seq_len: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_sequences: int = 64
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    seed: int = 0
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_sequences", "keep_last"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", (self.beta1, self.beta2),
+              "must be in [0, 1)")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to the floor."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def no_decay(name: str, param: Tensor) -> bool:
+    """Norm weights, biases (incl. 2-D expert biases `b_*`) and router biases get no weight decay."""
+    leaf = name.rsplit(".", 1)[-1]
+    return param.dim() < 2 or leaf == "bias" or leaf.startswith("b_") or "norm" in name.lower()
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (skip if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": skip, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's MoE layers in depth order (`model.moe_layers()` when the model provides it)."""
+    if hasattr(model, "moe_layers"):
+        return list(model.moe_layers())
+    from moekit.layer import MoELayer
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary (the second one raises)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):  # noqa: ARG001
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class FitResult:
+    step: int
+    final_val_loss: float | None
+    interrupted: bool
+    checkpoint: Path | None
+
+
+class Trainer:
+    """Trains `model` on packed sequences, writing metrics and checkpoints under `out_dir`.
+
+    Args:
+        model: forward(tokens_BS, targets_BS=...) -> ModelOutput; optional update_expert_biases().
+        config: the TrainConfig.
+        train / val: packed token sequences (val may be None: no validation loss).
+        out_dir: run folder: `checkpoints/`, `metrics.jsonl`.
+        run_info: JSON-able description of the model (its config); a resumed checkpoint must match it.
+        progress: show progress (a bar on a TTY, plain lines otherwise).
+    """
+
+    def __init__(self, model: nn.Module, *, config: TrainConfig, train: PackedSequences,
+                 val: PackedSequences | None, out_dir: str | Path, run_info: dict | None = None,
+                 progress: bool = True, label: str = "train") -> None:
+        if train.seq_len != config.seq_len:
+            raise ValueError(f"train sequences have seq_len={train.seq_len}, config has {config.seq_len}")
+        self.model, self.config, self.train, self.val = model, config, train, val
+        self.out_dir = Path(out_dir)
+        self.run_info = run_info or {}
+        self.progress, self.label = progress, label
+        self.device = next(model.parameters()).device
+        self.optimizer = build_optimizer(model, config)
+        self.step = 0
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.stop = _StopFlag()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def state(self, optimizer_meta: dict) -> dict:
+        """The JSON part of a checkpoint: step, settings, optimizer hyper-parameters, data position."""
+        return {
+            "step": self.step,
+            "train_config": asdict(self.config),
+            "run_info": self.run_info,
+            "optimizer": optimizer_meta,
+            "scheduler": {"kind": "warmup_cosine", "step": self.step},
+            "data": {"seed": self.config.seed, "next_step": self.step,
+                     "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum,
+                     "seq_len": self.config.seq_len, "num_sequences": self.train.num_sequences},
+        }
+
+    def save_checkpoint(self) -> Path:
+        opt_tensors, opt_meta = ckpt.optimizer_tensors(self.optimizer)
+        return ckpt.save_checkpoint(
+            self.checkpoint_dir, self.step,
+            tensors={"model": ckpt.model_tensors(self.model), "optimizer": opt_tensors,
+                     "rng": ckpt.rng_tensors()},
+            state=self.state(opt_meta), keep_last=self.config.keep_last)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything from checkpoint `path`; nothing is changed if it does not fit."""
+        tensors, state = ckpt.read_checkpoint(path)
+        if state.get("run_info") != self.run_info:
+            saved, ours = state.get("run_info") or {}, self.run_info
+            diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            raise ValueError(f"checkpoint {path} comes from another architecture or setup (differs in "
+                             f"{diff}); resume with the same preset and flags, or use a new --out")
+        data = state["data"]
+        for key in ("batch_size", "grad_accum", "seq_len", "seed", "num_sequences"):
+            ours = self.train.num_sequences if key == "num_sequences" else getattr(self.config, key)
+            if data[key] != ours:
+                raise ValueError(f"checkpoint {path} was trained with {key}={data[key]}, this run has "
+                                 f"{ours}; the batches would differ. Resume with the same data settings")
+        ckpt.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
+        ckpt.load_optimizer_tensors(self.optimizer, tensors["optimizer"], state["optimizer"])
+        ckpt.set_rng_tensors(tensors["rng"])
+        self.step = int(state["step"])
+
+    def ensure_fresh(self) -> None:
+        """Refuse to start a new run over an earlier run's checkpoints."""
+        if ckpt.list_checkpoints(self.checkpoint_dir):
+            raise ValueError(f"{self.checkpoint_dir} already holds checkpoints; pass --resume to continue "
+                             f"that run, or choose a new --out (nothing was overwritten)")
+
+    def resume(self) -> Path | None:
+        """Load the newest complete checkpoint, skipping torn or corrupt ones; None if there is none.
+
+        Raises ValueError when checkpoints exist but none is usable (nothing is overwritten).
+        """
+        path, skipped = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if path is None and skipped:
+            raise ValueError(f"no usable checkpoint in {self.checkpoint_dir}: {'; '.join(skipped)}. "
+                             f"Nothing was changed; restore the files or start a new --out")
+        for note in skipped:
+            print(f"warning: {note}")
+        if path is not None:
+            self.load_checkpoint(path)
+            self.metrics.truncate_after(self.step)
+        return path
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _forward(self, micro_step: int):
+        idx_B = batch_indices(micro_step, seed=self.config.seed, batch_size=self.config.batch_size,
+                              num_sequences=self.train.num_sequences)
+        inputs_BS, targets_BS = (t.to(self.device) for t in self.train.batch(idx_B))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            return self.model(inputs_BS, targets_BS=targets_BS)
+
+    def train_step(self) -> dict:
+        """One optimizer step (with accumulation); returns its metrics record."""
+        cfg = self.config
+        start = time.perf_counter()
+        self.model.train()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        layers = moe_layers(self.model)
+        loss_sum, aux_sum, aux_named = 0.0, 0.0, {}
+        decisions: list[list] = [[] for _ in layers]
+        for micro in range(cfg.grad_accum):
+            out = self._forward(self.step * cfg.grad_accum + micro)
+            total = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(
+                    f"loss became {total.item()} at step {self.step} (lm loss {out.loss.item()}); "
+                    f"training stopped and the last good checkpoint in {self.checkpoint_dir} is intact. "
+                    f"Lower --lr, keep --grad-clip on, or turn off --bf16")
+            (total / cfg.grad_accum).backward()
+            loss_sum += out.loss.item() / cfg.grad_accum
+            aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.item() / cfg.grad_accum
+            moe_decisions = [d for d in out.routing if d is not None]
+            for i, (layer, decision) in enumerate(zip(layers, moe_decisions)):
+                decisions[i].append(decision)
+                with torch.no_grad():
+                    for name, value in layer.aux_losses(decision, None, cfg.batch_size).items():
+                        aux_named[name] = aux_named.get(name, 0.0) + float(value) / cfg.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"gradient norm became {grad_norm} at step {self.step}; training stopped and the last "
+                f"good checkpoint in {self.checkpoint_dir} is intact. Lower --lr or turn off --bf16")
+        self.optimizer.step()
+        if hasattr(self.model, "update_expert_biases"):
+            self.model.update_expert_biases()
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        record = {"step": self.step, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / max(elapsed, 1e-9),
+                  "tokens": self.step * cfg.tokens_per_step}
+        record.update({f"aux/{k}": v for k, v in aux_named.items()})
+        record["moe"] = [summarize_routing(ds) for ds in decisions if ds]
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the fixed validation sequences."""
+        assert self.val is not None
+        self.model.eval()
+        idx = eval_indices(self.val.num_sequences, self.config.eval_sequences)
+        total, count = 0.0, 0
+        for chunk in idx.split(self.config.batch_size):
+            inputs_BS, targets_BS = (t.to(self.device) for t in self.val.batch(chunk))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+                out = self.model(inputs_BS, targets_BS=targets_BS)
+            total += float(out.loss) * targets_BS.numel()
+            count += targets_BS.numel()
+        self.model.train()
+        return total / count
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self, *, resume: bool = False) -> FitResult:
+        """Train to `config.steps`. Ctrl-C saves a checkpoint and returns (interrupted=True)."""
+        cfg = self.config
+        if resume:
+            self.resume()
+        else:
+            self.ensure_fresh()
+            self.metrics.truncate_after(0)
+        progress = Progress(cfg.steps, start=self.step, label=self.label, enabled=self.progress)
+        last_ckpt: Path | None = None
+        val_loss: float | None = None
+        try:
+            with self.stop.installed():
+                while self.step < cfg.steps and not self.stop.requested:
+                    record = self.train_step()
+                    if self.val is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                                 or self.step == cfg.steps):
+                        val_loss = record["val_loss"] = self.evaluate()
+                    self.metrics.write(record)
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
+                            or self.step == cfg.steps:
+                        last_ckpt = self.save_checkpoint()
+                    info = f"loss {record['loss']:.3f}" + (
+                        f" val {record['val_loss']:.3f}" if "val_loss" in record else "")
+                    progress.update(self.step, info)
+                if self.stop.requested:
+                    last_ckpt = self.save_checkpoint()
+                    print(f"\ninterrupted: saved {last_ckpt}; continue with --resume")
+        finally:
+            progress.close()
+        return FitResult(self.step, val_loss, self.stop.requested, last_ckpt)
