@@ -2,8 +2,8 @@
 
 Each expert takes exactly C = ceil(T * top_k / E) tokens, so the load is perfectly balanced and a
 token may go to zero, one or many experts. Expert choice ranks tokens across the whole batch, so a
-token's routing depends on later tokens: it is not causal (fine for training and encoders; a decoder
-cannot use it token by token at generation time).
+token's routing depends on later tokens: it is not causal (fine for training and encoders; at
+generation time a single token is taken by every expert, since C >= 1).
 """
 
 from __future__ import annotations

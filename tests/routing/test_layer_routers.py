@@ -111,3 +111,23 @@ def test_losses_and_statistics_digest_the_decision(kw: dict) -> None:
     stats = routing_stats(out.decision, mask_T=mask.reshape(-1))
     assert len(stats["tokens_per_expert"]) == 4 and stats["max_vio"] >= 0
     assert math.isfinite(stats["router_entropy"])
+
+
+BAD_CONFIGS = [
+    pytest.param(dict(router="sinkhorn", jitter_eps=0.1), "jitter_eps", id="jitter-needs-topk"),
+    pytest.param(dict(router="expert_choice", score_func="sigmoid"), "score_func", id="expert-choice-sigmoid"),
+    pytest.param(dict(router="soft", router_bias=True), "router_bias", id="soft-has-no-gate-bias"),
+    pytest.param(dict(router="hash", hash_vocab_size=8, routed_scaling_factor=2.0), "routed_scaling_factor",
+                 id="hash-scaling"),
+    pytest.param(dict(router="expert_choice", routed_scaling_factor=2.0), "routed_scaling_factor",
+                 id="expert-choice-scaling"),
+    pytest.param(dict(router="soft", capacity_factor=1.0), "capacity_factor", id="soft-capacity"),
+    pytest.param(dict(router="soft", soft_slots=0), "soft_slots", id="soft-zero-slots"),
+    pytest.param(dict(router="sinkhorn", sinkhorn_iters=0), "sinkhorn_iters", id="sinkhorn-zero-iters"),
+]
+
+
+@pytest.mark.parametrize("kw,field", BAD_CONFIGS)
+def test_bad_router_configs_name_the_field(kw: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        MoEConfig(**{**dict(d_model=8, d_ff=8, num_experts=4), **kw})
