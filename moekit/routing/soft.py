@@ -64,7 +64,7 @@ def soft_moe(
     E = N // slots
     dispatch_BSN, combine_BSN = soft_dispatch_combine(logits_BSN, mask_BS)
     xs_BND = torch.einsum("bsn,bsd->bnd", dispatch_BSN, x_BSD.float()).to(x_BSD.dtype)
-    # Rows sorted by expert: (B, E, P, D) -> (E, B, P, D), B * slots rows per expert.
+    # Rows sorted by expert: (B, E, slots, D) -> (E, B, slots, D), B * slots rows per expert.
     rows_RD = xs_BND.reshape(B, E, slots, D).transpose(0, 1).reshape(E * B * slots, D)
     counts_E = torch.full((E,), B * slots, dtype=torch.long, device=x_BSD.device)
     ys_RD = experts(rows_RD, counts_E)
