@@ -8,6 +8,8 @@ Auxiliary losses are returned by name; their coefficients are applied by the mod
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -86,7 +88,8 @@ class MoELayer(nn.Module):
             # Soft MoE mixes each sequence's tokens into expert slots: its own path (routing/soft.py).
             y_TD, decision = soft_moe_layer(self.router, self.experts, x, mask_T, causal=causal)
         else:
-            decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T)
+            decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T,
+                                  num_sequences=num_sequences)
             x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
             y_RD = self.experts(x_RD, counts_E)
             y_TD = self.dispatcher.combine(y_RD, plan)
@@ -99,15 +102,27 @@ class MoELayer(nn.Module):
         return MoEOutput(y=y_TD.reshape(x.shape), aux_losses=aux, decision=decision)
 
     def route(
-        self, x_TD: Tensor, *, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None
+        self,
+        x_TD: Tensor,
+        *,
+        token_ids_T: Tensor | None = None,
+        mask_T: Tensor | None = None,
+        num_sequences: int = 1,
     ) -> RoutingDecision:
-        """Router decision for flat tokens, with capacity dropping when configured."""
+        """Router decision for flat tokens, with capacity dropping when configured.
+
+        num_sequences: how many equal sequences x_TD holds (capacity_group="sequence" counts each
+        expert's capacity per sequence).
+        """
         cfg = self.config
         decision = self.router(x_TD, token_ids_T=token_ids_T, mask_T=mask_T)
-        if cfg.capacity_factor is not None:
+        if cfg.capacity_factor is not None or cfg.expert_capacity is not None:
+            groups = num_sequences if cfg.capacity_group == "sequence" else 1
             T = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
-            capacity = expert_capacity(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
-            decision = apply_capacity(decision, capacity=capacity, policy=cfg.drop_policy)
+            capacity = cfg.expert_capacity or expert_capacity(
+                math.ceil(T / groups), cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+            decision = apply_capacity(decision, capacity=capacity, policy=cfg.drop_policy,
+                                      num_groups=groups)
         return decision
 
     def dense_parts(self, x_TD: Tensor) -> Tensor | float:

@@ -46,9 +46,13 @@ def keep_within_capacity(expert_ids_TK: Tensor, priority_TK: Tensor, capacity: i
 
 
 def apply_capacity(
-    decision: RoutingDecision, *, capacity: int, policy: str = "position"
+    decision: RoutingDecision, *, capacity: int, policy: str = "position", num_groups: int = 1
 ) -> RoutingDecision:
-    """Drop the slots over each expert's capacity; the result records them in `dropped_TK`."""
+    """Drop the slots over each expert's capacity; the result records them in `dropped_TK`.
+
+    num_groups: the T tokens form this many equal contiguous groups (e.g. sequences), and each
+    expert has `capacity` slots in every group (GShard groups; Switch Transformers per sequence).
+    """
     ids_TK = decision.expert_ids_TK
     T, K = ids_TK.shape
     if policy == "position":
@@ -57,7 +61,15 @@ def apply_capacity(
         priority_TK = -decision.weights_TK.detach().float()
     else:
         raise ValueError(f"drop_policy={policy!r} is invalid: must be 'position' or 'score'")
-    keep_TK = keep_within_capacity(ids_TK, priority_TK, capacity)
+    if num_groups > 1:
+        if T % num_groups:
+            raise ValueError(f"{T} tokens do not split into num_groups={num_groups} equal groups")
+        # Expert e of group g becomes the virtual expert g * E + e with its own capacity.
+        group_T1 = torch.arange(T, device=ids_TK.device)[:, None] // (T // num_groups)
+        grouped_TK = torch.where(ids_TK >= 0, ids_TK + group_T1 * decision.num_experts, ids_TK)
+        keep_TK = keep_within_capacity(grouped_TK, priority_TK, capacity)
+    else:
+        keep_TK = keep_within_capacity(ids_TK, priority_TK, capacity)
     dropped_TK = (ids_TK >= 0) & ~keep_TK
     kept_ids_TK = ids_TK.masked_fill(~keep_TK, -1)
     return RoutingDecision(
