@@ -1,7 +1,10 @@
 """Routed experts with 3-D weights: every projection of every expert in one tensor.
 
-`Experts.forward(x_RD, counts_E)` takes rows already sorted by expert (`counts_E[e]` rows for
-expert e, in order) and returns one output row per input row.
+`Experts.forward(x_RD, counts_E)` takes rows sorted by expert (`counts_E[e]` rows for expert e, in
+order) and runs each projection as ONE grouped GEMM over the 3-D weights (`torch._grouped_mm`, whose
+kernel skips experts with no rows, so a decode step touches only the selected experts' weights).
+Where that kernel cannot run (device, dtype, 16-byte alignment) `grouped_matmul` falls back to a
+loop of plain matmuls with the same result. Autograd differentiates `_grouped_mm` itself.
 """
 
 from __future__ import annotations
@@ -14,17 +17,92 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.experts.activations import glu, plain
 
+# The CPU kernel of torch._grouped_mm (torch >= 2.9) takes these; CUDA's takes bf16 only (sm80+).
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _aligned(t: Tensor) -> bool:
+    """The grouped-GEMM kernels need the base pointer and every non-unit stride 16-byte aligned."""
+    size = t.element_size()
+    if any(s * size % 16 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1):
+        return False
+    # Under torch.compile tensors are fake (no storage); inductor allocates aligned buffers, and
+    # parameters come from the eager allocator, which aligns to 64 bytes.
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+
+
+def grouped_mm_supported(x_RD: Tensor, w_EDF: Tensor) -> bool:
+    """True when `torch._grouped_mm` has a kernel for these tensors' device, dtype and layout."""
+    if not hasattr(torch, "_grouped_mm") or x_RD.dtype != w_EDF.dtype:
+        return False
+    if torch.compiler.is_compiling() and w_EDF.dtype != torch.bfloat16:
+        return False  # inductor's meta function for _grouped_mm accepts bf16 only (torch 2.13)
+    device = w_EDF.device
+    if device.type == "cpu":
+        ok_dtype = w_EDF.dtype in _CPU_DTYPES
+    elif device.type == "cuda":
+        ok_dtype = w_EDF.dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    else:
+        ok_dtype = False
+    return ok_dtype and _aligned(x_RD) and _aligned(w_EDF)
+
+
+def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
+    """Per-expert matmul of rows sorted by expert: y[rows of e] = x[rows of e] @ w_EDF[e].
+
+    Args:
+        x_RD: (R, D) rows sorted by expert, R == counts_E.sum().
+        w_EDF: (E, D, F) weights (any strides).
+        counts_E: long (E,) rows per expert.
+        offs_E: int32 (E,) cumulative counts, computed from counts_E when None (pass it to share
+            it between the projections of one forward).
+    Returns:
+        (R, F) in x's dtype.
+    """
+    if grouped_mm_supported(x_RD, w_EDF):
+        if offs_E is None:
+            offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
+    if x_RD.shape[0] and grouped_mm_supported(x_RD.clone(), w_EDF):
+        # Only x's base pointer is off (a sliced view): a fresh copy is aligned.
+        return grouped_matmul(x_RD.clone(), w_EDF, counts_E, offs_E)
+    return _loop_matmul(x_RD, w_EDF, counts_E)
+
+
+def _loop_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
+    """The fallback: one matmul per expert with rows (slow on many experts, exact everywhere)."""
+    ys = [x_rD @ w_EDF[e] for e, x_rD in enumerate(x_RD.split(counts_E.tolist())) if x_rD.shape[0]]
+    return torch.cat(ys) if ys else x_RD.new_zeros(0, w_EDF.shape[-1])
+
+
+def rows_bias(b_EF: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
+    """(R, F) bias of each row's expert (repeat_interleave with a known size: no host sync)."""
+    return torch.repeat_interleave(b_EF, counts_E, dim=0, output_size=num_rows)
+
 
 class Experts(nn.Module):
     """E independent MLPs stored as `w_gate_EDF`, `w_up_EDF`, `w_down_EFD` (GLU) or
-    `w_in_EDF`, `w_out_EFD` (plain), with optional biases `b_*_EF` / `b_*_ED`."""
+    `w_in_EDF`, `w_out_EFD` (plain), with optional biases `b_*_EF` / `b_*_ED`.
 
-    def __init__(self, config: MoEConfig, *, num_experts: int | None = None) -> None:
+    Args:
+        config: the layer's MoEConfig (d_model, d_ff, activation, expert_mlp_bias).
+        num_experts: experts held here (expert parallelism holds E / ep); default config.num_experts.
+        fuse_gate_up: run gate and up as one grouped GEMM of width 2F over weights concatenated at
+            run time. Off by default: on CPU the concatenation copies every expert's weights each
+            forward (and touches unselected experts at decode), which costs more than reading the
+            rows twice saves (benchmarks/moe_layer.py measures both). The parameters stay separate
+            either way, so checkpoints load by name.
+    """
+
+    def __init__(
+        self, config: MoEConfig, *, num_experts: int | None = None, fuse_gate_up: bool = False
+    ) -> None:
         super().__init__()
         self.config = config
         E = num_experts if num_experts is not None else config.num_experts
         D, F = config.d_model, config.d_ff
         self.num_experts = E
+        self.fuse_gate_up = fuse_gate_up
         names_in = ("w_gate_EDF", "w_up_EDF") if config.gated else ("w_in_EDF",)
         out_name = "w_down_EFD" if config.gated else "w_out_EFD"
         for name in names_in:
@@ -56,19 +134,34 @@ class Experts(nn.Module):
         return getattr(self, f"w_{n}_EFD"), getattr(self, f"b_{n}_ED", None)
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
-        """Run each expert on its contiguous block of rows. Rows beyond sum(counts_E) are not allowed."""
-        out_RD = x_RD.new_empty(x_RD.shape)
-        bounds = [0] + torch.cumsum(counts_E, 0).tolist()
+        """Run expert e on its block of `counts_E[e]` rows; returns (R, D) in x's dtype.
+
+        Args:
+            x_RD: (R, D) rows sorted by expert; R must equal counts_E.sum().
+            counts_E: long (E,) rows per expert (experts with 0 rows are skipped by the kernel).
+        """
+        R = x_RD.shape[0]
+        if counts_E.shape != (self.num_experts,):
+            raise ValueError(f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)")
+        if not torch.compiler.is_compiling() and int(counts_E.sum()) != R:
+            # The grouped kernel leaves rows past the last offset unwritten: refuse, never return garbage.
+            raise ValueError(f"x_RD has {R} rows but counts_E sums to {int(counts_E.sum())}; pass exactly "
+                             "the rows the counts describe, sorted by expert")
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         ins = self.input_projections()
         w_out_EFD, b_out_ED = self.output_projection()
-        for e in range(self.num_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi == lo:
-                continue
-            x_rD = x_RD[lo:hi]
-            hs = [x_rD @ w[e] + (0 if b is None else b[e]) for w, b in ins]
-            h_rF = glu(hs[0], hs[1], self.config.activation) if self.config.gated else plain(
-                hs[0], self.config.activation)
-            y_rD = h_rF @ w_out_EFD[e]
-            out_RD[lo:hi] = y_rD if b_out_ED is None else y_rD + b_out_ED[e]
-        return out_RD
+        if self.config.gated and self.fuse_gate_up:
+            (w_g, b_g), (w_u, b_u) = ins
+            gate_up_R2F = grouped_matmul(x_RD, torch.cat([w_g, w_u], dim=-1), counts_E, offs_E)
+            if b_g is not None and b_u is not None:
+                gate_up_R2F = gate_up_R2F + rows_bias(torch.cat([b_g, b_u], -1), counts_E, R)
+            hs = list(gate_up_R2F.chunk(2, dim=-1))
+        else:
+            hs = [grouped_matmul(x_RD, w, counts_E, offs_E) for w, _ in ins]
+            hs = [h if b is None else h + rows_bias(b, counts_E, R) for h, (_, b) in zip(hs, ins)]
+        if self.config.gated:
+            h_RF = glu(hs[0], hs[1], self.config.activation)
+        else:
+            h_RF = plain(hs[0], self.config.activation)
+        y_RD = grouped_matmul(h_RF, w_out_EFD, counts_E, offs_E)
+        return y_RD if b_out_ED is None else y_RD + rows_bias(b_out_ED, counts_E, R)
