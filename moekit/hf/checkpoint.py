@@ -1,0 +1,160 @@
+"""`from_pretrained` / `save_pretrained`: Hugging Face checkpoint directories <-> MoETransformer.
+
+Loading builds the model on the meta device, allocates it once, and fills it tensor by tensor from
+the memory-mapped shards, so peak memory is about one copy of the weights, not two. Saving writes
+config.json (transformers' field names) and safetensors shards with the family's expert layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.hf.configs import TO_HF, TO_MOEKIT
+from moekit.hf.convert import checkpoint_to_model, model_to_checkpoint
+from moekit.hf.families import FAMILIES, Layout, family
+from moekit.hf.io import CONFIG_FILE, CheckpointReader, read_config, write_checkpoint
+from moekit.model.transformer import MoETransformer
+
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "jamba": "JambaForCausalLM",
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TIED_HEAD = "lm_head.weight"
+
+
+def model_type_of(hf_config: dict, path: str | Path) -> str:
+    model_type = hf_config.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: no 'model_type' field")
+    if model_type not in FAMILIES or model_type not in TO_MOEKIT:
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: model_type={model_type!r} is not supported; "
+                         f"moekit reads {sorted(set(FAMILIES) & set(TO_MOEKIT))}")
+    return model_type
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dtype:
+    """The load dtype: as given, else config.json's `dtype` / `torch_dtype`, else float32."""
+    if dtype is None:
+        dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is invalid: must be one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype or its name, not {dtype!r}")
+    return dtype
+
+
+def from_pretrained(
+    path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> MoETransformer:
+    """Load a Hugging Face checkpoint directory as a MoETransformer.
+
+    Args:
+        path: directory with config.json and model.safetensors (or an index and its shards), in
+            the per-expert or the fused 3-D expert layout.
+        dtype: parameter dtype (default: config.json's dtype, else float32).
+        device: where the parameters are allocated.
+    Returns:
+        The model in eval mode, with `hf_config` (the config.json dict) attached for saving.
+    Raises:
+        ValueError / FileNotFoundError naming the file and tensor for unsupported model types,
+        missing shards, corrupted files, unmapped keys and shapes that contradict config.json.
+    """
+    hf_config = read_config(path)
+    model_type = model_type_of(hf_config, path)
+    config = TO_MOEKIT[model_type](hf_config)
+    dtype = resolve_dtype(dtype, hf_config)
+    with CheckpointReader(path) as reader:
+        with torch.device("meta"):
+            model = MoETransformer(config)
+        model = model.to(dtype).to_empty(device=device)
+        state = model.state_dict(keep_vars=True)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        source: Any = reader
+        if config.tie_embeddings:
+            shapes.pop(TIED_HEAD, None)
+            source = _Without(reader, TIED_HEAD)
+        where = lambda key: f"{key} in {reader.path / reader.file_of(key)}" if key in reader else key  # noqa: E731
+        with torch.no_grad():
+            for name, tensor in checkpoint_to_model(family(model_type).load_rules(), source, shapes,
+                                                    where=where, name=f"model_type={model_type!r}"):
+                state[name].copy_(tensor)
+            _zero_runtime_buffers(model)
+    model.hf_config = hf_config  # type: ignore[attr-defined]
+    return model.eval()
+
+
+class _Without:
+    """A checkpoint view that hides one key (the LM head of a tied-embedding model)."""
+
+    def __init__(self, reader: CheckpointReader, hidden: str) -> None:
+        self.reader, self.hidden = reader, hidden
+
+    def keys(self) -> list[str]:
+        return [k for k in self.reader.keys() if k != self.hidden]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.reader.get(key)
+
+
+def _zero_runtime_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers are runtime counters (e.g. MoELayer.load_counts_E) that start at 0."""
+    for module in model.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = getattr(module, name)
+            if buffer is not None:
+                buffer.zero_()
+
+
+def hf_config_for(model: MoETransformer, model_type: str) -> dict[str, Any]:
+    """config.json for `model`: the loaded config.json (if any) updated with the translated fields."""
+    base = dict(getattr(model, "hf_config", None) or {})
+    if base.get("model_type", model_type) != model_type:
+        base = {}
+    dtype = next(model.parameters()).dtype
+    out = {**base, **TO_HF[model_type](model.config), "model_type": model_type,
+           "dtype": str(dtype).removeprefix("torch.")}
+    out.setdefault("architectures", [ARCHITECTURES[model_type]])
+    return out
+
+
+def save_pretrained(
+    model: MoETransformer,
+    path: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    layout: Layout = "split",
+    model_type: str | None = None,
+) -> list[str]:
+    """Write `model` as a Hugging Face checkpoint directory transformers can load.
+
+    Args:
+        layout: "split" writes what transformers' save_pretrained writes (per-expert 2-D weights
+            for most families); "fused" writes transformers' 3-D expert tensors.
+        model_type: the family to write; defaults to the model_type the model was loaded from.
+    Returns:
+        The files written.
+    """
+    if model_type is None:
+        model_type = (getattr(model, "hf_config", None) or {}).get("model_type")
+        if model_type is None:
+            raise ValueError(f"save_pretrained needs model_type= (one of {sorted(TO_HF)}) for a model "
+                             f"not loaded from a Hugging Face checkpoint")
+    if model_type not in TO_HF:
+        raise ValueError(f"model_type={model_type!r} is not supported; moekit writes {sorted(TO_HF)}")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop(TIED_HEAD, None)  # transformers re-ties it from the embedding
+    tensors = model_to_checkpoint(family(model_type).save_rules(layout), state)
+    config = hf_config_for(model, model_type)
+    out = Path(path)
+    files = write_checkpoint(out, tensors, max_shard_size=max_shard_size)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return [*files, CONFIG_FILE]

@@ -1,0 +1,84 @@
+"""Tiny random transformers models per model_type, saved to a directory, for parity tests.
+
+No downloads: each model is built from a config with transformers, its weights perturbed so no
+parameter keeps a degenerate init (zero routers or biases), and the routers scaled so routing
+decisions are not knife-edge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+VOCAB = 64
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+           moe_intermediate_size=16, first_k_dense_replace=1, n_shared_experts=1)
+CONFIGS: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                      norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[0]),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.5, eos_token_id=1, pad_token_id=0),
+    "deepseek_v3": dict(MLA, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=24,
+                        routed_scaling_factor=2.5),
+    "deepseek_v2": dict(MLA, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                        topk_method="group_limited_greedy", q_lora_rank=None, routed_scaling_factor=1.5),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+                       residual_multiplier=0.5, logits_scaling=3.0, attention_multiplier=0.3),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "jamba": dict(num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4,
+                  num_hidden_layers=4),
+}
+MODEL_TYPES = list(CONFIGS)
+
+
+def hf_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
+    return transformers.AutoConfig.for_model(model_type, **{**SMALL, **CONFIGS[model_type], **overrides})
+
+
+def tiny_hf_model(model_type: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(model_type, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+            if _is_router(name):
+                p.mul_(8.0)  # spread router logits: top-k margins far above float error
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    return model
+
+
+def _is_router(name: str) -> bool:
+    return any(s in name for s in (".gate.weight", ".router.weight", ".router.layer.weight")) and "experts" not in name
+
+
+def save_tiny(model_type: str, path: Path, **save_kwargs) -> transformers.PreTrainedModel:
+    model = tiny_hf_model(model_type)
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+def hf_router_ids(model: transformers.PreTrainedModel, tokens_BS: torch.Tensor) -> list[torch.Tensor]:
+    """Expert ids (T, K) each MoE router of `model` picks for `tokens_BS`, sorted along K."""
+    found: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: found.append(out[2].reshape(-1, out[2].shape[-1])))
+             for m in model.modules() if type(m).__name__.lower().endswith("router")]
+    assert hooks, f"no router modules found in {type(model).__name__}"
+    try:
+        with torch.no_grad():
+            model(tokens_BS)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [ids.sort(-1).values for ids in found]
