@@ -1,0 +1,74 @@
+"""Parameter, FLOP and memory accounting of built models (works on the meta device).
+
+Counts come from the modules: total = every parameter once (tied weights once); active = total
+minus the routed experts a token does not visit, (E - k) / E of every MoE layer's expert tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from moekit.layer import MoELayer
+
+BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters of a module, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def inactive_expert_params(module: nn.Module) -> int:
+    """Routed-expert parameters one token does not use: (E - k) / E of each MoE layer's experts."""
+    total = 0
+    for layer in module.modules():
+        if isinstance(layer, MoELayer):
+            E, k = layer.config.num_experts, layer.config.top_k
+            total += count_params(layer.experts) * (E - k) // E
+    return total
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Counts of one built model.
+
+    Attributes:
+        total: all parameters.
+        active: parameters one token touches, counting the embedding and the LM head.
+        active_no_embed: the same without the embedding matrix and the LM head (for tied models
+            the shared matrix is excluded once).
+        embedding: embedding + untied LM head parameters (the part `active_no_embed` leaves out).
+    """
+
+    total: int
+    active: int
+    active_no_embed: int
+    embedding: int
+
+
+def param_counts(model: nn.Module, *, embedding_params: int) -> ParamCounts:
+    """Counts of a built model whose embedding and (untied) LM head hold `embedding_params`."""
+    total = count_params(model)
+    active = total - inactive_expert_params(model)
+    return ParamCounts(total=total, active=active, active_no_embed=active - embedding_params,
+                       embedding=embedding_params)
+
+
+def weight_memory(params: int) -> dict[str, float]:
+    """Bytes the weights need stored in bf16, int8 and 4-bit (no quantisation scales counted)."""
+    return {fmt: params * b for fmt, b in BYTES_PER_PARAM.items()}
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (K, M, B, T); bytes with unit='B' -> '2.47 GB' (powers of 1000)."""
+    if unit == "B":
+        for suffix, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if n >= scale:
+                return f"{n / scale:.2f} {suffix}"
+        return f"{n:.0f} B"
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(int(n))
