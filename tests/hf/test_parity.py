@@ -11,7 +11,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from moekit.hf.checkpoint import from_pretrained, save_pretrained
+import moekit
+from moekit.hf.checkpoint import save_pretrained
 from tests.hf.tiny import MODEL_TYPES, VOCAB, hf_router_ids, save_tiny
 
 ATOL = 1e-4
@@ -24,7 +25,7 @@ def pair(request, tmp_path_factory):
     model_type = request.param
     path = tmp_path_factory.mktemp(model_type)
     hf_model = save_tiny(model_type, path)
-    return model_type, path, hf_model, from_pretrained(path)
+    return model_type, path, hf_model, moekit.from_pretrained(path)
 
 
 def _tokens(B: int = 2, S: int = 7, seed: int = 1) -> torch.Tensor:
@@ -69,7 +70,7 @@ def test_cached_decoding(pair):
 
 def test_save_round_trip(pair, tmp_path):
     model_type, path, _, model = pair
-    save_pretrained(model, tmp_path)
+    model.save_pretrained(tmp_path)
     # every tensor transformers wrote comes back bit for bit, under the same name
     original, again = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert sorted(again) == sorted(original)
@@ -85,7 +86,7 @@ def test_save_round_trip(pair, tmp_path):
 def test_fused_layout_loads(pair, tmp_path):
     model_type, _, hf_model, model = pair
     save_pretrained(model, tmp_path, layout="fused")
-    fused = from_pretrained(tmp_path)
+    fused = moekit.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), fused.state_dict().items()):
         assert torch.equal(a, b), name
     # the fused layout is transformers' in-memory one: its state_dict keys and tensors
@@ -100,7 +101,7 @@ def test_sharded_checkpoint_both_ways(pair, tmp_path):
     hf_dir, ours_dir = tmp_path / "hf", tmp_path / "ours"
     hf_model.save_pretrained(hf_dir, max_shard_size="20KB")
     assert (hf_dir / "model.safetensors.index.json").is_file()
-    loaded = from_pretrained(hf_dir)
+    loaded = moekit.from_pretrained(hf_dir)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     files = save_pretrained(model, ours_dir, max_shard_size="20KB")
