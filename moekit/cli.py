@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.commands.demo", "route a random batch with every router and print routing statistics"),
     "data": ("moekit.commands.data", "fetch the built-in Shakespeare training corpus (sha256-pinned)"),
     "train": ("moekit.commands.train", "train a preset MoE language model on a corpus (resumable)"),
+    "convert": ("moekit.commands.convert", "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
 }
 
 

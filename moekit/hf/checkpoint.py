@@ -17,6 +17,8 @@ from moekit.hf.configs import TO_HF, TO_MOEKIT
 from moekit.hf.convert import checkpoint_to_model, model_to_checkpoint
 from moekit.hf.families import FAMILIES, Layout, family
 from moekit.hf.io import CONFIG_FILE, CheckpointReader, read_config, write_checkpoint
+from moekit.hf.rules import Rule
+from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
 
 ARCHITECTURES = {
@@ -70,7 +72,15 @@ def from_pretrained(
     hf_config = read_config(path)
     model_type = model_type_of(hf_config, path)
     config = TO_MOEKIT[model_type](hf_config)
-    dtype = resolve_dtype(dtype, hf_config)
+    model = load_weights(config, path, family(model_type).load_rules(), dtype=resolve_dtype(dtype, hf_config),
+                         device=device, name=f"model_type={model_type!r}")
+    model.hf_config = hf_config  # type: ignore[attr-defined]
+    return model
+
+
+def load_weights(config: ModelConfig, path: str | Path, rules: tuple[Rule, ...], *, dtype: torch.dtype,
+                 device: str | torch.device, name: str) -> MoETransformer:
+    """Build `config` on the meta device, allocate it once, fill it tensor by tensor from `path`."""
     with CheckpointReader(path) as reader:
         with torch.device("meta"):
             model = MoETransformer(config)
@@ -83,11 +93,9 @@ def from_pretrained(
             source = _Without(reader, TIED_HEAD)
         where = lambda key: f"{key} in {reader.path / reader.file_of(key)}" if key in reader else key  # noqa: E731
         with torch.no_grad():
-            for name, tensor in checkpoint_to_model(family(model_type).load_rules(), source, shapes,
-                                                    where=where, name=f"model_type={model_type!r}"):
-                state[name].copy_(tensor)
+            for key, tensor in checkpoint_to_model(rules, source, shapes, where=where, name=name):
+                state[key].copy_(tensor)
             _zero_runtime_buffers(model)
-    model.hf_config = hf_config  # type: ignore[attr-defined]
     return model.eval()
 
 
@@ -158,3 +166,40 @@ def save_pretrained(
     files = write_checkpoint(out, tensors, max_shard_size=max_shard_size)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return [*files, CONFIG_FILE]
+
+
+# ---- moekit's own layout: moekit_config.json + safetensors under moekit's parameter names ------
+MOEKIT_CONFIG = "moekit_config.json"
+
+
+def save_moekit(model: MoETransformer, path: str | Path, *, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write `model` under its own parameter names (3-D experts) with its ModelConfig.
+
+    The config.json it was loaded from (if any) is kept, so the directory converts back to the
+    Hugging Face layout later.
+    """
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop(TIED_HEAD, None)
+    files = write_checkpoint(path, state, max_shard_size=max_shard_size)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    meta = {"model": model.config.to_dict(), "dtype": dtype, "hf_config": getattr(model, "hf_config", None)}
+    (Path(path) / MOEKIT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return [*files, MOEKIT_CONFIG]
+
+
+def load_moekit(path: str | Path, *, dtype: torch.dtype | str | None = None,
+                device: str | torch.device = "cpu") -> MoETransformer:
+    """Load a directory written by `save_moekit` (no rules: every key is a parameter name)."""
+    file = Path(path) / MOEKIT_CONFIG
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: no {MOEKIT_CONFIG}; not a moekit-layout checkpoint") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    config = ModelConfig.from_dict(meta["model"])
+    model = load_weights(config, path, (), dtype=resolve_dtype(dtype, meta), device=device, name=str(file))
+    if meta.get("hf_config"):
+        model.hf_config = meta["hf_config"]  # type: ignore[attr-defined]
+    return model
