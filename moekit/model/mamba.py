@@ -35,7 +35,10 @@ class MambaConfig:
         bias: biases in in_proj and out_proj.
         dt_layernorm: Jamba's RMSNorms on dt, B and C (False gives the original Mamba mixer).
         norm_eps: epsilon of those RMSNorms.
-        chunk_size: time steps per chunk of the parallel scan (memory ~ B * L^2 * I * N).
+        chunk_size: None for the sequential scan (one vectorised step per token: the fastest on
+            CPU, measured ~10x faster than chunk 8 at I=128, N=16, S=512, one thread); or time steps
+            per chunk of the chunked scan (fewer, larger ops, for accelerators; memory
+            ~ B * L^2 * I * N per chunk).
     """
 
     d_model: int
@@ -47,16 +50,18 @@ class MambaConfig:
     bias: bool = False
     dt_layernorm: bool = True
     norm_eps: float = 1e-6
-    chunk_size: int = 16
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "d_state", "d_conv", "expand", "chunk_size"):
+        for name in ("d_model", "d_state", "d_conv", "expand"):
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                   value, "must be a positive integer")
         check(self.dt_rank is None or (isinstance(self.dt_rank, int) and self.dt_rank >= 1),
               "dt_rank", self.dt_rank, "must be a positive integer, or None for ceil(d_model / 16)")
         check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        check(self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1),
+              "chunk_size", self.chunk_size, "must be a positive integer, or None for the sequential scan")
 
     @property
     def d_inner(self) -> int:
@@ -159,11 +164,12 @@ def selective_scan(
     C_BSN: Tensor,
     state_BIN: Tensor,
     *,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The selective scan over a whole sequence, chunk by chunk.
+    """The selective scan over a whole sequence: step by step, or chunk by chunk.
 
-    Inside a chunk of L steps every state is a decayed sum of the inputs,
+    chunk_size None: one `ssm_step` per token, the state vectorised over (B, I, N). Otherwise,
+    inside a chunk of L steps every state is a decayed sum of the inputs,
         h_t = exp(c_t) h_0 + sum_{s <= t} exp(c_t - c_s) dt_s B_s x_s,   c_t = sum_{r <= t} A dt_r,
     computed with exponents c_t - c_s <= 0 only (masked before exp), so nothing overflows.
     Args:
@@ -174,6 +180,11 @@ def selective_scan(
     """
     S = x_BSI.shape[1]
     ys = []
+    if chunk_size is None:
+        for t in range(S):
+            y_BI, state_BIN = ssm_step(state_BIN, x_BSI[:, t], dt_BSI[:, t], A_IN, B_BSN[:, t], C_BSN[:, t])
+            ys.append(y_BI)
+        return torch.stack(ys, dim=1), state_BIN
     for lo in range(0, S, chunk_size):
         hi = min(S, lo + chunk_size)
         L = hi - lo

@@ -38,6 +38,7 @@ CONFIGS = [
                       bias=True, conv_bias=False), 2, 4, id="plain-mamba-chunk1-bias"),
     pytest.param(dict(d_model=8, d_state=4, d_conv=1, chunk_size=3), 3, 6, id="conv-width-1"),
     pytest.param(dict(d_model=8, d_state=4, chunk_size=4), 2, 1, id="single-token"),
+    pytest.param(dict(d_model=8, d_state=4, d_conv=3), 2, 6, id="sequential-scan"),
 ]
 
 
@@ -95,6 +96,9 @@ def test_chunked_scan_equals_recurrent_steps_with_initial_state():
     Bm, Cm = torch.randn(B, S, N), torch.randn(B, S, N)
     h0 = torch.randn(B, I, N)
     y, h = selective_scan(x, dt, A, Bm, Cm, h0, chunk_size=4)
+    y_seq, h_seq = selective_scan(x, dt, A, Bm, Cm, h0)  # the sequential default
+    torch.testing.assert_close(y_seq, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_seq, h, rtol=1e-5, atol=1e-5)
     h_step, ys = h0, []
     for t in range(S):
         y_t, h_step = ssm_step(h_step, x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t])
@@ -103,7 +107,8 @@ def test_chunked_scan_equals_recurrent_steps_with_initial_state():
     torch.testing.assert_close(h, h_step, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("B,S,chunk", [pytest.param(2, 6, 16, id="S6"), pytest.param(1, 9, 4, id="S9-chunked")])
+@pytest.mark.parametrize("B,S,chunk", [pytest.param(2, 6, None, id="S6-sequential"),
+                                       pytest.param(1, 9, 4, id="S9-chunked")])
 def test_matches_transformers_jamba_mixer(B, S, chunk):
     from transformers import JambaConfig
     from transformers.models.jamba.modeling_jamba import JambaMambaMixer
@@ -143,6 +148,7 @@ def test_dt_rank_auto_is_ceil_d_model_over_16():
     pytest.param(dict(d_model=8, dt_rank=0), "dt_rank", id="dt_rank-zero"),
     pytest.param(dict(d_model=8, norm_eps=0.0), "norm_eps", id="norm_eps-zero"),
     pytest.param(dict(d_model=8, chunk_size=0), "chunk_size", id="chunk_size-zero"),
+    pytest.param(dict(d_model=8, chunk_size=2.0), "chunk_size", id="chunk_size-float"),
 ])
 def test_bad_config_raises_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
