@@ -14,7 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.commands.demo", "route a random batch with every router and print routing statistics"),
     "data": ("moekit.commands.data", "fetch the built-in Shakespeare training corpus (sha256-pinned)"),
     "train": ("moekit.commands.train", "train a preset MoE language model on a corpus (resumable)"),
+    "compare": ("moekit.commands.compare", "train dense vs MoE variants at equal active compute; write a report"),
     "convert": ("moekit.commands.convert", "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
+    "catalog": ("moekit.commands.catalog", "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
+    "inspect": ("moekit.commands.inspect", "show one catalog architecture layer by layer with parameter counts"),
 }
 
 

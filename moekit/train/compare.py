@@ -1,0 +1,168 @@
+"""`moekit compare`: train a dense model and MoE variants at equal active compute, then report.
+
+Every variant sees the same tokenizer, batches and seed, and has the same active parameters and
+FLOPs per token: a top-k variant's experts are `active_d_ff / k` wide, so that k of them do the work
+of the dense MLP of width `active_d_ff` (and a shared expert takes its share of that width).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moekit.config import MoEConfig, check
+from moekit.model.config import ModelConfig
+from moekit.train.metrics import read_metrics
+from moekit.train.run import build_model, config_json, prepare_data
+from moekit.train.tokenizer import save_tokenizer
+from moekit.train.trainer import TrainConfig, Trainer
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    """The shared shape and budget of a comparison.
+
+    Args:
+        active_d_ff: feed-forward width one token uses (the dense model's d_ff).
+        num_experts: routed experts per MoE layer.
+        bias_update_rate: step of the aux-loss-free bias update (DeepSeek-V3's gamma).
+        load_balance_coef: coefficient of the load-balancing loss where a variant uses it.
+    """
+
+    vocab_size: int = 2048
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    active_d_ff: int = 512
+    num_experts: int = 8
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    eval_every: int = 25
+    eval_sequences: int = 64
+    seed: int = 0
+    bias_update_rate: float = 1e-2
+    load_balance_coef: float = 1e-2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "active_d_ff", "num_experts", "steps"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+        check(self.active_d_ff % 2 == 0, "active_d_ff", self.active_d_ff, "must be even (two experts share it)")
+        check(self.num_experts >= 2, "num_experts", self.num_experts, "must be >= 2")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
+                           warmup_steps=self.warmup_steps, eval_every=self.eval_every,
+                           eval_sequences=self.eval_sequences, checkpoint_every=0, keep_last=1,
+                           seed=self.seed)
+
+
+def _topk(c: CompareConfig, k: int, **changes) -> MoEConfig:
+    base = dict(d_model=c.d_model, d_ff=c.active_d_ff // k, num_experts=c.num_experts, top_k=k,
+                load_balance_coef=c.load_balance_coef)
+    return MoEConfig(**{**base, **changes})
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    moe: Callable[[CompareConfig], MoEConfig | None]
+    balanced: bool = True  # counts toward the "balanced MoE beats dense" target
+
+
+VARIANTS: dict[str, Variant] = {
+    "dense": Variant("dense MLP of width active_d_ff (the FLOP-matched baseline)", lambda c: None, False),
+    "topk_lb": Variant("top-2 softmax + load-balancing loss (GShard, Mixtral)", lambda c: _topk(c, 2)),
+    "aux_free": Variant(
+        "top-2 sigmoid scores + aux-loss-free expert bias (DeepSeek-V3)",
+        lambda c: _topk(c, 2, score_func="sigmoid", expert_bias=True, load_balance_coef=0.0,
+                        bias_update_rate=c.bias_update_rate)),
+    "aux_free_softmax": Variant(
+        "top-2 softmax + aux-loss-free expert bias",
+        lambda c: _topk(c, 2, expert_bias=True, load_balance_coef=0.0, bias_update_rate=c.bias_update_rate)),
+    "switch": Variant("top-1 (Switch), capacity factor 1.25, load-balancing loss; experts 2x wide",
+                      lambda c: _topk(c, 1, capacity_factor=1.25)),
+    "noisy_topk": Variant("top-2 noisy gating + load-balancing loss (Shazeer et al. 2017)",
+                          lambda c: _topk(c, 2, noisy_gating=True)),
+    "shared": Variant("1 shared expert + top-1 routed, load-balancing loss (DeepSeekMoE)",
+                      lambda c: _topk(c, 2, top_k=1, num_shared_experts=1)),
+    "expert_choice": Variant("experts pick their top-C tokens (Zhou et al. 2022; sees later tokens)",
+                             lambda c: _topk(c, 2, router="expert_choice", load_balance_coef=0.0)),
+    "hash": Variant("fixed random token-id hash, top-1, experts 2x wide (Roller et al. 2021)",
+                    lambda c: _topk(c, 1, router="hash", hash_vocab_size=c.vocab_size,
+                                    load_balance_coef=0.0), balanced=False),
+    "sinkhorn": Variant("balanced assignment by Sinkhorn iterations, top-2 (BASE-like)",
+                        lambda c: _topk(c, 2, router="sinkhorn", load_balance_coef=0.0)),
+}
+DEFAULT_VARIANTS = ("dense", "topk_lb", "aux_free")
+
+
+def check_variants(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"variants {names} repeat a name; list each once")
+    return names
+
+
+def model_config(name: str, c: CompareConfig) -> ModelConfig:
+    moe = VARIANTS[name].moe(c)
+    return ModelConfig(vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads,
+                       max_seq_len=c.seq_len, d_ff=c.active_d_ff, moe=moe,
+                       moe_layers="all" if moe is not None else "none", tie_embeddings=True)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active non-embedding params + attention scores (Kaplan et al.
+    2020, eq. 2.2 tripled for forward + backward): 6N + 6 L S D."""
+    n_active = config.active_params(embedding=False)
+    return 6.0 * n_active + 6.0 * config.n_layers * seq_len * config.d_model
+
+
+def run_compare(
+    config: CompareConfig, *, variants: list[str], out_dir: str | Path, corpus: str | Path | None = None,
+    cache_dir: Path | None = None, progress: bool = True,
+) -> Path:
+    """Train each variant into `out_dir/runs/<name>` (resuming any it finds) and write the report.
+
+    Returns the report folder.
+    """
+    from moekit.train.report import write_report
+
+    check_variants(variants)
+    out_dir = Path(out_dir)
+    data = prepare_data(corpus, seq_len=config.seq_len, vocab_size=config.vocab_size, out_dir=out_dir)
+    save_tokenizer(data.tokenizer, out_dir)
+    vocab = data.tokenizer.get_vocab_size()
+    if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
+        config = CompareConfig(**{**asdict(config), "vocab_size": vocab})
+    if progress:
+        print(data.corpus.describe())
+    runs = {}
+    for name in variants:
+        mc = model_config(name, config)
+        run_dir = out_dir / "runs" / name
+        model = build_model(mc, seed=config.seed)
+        trainer = Trainer(model, config=config.train_config(), train=data.train, val=data.val, out_dir=run_dir,
+                          run_info={"variant": name, "model": config_json(mc)}, progress=progress,
+                          label=f"{name:>16}")
+        if progress:
+            print(f"{name}: {VARIANTS[name].description}; {mc.num_params():,} parameters, "
+                  f"{mc.active_params():,} active")
+        result = trainer.fit(resume=(run_dir / "checkpoints").is_dir())
+        if result.interrupted:
+            raise KeyboardInterrupt(f"compare interrupted during {name}; rerun the same command to resume")
+        runs[name] = {
+            "metrics": read_metrics(run_dir / "metrics.jsonl"),
+            "total_params": mc.num_params(),
+            "active_params": mc.active_params(),
+            "flops_per_token": flops_per_token(mc, config.seq_len),
+            "description": VARIANTS[name].description,
+            "balanced": VARIANTS[name].balanced,
+        }
+    return write_report(out_dir / "report", runs, config=asdict(config), corpus=data.corpus.describe())
