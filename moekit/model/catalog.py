@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.model.accounting import param_counts, weight_memory
+from moekit.model.accounting import count_params, inactive_expert_params, param_counts, weight_memory
 from moekit.model.config import MLAConfig, ModelConfig, RopeConfig, layer_ids
 from moekit.model.encoder_decoder import SwitchConfig, SwitchTransformer
 from moekit.model.mamba import MambaConfig
@@ -110,6 +110,68 @@ class Preset:
             "flops_per_token": 2 * counts.active_no_embed + head_flops + attn_flops,
             "weight_bytes": weight_memory(counts.total),
         }
+
+
+    def layer_table(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
+        """One row per top-level piece (embedding, each block, final norm, head) of the built module:
+        name, kind, params and active params."""
+        model = model if model is not None else self.build()
+        rows = []
+        if isinstance(self.config, SwitchConfig):
+            assert isinstance(model, SwitchTransformer)
+            pieces: list[tuple[str, nn.Module, str]] = [("shared", model.shared, "embedding")]
+            for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+                for i, block in enumerate(stack.block):
+                    sparse = self.config.is_sparse(i, decoder=stack_name == "decoder")
+                    kind = ("self+cross attention" if stack_name == "decoder" else "self attention") + (
+                        f" | MoE {self.config.num_experts}e top-1" if sparse else " | dense MLP")
+                    pieces.append((f"{stack_name}.block.{i}", block, kind))
+                pieces.append((f"{stack_name}.final_layer_norm", stack.final_layer_norm, "norm"))
+            if model.lm_head is not None:
+                pieces.append(("lm_head", model.lm_head, "LM head"))
+        else:
+            assert isinstance(model, MoETransformer)
+            cfg = self.config
+            pieces = [("model.embed_tokens", model.model.embed_tokens, "embedding")]
+            for i, layer in enumerate(model.model.layers):
+                pieces.append((f"model.layers.{i}", layer, describe_layer(cfg, i)))
+            pieces.append(("model.norm", model.model.norm, "norm"))
+            pieces.append(("lm_head", model.lm_head, "LM head (tied)" if cfg.tie_embeddings else "LM head"))
+        for name, module, kind in pieces:
+            params = count_params(module)
+            if kind.startswith("LM head (tied)"):
+                params -= module.weight.numel()  # the embedding's matrix, counted above
+            rows.append({"name": name, "kind": kind, "params": params,
+                         "active": params - inactive_expert_params(module)})
+        return rows
+
+
+def describe_layer(cfg: ModelConfig, i: int) -> str:
+    """A one-line description of block i, e.g. 'GQA 32q/8kv, window 128 | MoE 32e top-4'."""
+    if cfg.is_attention(i):
+        if cfg.mla is not None:
+            mixer = f"MLA {cfg.n_heads}h, kv_lora {cfg.mla.kv_lora_rank}"
+        else:
+            kind = "MHA" if cfg.kv_heads == cfg.n_heads else ("MQA" if cfg.kv_heads == 1 else "GQA")
+            mixer = f"{kind} {cfg.n_heads}q/{cfg.kv_heads}kv"
+            if cfg.kv_source(i) != i:
+                mixer += f", K/V of layer {cfg.kv_source(i)}"
+        if cfg.layer_window(i) is not None:
+            mixer += f", window {cfg.layer_window(i)}"
+        if cfg.rope is not None and not cfg.uses_rope(i):
+            mixer += ", NoPE"
+    else:
+        mixer = "Mamba"
+    if cfg.is_moe(i):
+        assert cfg.moe is not None
+        ffn = f"MoE {cfg.moe.num_experts}e top-{cfg.moe.top_k}"
+        if cfg.moe.num_shared_experts:
+            ffn += f" + {cfg.moe.num_shared_experts} shared"
+        if cfg.moe.dense_residual_d_ff:
+            ffn += " + dense residual"
+    else:
+        ffn = f"dense MLP {cfg.d_ff}"
+    return f"{mixer} | {ffn}"
 
 
 def attention_flops(cfg: ModelConfig, i: int) -> int:
@@ -454,7 +516,7 @@ def get(name: str) -> Preset:
             return preset
     close = [p.name for p in PRESETS.values() if key and (key in _key(p.name) or _key(p.name) in key)]
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"no catalog preset named {name!r}{hint} Known: {', '.join(PRESETS)}")
+    raise ValueError(f"no catalog preset named {name!r}{hint or '.'} Known: {', '.join(PRESETS)}")
 
 
 __all__ = ["PRESETS", "Preset", "get", "names", "scale_config", "scale_moe"]
