@@ -229,19 +229,36 @@ class Attention(nn.Module):
 
 
 class SelfAttentionLayer(nn.Module):
+    """x + dropout(attention(norm(x))) over x itself, after any cached keys and values."""
+
     def __init__(self, config: SwitchConfig, *, relative_bias: bool, decoder: bool) -> None:
         super().__init__()
         self.SelfAttention = Attention(config, relative_bias=relative_bias, decoder=decoder)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
+    def forward(self, x_BSD: Tensor, bias_BHQK: Tensor, past_kv: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Returns the new hidden states and the keys/values of past + new positions."""
+        n_BSD = self.layer_norm(x_BSD)
+        k_BHKA, v_BHKA = self.SelfAttention.project_kv(n_BSD)
+        if past_kv is not None:
+            k_BHKA, v_BHKA = torch.cat([past_kv[0], k_BHKA], dim=2), torch.cat([past_kv[1], v_BHKA], dim=2)
+        out_BSD = self.SelfAttention(n_BSD, k_BHKA, v_BHKA, bias_BHQK)
+        return x_BSD + self.dropout(out_BSD), (k_BHKA, v_BHKA)
+
 
 class CrossAttentionLayer(nn.Module):
+    """x + dropout(attention(norm(x))) over the encoder output's keys and values."""
+
     def __init__(self, config: SwitchConfig) -> None:
         super().__init__()
         self.EncDecAttention = Attention(config, relative_bias=False, decoder=True)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x_BSD: Tensor, kv: tuple[Tensor, Tensor], bias_BHQK: Tensor) -> Tensor:
+        return x_BSD + self.dropout(self.EncDecAttention(self.layer_norm(x_BSD), *kv, bias_BHQK))
 
 
 class DenseActDense(nn.Module):
@@ -334,16 +351,18 @@ class Stack(nn.Module):
         """
         B, S, _ = x_BSD.shape
         past = cache.length if cache is not None else 0
-        first_attn = self.block[0].layer[0].SelfAttention
-        position_bias = first_attn.compute_bias(S, past + S, past=past)
+        if mask_BS is not None and tuple(mask_BS.shape) != (B, past + S):
+            raise ValueError(f"the attention mask has shape {tuple(mask_BS.shape)}; expected {(B, past + S)} "
+                             f"(batch, {past} cached + {S} new positions)")
+        # Position bias of block 0, shared by every block (T5), with the masks folded in.
+        position_bias = self.block[0].layer[0].SelfAttention.compute_bias(S, past + S, past=past)
         allowed_BQK = torch.ones(B, S, past + S, dtype=torch.bool, device=x_BSD.device)
         if mask_BS is not None:
             allowed_BQK = allowed_BQK & mask_BS.bool()[:, None, :]
         if self.decoder:
-            q_pos = torch.arange(S, device=x_BSD.device)[:, None] + past
-            allowed_BQK = allowed_BQK & (torch.arange(past + S, device=x_BSD.device)[None, :] <= q_pos)
+            q_pos_Q1 = torch.arange(S, device=x_BSD.device)[:, None] + past
+            allowed_BQK = allowed_BQK & (torch.arange(past + S, device=x_BSD.device)[None, :] <= q_pos_Q1)
         self_bias_BHQK = additive_mask(allowed_BQK, position_bias.to(x_BSD.dtype))
-        cross_bias_BHQK = None
         if self.decoder:
             K = encoder_hidden_BKD.shape[1]
             enc_allowed_BQK = torch.ones(B, S, K, dtype=torch.bool, device=x_BSD.device)
@@ -355,27 +374,21 @@ class Stack(nn.Module):
         h_BSD = self.dropout(x_BSD)
         moe_outputs = []
         for i, block in enumerate(self.block):
-            attn_layer = block.layer[0]
-            n_BSD = attn_layer.layer_norm(h_BSD)
-            k, v = attn_layer.SelfAttention.project_kv(n_BSD)
-            if cache is not None:
-                if i < len(cache.self_kv):
-                    k = torch.cat([cache.self_kv[i][0], k], dim=2)
-                    v = torch.cat([cache.self_kv[i][1], v], dim=2)
-                    cache.self_kv[i] = (k, v)
-                else:
-                    cache.self_kv.append((k, v))
-            h_BSD = h_BSD + attn_layer.dropout(attn_layer.SelfAttention(n_BSD, k, v, self_bias_BHQK))
+            past_kv = cache.self_kv[i] if cache is not None and i < len(cache.self_kv) else None
+            h_BSD, kv = block.layer[0](h_BSD, self_bias_BHQK, past_kv)
             if self.decoder:
                 cross = block.layer[1]
                 if cache is not None and i < len(cache.cross_kv):
-                    k, v = cache.cross_kv[i]
+                    cross_kv = cache.cross_kv[i]  # the encoder output's keys/values: computed once
                 else:
-                    k, v = cross.EncDecAttention.project_kv(encoder_hidden_BKD)
-                    if cache is not None:
-                        cache.cross_kv.append((k, v))
-                n_BSD = cross.layer_norm(h_BSD)
-                h_BSD = h_BSD + cross.dropout(cross.EncDecAttention(n_BSD, k, v, cross_bias_BHQK))
+                    cross_kv = cross.EncDecAttention.project_kv(encoder_hidden_BKD)
+                h_BSD = cross(h_BSD, cross_kv, cross_bias_BHQK)
+            if cache is not None:
+                if past_kv is None:
+                    cache.self_kv.append(kv)
+                    cache.cross_kv.append(cross_kv)
+                else:
+                    cache.self_kv[i] = kv
             h_BSD, moe_out = block.layer[-1](h_BSD, new_mask_BS)
             moe_outputs.append(moe_out)
         return self.dropout(self.final_layer_norm(h_BSD)), moe_outputs

@@ -67,6 +67,21 @@ def test_logits_and_loss_match_transformers(overrides, pad, expect_drops):
     assert (drops > 0) == expect_drops  # the capacity cases really drop tokens
 
 
+def test_loss_plus_aux_loss_matches_transformers_with_one_sparse_layer_per_stack():
+    # With one sparse layer per stack, transformers' router losses (balance loss per sequence,
+    # z-loss, coefficient-weighted) are ours; with more it pools the layers of a stack into one
+    # loss, where moekit sums the per-layer losses.
+    hf, ours = hf_pair(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                       num_sparse_decoder_layers=1, expert_capacity=3)
+    torch.manual_seed(2)
+    ids, labels = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, labels=labels, output_router_logits=True)
+        got = ours(ids, labels_BS=labels)
+    assert expected.encoder_aux_loss > 0 and expected.decoder_z_loss > 0
+    torch.testing.assert_close(got.loss + got.aux_loss, expected.loss, rtol=1e-5, atol=1e-5)
+
+
 def test_relative_position_buckets_match_transformers():
     from transformers.models.switch_transformers.modeling_switch_transformers import (
         SwitchTransformersAttention,
@@ -213,3 +228,6 @@ def test_bad_inputs_raise():
         model(None, ids)
     with pytest.raises(ValueError, match="labels_BS has shape"):
         model(ids, ids, ids[:, :3])
+    cache = model(ids, ids[:, :2], use_cache=True).cache
+    with pytest.raises(ValueError, match="2 cached"):  # the decoder mask must cover past + new
+        model(None, ids[:, 2:3], decoder_attention_mask_BS=torch.ones(2, 1, dtype=torch.bool), cache=cache)
