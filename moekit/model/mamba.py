@@ -242,6 +242,14 @@ class MambaMixer(nn.Module):
         return MambaCache.zeros(self.config, batch_size, device=w.device, dtype=w.dtype)
 
     def forward(self, x_BSD: Tensor, cache: MambaCache | None = None) -> Tensor:
+        """Mix a sequence (causally).
+
+        Args:
+            x_BSD: input, any float dtype. cache: the layer's states, read and then overwritten
+                (detached) with the states after the last token; None starts from zeros.
+        Returns:
+            y_BSD in x's dtype (the scan itself runs in fp32, or fp64 for fp64 input).
+        """
         cfg = self.config
         if x_BSD.dim() != 3 or x_BSD.shape[-1] != cfg.d_model:
             raise ValueError(f"MambaMixer expects input (B, S, {cfg.d_model}); got {tuple(x_BSD.shape)}")
