@@ -164,9 +164,16 @@ class CheckpointReader:
         return _DTYPES[name]
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor `key`, read from its memory-mapped shard."""
+        """The tensor `key`, memory-mapped from its shard (pages are read when touched).
+
+        Each call maps the shard afresh, so the mapping lives only as long as the returned tensor:
+        with one long-lived mapping, every page a load touched would stay in this process's RSS
+        until the end, doubling the apparent memory of loading.
+        """
+        self._handle(key)  # raises KeyError naming the checkpoint for an unknown key
         try:
-            return self._handle(key).get_tensor(key)
+            with safe_open(str(self.path / self.file_of(key)), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(key)
         except SafetensorError as err:
             raise ValueError(f"{self.path / self.file_of(key)}: cannot read tensor {key!r} "
                              f"({err}); the file is corrupted") from err

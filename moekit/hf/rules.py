@@ -85,9 +85,17 @@ class StackExperts:
         return (self.model,)
 
     def to_model(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
-        parts = [_swap(get(fill(self.hf, layer=layer, expert=e)), self.transpose)
-                 for e in range(num_experts)]
-        return {fill(self.model, layer=layer): torch.stack(parts)}
+        # Filled expert by expert (not torch.stack of a list) so only one expert's tensor is
+        # held besides the result: loading stays near one copy of the weights.
+        out = None
+        for e in range(num_experts):
+            part = get(fill(self.hf, layer=layer, expert=e))
+            part = part.transpose(-1, -2) if self.transpose else part
+            if out is None:
+                out = part.new_empty((num_experts, *part.shape))
+            out[e].copy_(part)
+        assert out is not None, "StackExperts needs num_experts >= 1"
+        return {fill(self.model, layer=layer): out}
 
     def to_hf(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
         w_E = get(fill(self.model, layer=layer))
