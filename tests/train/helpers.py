@@ -45,3 +45,17 @@ def make_trainer(out_dir: Path, *, model_config: ModelConfig | None = None, init
     model = build_model(model_config, seed=init_seed)
     return Trainer(model, config=tiny_train_config(**train_changes), train=data.train, val=data.val,
                    out_dir=out_dir, run_info={"model": config_json(model_config)}, progress=False)
+
+
+def golden_run(out_dir: Path) -> dict:
+    """The short deterministic run whose losses tests/train/golden/tiny_losses.json records."""
+    import torch
+
+    from moekit.train.metrics import read_metrics
+
+    make_trainer(out_dir, steps=6, checkpoint_every=0, eval_every=3).fit()
+    records = read_metrics(out_dir / "metrics.jsonl")
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "losses": [r["loss"] for r in records],
+            "val_losses": [r["val_loss"] for r in records if "val_loss" in r],
+            "grad_norms": [r["grad_norm"] for r in records]}

@@ -1,0 +1,83 @@
+"""moekit compare: equal active compute across variants, the report's arithmetic, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import pytest
+
+from moekit.cli import main
+from moekit.model import MoETransformer
+from moekit.train.compare import VARIANTS, CompareConfig, check_variants, flops_per_token, model_config, run_compare
+from moekit.train.report import markdown, steps_to_reach, summarize
+
+from .helpers import FIXTURE
+
+SMALL = CompareConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, active_d_ff=64, num_experts=4,
+                      steps=6, batch_size=4, seq_len=16, warmup_steps=2, eval_every=3, eval_sequences=8)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in VARIANTS])
+def test_every_variant_uses_the_dense_ffn_width_per_token(name):
+    cfg = model_config(name, SMALL)
+    moe = cfg.moe
+    if moe is None:
+        assert cfg.d_ff == SMALL.active_d_ff
+        return
+    assert moe.top_k * moe.d_ff + moe.shared_width == SMALL.active_d_ff
+    # Same FLOPs per token up to the router (D x E per layer, x2 with a noise gate).
+    dense = flops_per_token(model_config("dense", SMALL), SMALL.seq_len)
+    router = 6 * SMALL.n_layers * SMALL.d_model * SMALL.num_experts * 2
+    assert abs(flops_per_token(cfg, SMALL.seq_len) - dense) <= router
+
+
+def test_config_param_counts_match_built_models():
+    for name in ("dense", "topk_lb", "shared"):
+        cfg = model_config(name, SMALL)
+        assert sum(p.numel() for p in MoETransformer(cfg).parameters()) == cfg.num_params(), name
+
+
+def test_unknown_variant_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['bogus'\]; choose from"):
+        check_variants(["dense", "bogus"])
+    assert main(["compare", "--out", str(tmp_path / "c"), "--variants", "dense", "bogus"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def _metrics(vals: dict[int, float], max_vio: float = 0.1) -> list[dict]:
+    return [{"step": s, "loss": 0.0, "tokens": 10 * s, "tokens_per_s": 100.0,
+             "moe": [{"tokens_per_expert": [5, 5], "max_vio": max_vio, "dropped_fraction": 0.0}],
+             **({"val_loss": vals[s]} if s in vals else {})} for s in range(1, 11)]
+
+
+def _run(vals, **kw):
+    return {"metrics": _metrics(vals, **kw), "total_params": 10, "active_params": 5, "flops_per_token": 30.0,
+            "description": "d", "balanced": True}
+
+
+def test_report_arithmetic_and_verdicts():
+    dense = _run({5: 3.0, 10: 2.0})
+    fast = _run({5: 1.9, 10: 1.5}, max_vio=0.05)  # reaches 2.0 at step 5 = 0.5x, ends lower
+    slow = _run({5: 2.5, 10: 2.0}, max_vio=0.5)   # reaches 2.0 only at step 10 = 1.0x, not lower
+    assert steps_to_reach(fast["metrics"], 2.0) == 5 and steps_to_reach(slow["metrics"], 1.0) is None
+    summary = summarize({"dense": dense, "topk_lb": slow, "aux_free": fast})
+    assert summary["aux_free"]["reach_ratio"] == 0.5 and summary["topk_lb"]["reach_ratio"] == 1.0
+    assert summary["aux_free"]["max_vio"] == pytest.approx(0.05)
+    text = markdown(summary, config={}, corpus="c")
+    assert "| aux_free | 1.5000 | 5 (0.50x) | 0.050 |" in text
+    assert "aux_free: reaches the dense final val loss at 0.50x the dense steps (target <= 0.6x): **met**" in text
+    assert "topk_lb: reaches the dense final val loss at 1.00x the dense steps (target <= 0.6x): **missed**" in text
+    assert "aux_free final MaxVio 0.050 (target < 0.2): **met**" in text
+
+
+def test_tiny_compare_end_to_end_writes_the_report(tmp_path):
+    report = run_compare(SMALL, variants=["dense", "aux_free"], out_dir=tmp_path, corpus=FIXTURE,
+                         progress=False)
+    names = {p.name for p in report.iterdir()}
+    assert {"summary.md", "summary.json", "val_loss.png", "max_vio.png", "expert_load_aux_free.png"} <= names
+    assert "expert_load_dense.png" not in names
+    text = (report / "summary.md").read_text()
+    assert "| dense |" in text and "| aux_free |" in text
+    # Rerunning resumes the finished runs instead of training again.
+    before = (tmp_path / "runs" / "dense" / "metrics.jsonl").read_text()
+    run_compare(SMALL, variants=["dense"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
+    assert (tmp_path / "runs" / "dense" / "metrics.jsonl").read_text() == before
