@@ -24,8 +24,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def inspect_checkpoint(path: Path) -> int:
-    raise ValueError(f"{path} is a directory; inspecting checkpoint directories is not supported yet. "
-                     "Give a catalog name (see `moekit catalog`).")
+    """Print a checkpoint directory's model_type, config summary, shards and tensors (headers only)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moekit.hf.inspect import checkpoint_summary
+
+    s = checkpoint_summary(path)
+    console = Console() if Console().is_terminal else Console(width=220)
+    console.print(f"{s['path']}: {s['format']} checkpoint, model_type={s['model_type']}, "
+                  f"experts {s['expert_layout']}")
+    if isinstance(s["config"], dict):
+        console.print("config: " + ", ".join(f"{k}={human(v) if k.endswith('params') else v}"
+                                              for k, v in s["config"].items()))
+    else:
+        console.print(f"config: {s['config']}")
+    shards = Table(title=f"{s['tensors']} tensors in {len(s['shards'])} file(s), {human(s['total_bytes'], 'B')}, "
+                         + ", ".join(f"{n} {d}" for d, n in s["dtypes"].items()))
+    for col in ("file", "tensors", "size"):
+        shards.add_column(col, justify="left" if col == "file" else "right")
+    for sh in s["shards"]:
+        shards.add_row(sh["file"], str(sh["tensors"]), human(sh["bytes"], "B"))
+    console.print(shards)
+    sample = Table(title=f"first {len(s['sample'])} tensors by name")
+    for col in ("tensor", "shape", "dtype"):
+        sample.add_column(col)
+    for name, shape, dtype in s["sample"]:
+        sample.add_row(name, str(tuple(shape)), dtype)
+    console.print(sample)
+    return 0
 
 
 def inspect_preset(preset: catalog.Preset) -> int:

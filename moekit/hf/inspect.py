@@ -1,0 +1,85 @@
+"""What a checkpoint directory holds, read from headers only: model_type, config, shards, tensors.
+
+`checkpoint_summary(path)` never reads tensor data, so it is instant even for huge checkpoints;
+`moekit inspect DIR` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from moekit.hf.configs import TO_MOEKIT
+from moekit.hf.io import CheckpointReader, read_config
+from moekit.model.config import ModelConfig
+
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+                "int8": 1, "uint8": 1, "bool": 1}
+
+
+def _config_summary(cfg: ModelConfig) -> dict[str, Any]:
+    moe = cfg.moe
+    out: dict[str, Any] = {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
+                           "kv_heads": cfg.kv_heads, "vocab": cfg.vocab_size, "context": cfg.max_seq_len,
+                           "params": cfg.num_params(), "active_params": cfg.active_params()}
+    if moe is not None:
+        out.update(experts=moe.num_experts, top_k=moe.top_k, expert_d_ff=moe.d_ff,
+                   shared_experts=moe.num_shared_experts, router=f"{moe.router}/{moe.score_func}",
+                   moe_layers=sum(cfg.is_moe(i) for i in range(cfg.n_layers)))
+    return out
+
+
+def checkpoint_summary(path: str | Path) -> dict[str, Any]:
+    """Summary of a Hugging Face or moekit-layout checkpoint directory (headers only).
+
+    Returns a dict: format, model_type, config (translated summary, or the error translating it),
+    expert_layout, shards [{file, tensors, bytes}], dtypes {dtype: tensors}, tensors (count),
+    total_bytes, and sample [(name, shape, dtype)] of the first tensors.
+    """
+    path = Path(path)
+    moekit_file = path / "moekit_config.json"
+    summary: dict[str, Any] = {"path": str(path)}
+    if moekit_file.is_file():
+        meta = json.loads(moekit_file.read_text())
+        summary["format"], summary["model_type"] = "moekit", (meta.get("hf_config") or {}).get("model_type")
+        config: ModelConfig | str = ModelConfig.from_dict(meta["model"])
+    else:
+        hf = read_config(path)
+        summary["format"], summary["model_type"] = "huggingface", hf.get("model_type")
+        try:
+            config = TO_MOEKIT[hf["model_type"]](hf) if hf.get("model_type") in TO_MOEKIT else (
+                f"model_type={hf.get('model_type')!r} is not supported by moekit")
+        except (ValueError, KeyError, TypeError) as err:
+            config = f"config.json does not translate: {err}"
+    summary["config"] = _config_summary(config) if isinstance(config, ModelConfig) else config
+    with CheckpointReader(path) as reader:
+        keys = reader.keys()
+        shapes = {k: reader.shape(k) for k in keys}
+        dtypes = {k: str(reader.dtype(k)).removeprefix("torch.") for k in keys}
+        shards: dict[str, dict[str, int]] = {}
+        for k in keys:
+            n = 1
+            for d in shapes[k]:
+                n *= d
+            entry = shards.setdefault(reader.file_of(k), {"tensors": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += n * _DTYPE_BYTES.get(dtypes[k], 0)
+    summary["expert_layout"] = _layout(keys)
+    summary["shards"] = [{"file": f, **v} for f, v in sorted(shards.items())]
+    summary["dtypes"] = dict(Counter(dtypes.values()))
+    summary["tensors"] = len(keys)
+    summary["total_bytes"] = sum(v["bytes"] for v in shards.values())
+    summary["sample"] = [(k, shapes[k], dtypes[k]) for k in sorted(keys)[:12]]
+    return summary
+
+
+def _layout(keys: list[str]) -> str:
+    if any(".experts.0." in k or ".experts.expert_0." in k for k in keys):
+        return "split (per-expert 2-D)"
+    if any(k.endswith(("gate_up_proj", "input_linear.weight")) for k in keys):
+        return "fused (3-D experts)"
+    if any("_EDF" in k or "_EFD" in k for k in keys):
+        return "moekit (3-D experts)"
+    return "no experts found"
