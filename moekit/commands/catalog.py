@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
         mem = info["weight_bytes"]
         table.add_row(info["name"], human(info["total_params"]), human(info["active_params"]),
                       human(info["active_params_no_embedding"]), experts, layers, f"{info['context']:,}",
-                      f"{info['flops_per_token'] / 1e9:.1f}", human(mem["bf16"], "B"), human(mem["int8"], "B"),
-                      human(mem["int4"], "B"))
+                      f"{info['flops_per_token'] / 1e9:.1f}",
+                      *(human(mem[k], "B") for k in ("bf16", "int8", "int4")))
     console = Console()
     if not console.is_terminal:
         console = Console(width=220)  # piped output: do not squeeze the table into 80 columns

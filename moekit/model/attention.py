@@ -1,9 +1,10 @@
 """Multi-head and grouped-query attention with RoPE, and the masked softmax core every variant shares.
 
-Options (one ModelConfig each): q/k/v/o biases, QK-norm per head (Qwen3) or over the full
-projection (OLMoE) or parameter-free L2 (Llama 4), QKV clipping (DBRX), sliding window, attention
-sinks (gpt-oss), logit soft-capping (Grok-1), cross-layer KV sharing (Hunyuan-Large CLA).
-Submodule names follow transformers (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, sinks).
+Options (one ModelConfig field each): q/k/v/o biases, QK-norm per head (Qwen3; Hunyuan after
+RoPE) or over the full projection (OLMoE) or parameter-free L2 (Llama 4), QKV clipping (DBRX),
+sliding window, attention sinks (gpt-oss), logit soft-capping (Grok-1), cross-layer KV sharing
+(Hunyuan-Large CLA). Submodule names follow transformers (q_proj, k_proj, v_proj, o_proj, q_norm,
+k_norm, sinks).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(D, K * hd, bias=config.qkv_bias)
             self.v_proj = nn.Linear(D, K * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=config.o_bias)
-        if config.qk_norm == "head":
+        if config.qk_norm in ("head", "head_after_rope"):
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
         elif config.qk_norm == "full":
@@ -101,6 +102,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(K * hd, config.norm_eps)
         self.sinks = nn.Parameter(torch.zeros(H)) if config.attn_sinks else None
         self.scale = config.attn_scale if config.attn_scale is not None else hd**-0.5
+        self.interleaved = config.rope is not None and config.rope.interleaved
 
     def forward(
         self,
@@ -123,9 +125,11 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q_BHSd = self.q_norm(q_BHSd)
         if cos_sin is not None:
-            q_BHSd = apply_rope(q_BHSd, *cos_sin, interleaved=cfg.rope.interleaved)  # type: ignore[union-attr]
+            q_BHSd = apply_rope(q_BHSd, *cos_sin, interleaved=self.interleaved)
             if cfg.qk_norm == "l2":
                 q_BHSd = l2_norm(q_BHSd, cfg.norm_eps)  # Llama 4: L2 norm after RoPE, RoPE layers only
+        if cfg.qk_norm == "head_after_rope":
+            q_BHSd = self.q_norm(q_BHSd)  # Hunyuan: per-head RMSNorm after RoPE
 
         if self.owns_kv:
             k, v = self.k_proj(x_BSD), self.v_proj(x_BSD)
@@ -138,9 +142,11 @@ class Attention(nn.Module):
             if cfg.qk_norm == "head":
                 k_BKSd = self.k_norm(k_BKSd)
             if cos_sin is not None:
-                k_BKSd = apply_rope(k_BKSd, *cos_sin, interleaved=cfg.rope.interleaved)  # type: ignore[union-attr]
+                k_BKSd = apply_rope(k_BKSd, *cos_sin, interleaved=self.interleaved)
                 if cfg.qk_norm == "l2":
                     k_BKSd = l2_norm(k_BKSd, cfg.norm_eps)
+            if cfg.qk_norm == "head_after_rope":
+                k_BKSd = self.k_norm(k_BKSd)
             if cache is not None:
                 k_BKSd, v_BKSd = cache.append(self.layer_idx, k_BKSd, v_BKSd, dim=2)
         else:

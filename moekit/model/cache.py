@@ -35,6 +35,9 @@ class KVCache:
     def append(self, layer: int, *tensors_BT: Tensor, dim: int) -> tuple[Tensor, ...]:
         """Concatenate new tensors to layer `layer`'s cache along `dim`; return the full tensors."""
         old = self.layers[layer]
-        full = tensors_BT if old is None else tuple(torch.cat((o, t), dim=dim) for o, t in zip(old, tensors_BT))
+        if old is None:
+            full = tensors_BT
+        else:
+            full = tuple(torch.cat((o, t), dim=dim) for o, t in zip(old, tensors_BT))
         self.layers[layer] = tuple(t.detach() for t in full)
         return full

@@ -78,9 +78,12 @@ class Preset:
             n_enc, n_dec = cfg.num_layers, cfg.decoder_layers
             moe_count = sum(cfg.is_sparse(i, decoder=False) for i in range(n_enc)) + sum(
                 cfg.is_sparse(i, decoder=True) for i in range(n_dec))
-            layers = {"encoder": n_enc, "decoder": n_dec, "moe": moe_count, "dense": n_enc + n_dec - moe_count,
+            layers = {"encoder": n_enc, "decoder": n_dec, "moe": moe_count,
+                      "dense": n_enc + n_dec - moe_count,
                       "attention": n_enc + n_dec, "mamba": 0}
-            attn_flops = 2 * cfg.num_heads * cfg.d_kv * 2 * min(self.context_length, FLOPS_CONTEXT) * (n_enc + 2 * n_dec)
+            keys = min(self.context_length, FLOPS_CONTEXT)
+            # encoder self-attention, decoder self- and cross-attention: QK^T and AV per key
+            attn_flops = 2 * cfg.num_heads * cfg.d_kv * 2 * keys * (n_enc + 2 * n_dec)
             head_flops = 2 * cfg.vocab_size * cfg.d_model
         else:
             embed = cfg.embedding_params() + cfg.lm_head_params()
@@ -208,7 +211,8 @@ def scale_moe(moe: MoEConfig, *, d_model: int, num_experts: int) -> MoEConfig:
     changes: dict[str, Any] = dict(d_model=d_model, d_ff=16, num_experts=E, top_k=top_k)
     if moe.num_groups is not None:
         groups = 4 if E % 4 == 0 and moe.num_groups >= 4 else (2 if E % 2 == 0 else 1)
-        changes.update(num_groups=groups, topk_groups=min(moe.topk_groups or 1, max(1, groups // 2 + 1), groups))
+        kept = min(moe.topk_groups or 1, max(1, groups // 2 + 1), groups)
+        changes.update(num_groups=groups, topk_groups=kept)
         per_group = E // groups
         changes["top_k"] = min(top_k, changes["topk_groups"] * per_group)
         if moe.group_score == "top2_sum" and per_group < 2:
@@ -319,14 +323,16 @@ def _jamba(*, d: int, L: int, H: int, d_ff: int, dt_rank: int) -> ModelConfig:
         vocab_size=65536, d_model=d, n_layers=L, n_heads=H, n_kv_heads=8, max_seq_len=262144, d_ff=d_ff,
         norm_eps=1e-6, moe=_moe(d, d_ff, 16, 2, load_balance_coef=0.001), moe_layers="every:2:1",
         attention_layers="every:8:4", rope=None,
-        mamba=MambaConfig(d_model=d, d_state=16, d_conv=4, expand=2, dt_rank=dt_rank, conv_bias=True, bias=False),
+        mamba=MambaConfig(d_model=d, d_state=16, d_conv=4, expand=2, dt_rank=dt_rank, conv_bias=True,
+                          bias=False),
     )
 
 
 def _qwen2(*, d: int, L: int, H: int, kv: int, moe_ff: int, E: int, k: int, shared: int,
            context: int) -> ModelConfig:
     return ModelConfig(
-        vocab_size=151936, d_model=d, n_layers=L, n_heads=H, n_kv_heads=kv, max_seq_len=context, norm_eps=1e-6,
+        vocab_size=151936, d_model=d, n_layers=L, n_heads=H, n_kv_heads=kv, max_seq_len=context,
+        norm_eps=1e-6,
         qkv_bias=True, rope=RopeConfig(theta=1e6),
         moe=_moe(d, moe_ff, E, k, normalize_topk=False, num_shared_experts=1, shared_d_ff=shared,
                  shared_expert_gate=True, load_balance_coef=0.001),
@@ -346,8 +352,8 @@ def _gpt_oss(*, L: int, E: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=201088, d_model=d, n_layers=L, n_heads=64, n_kv_heads=8, head_dim=64, max_seq_len=131072,
         qkv_bias=True, o_bias=True, attn_sinks=True, sliding_window=128, sliding_layers="every:2:0",
-        rope=RopeConfig(theta=150000.0, scaling="yarn", factor=32.0, original_max_position=4096, beta_fast=32.0,
-                        beta_slow=1.0, truncate=False),
+        rope=RopeConfig(theta=150000.0, scaling="yarn", factor=32.0, original_max_position=4096,
+                        beta_fast=32.0, beta_slow=1.0, truncate=False),
         moe=_moe(d, 2880, E, 4, activation="clamped_swiglu", expert_mlp_bias=True, router_bias=True,
                  softmax_after_topk=True),
     )
@@ -356,7 +362,8 @@ def _gpt_oss(*, L: int, E: int) -> ModelConfig:
 def _llama4(*, E: int, moe_layers: str, qk_norm: str, context: int, rope: RopeConfig) -> ModelConfig:
     d = 5120
     return ModelConfig(
-        vocab_size=202048, d_model=d, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128, max_seq_len=context,
+        vocab_size=202048, d_model=d, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128,
+        max_seq_len=context,
         d_ff=16384, moe=_moe(d, 8192, E, 1, score_func="sigmoid", normalize_topk=False, num_shared_experts=1,
                              load_balance_coef=0.001),
         moe_layers=moe_layers, qk_norm=qk_norm, nope_layers="every:4", rope=rope,  # type: ignore[arg-type]
@@ -376,14 +383,17 @@ def _presets() -> list[Preset]:
     P = Preset
     return [
         P("Switch-C 2048", SwitchConfig(
-            vocab_size=32128, d_model=2080, d_kv=64, num_heads=30, d_ff=6144, num_layers=15, num_decoder_layers=15,
+            vocab_size=32128, d_model=2080, d_kv=64, num_heads=30, d_ff=6144, num_layers=15,
+            num_decoder_layers=15,
             num_experts=2048, expert_capacity=64, encoder_sparse_step=1, decoder_sparse_step=1,
             router_jitter_noise=0.01, tie_word_embeddings=False),
           ("switch-c", "switch-c-2048"), "google/switch-c-2048", context=512,
-          notes="15 + 15 layers as the t5x gin (HF config says 12 decoder layers); untied output layer as the gin; "
+          notes="15 + 15 layers as the t5x gin (HF config says 12 decoder layers); untied output "
+          "layer as the gin; "
           "context = the 512-token pretraining inputs (relative positions have no hard limit)."),
         P("Switch-Base-8", SwitchConfig(
-            vocab_size=32128, d_model=768, d_kv=64, num_heads=12, d_ff=3072, num_layers=12, num_decoder_layers=12,
+            vocab_size=32128, d_model=768, d_kv=64, num_heads=12, d_ff=3072, num_layers=12,
+            num_decoder_layers=12,
             num_experts=8, expert_capacity=64, encoder_sparse_step=2, decoder_sparse_step=2),
           ("switch-base-8", "switch-base"), "google/switch-base-8", context=512,
           notes="context = 512-token pretraining inputs."),
@@ -395,7 +405,8 @@ def _presets() -> list[Preset]:
           "Per-layer relative position bias not modelled (no positional encoding); MoE on odd layers; "
           "context 1024 (the paper's training length)."),
         P("Grok-1", ModelConfig(
-            vocab_size=131072, d_model=6144, n_layers=64, n_heads=48, n_kv_heads=8, head_dim=128, max_seq_len=8192,
+            vocab_size=131072, d_model=6144, n_layers=64, n_heads=48, n_kv_heads=8, head_dim=128,
+            max_seq_len=8192,
             post_norms=True, tie_embeddings=True, embedding_multiplier=78.38367176906169,
             logits_scaling=1 / 0.5773502691896257, attn_scale=0.08838834764831845, attn_logit_softcap=30.0,
             rope=RopeConfig(theta=10000.0), moe=_moe(6144, 32768, 8, 2, activation="geglu")),
@@ -418,7 +429,8 @@ def _presets() -> list[Preset]:
           "Dense residual MLP shares the MoE's input norm (Arctic has a third RMSNorm for it, 7168 params "
           "per layer); dropless instead of capacity factor 1."),
         P("Skywork-MoE", ModelConfig(
-            vocab_size=65532, d_model=4608, n_layers=52, n_heads=36, n_kv_heads=36, max_seq_len=8192, norm_eps=1e-6,
+            vocab_size=65532, d_model=4608, n_layers=52, n_heads=36, n_kv_heads=36, max_seq_len=8192,
+            norm_eps=1e-6,
             rope=RopeConfig(theta=10000.0), moe=_moe(4608, 12288, 16, 2)),
           ("skywork-moe", "skywork"), "Skywork/Skywork-MoE-Base",
           "Gating logit normalisation (moe_use_logits_norm) not modelled: plain softmax top-2 router."),
@@ -429,10 +441,12 @@ def _presets() -> list[Preset]:
         P("DeepSeek-V2", _deepseek_v2(vocab=102400, d=5120, L=60, H=128, q_lora=1536, d_ff=12288, moe_ff=1536,
                                       E=160, groups=8, topk_groups=3, scale=16.0),
           ("deepseek-v2",), "deepseek-ai/DeepSeek-V2",  "YaRN parameters from the DeepSeek-V2 config.json."),
-        P("DeepSeek-V2.5", _deepseek_v2(vocab=102400, d=5120, L=60, H=128, q_lora=1536, d_ff=12288, moe_ff=1536,
+        P("DeepSeek-V2.5", _deepseek_v2(vocab=102400, d=5120, L=60, H=128, q_lora=1536, d_ff=12288,
+                                        moe_ff=1536,
                                         E=160, groups=8, topk_groups=3, scale=16.0),
           ("deepseek-v2.5",), "deepseek-ai/DeepSeek-V2.5",  "Same architecture as DeepSeek-V2."),
-        P("DeepSeek-V2-Lite", _deepseek_v2(vocab=102400, d=2048, L=27, H=16, q_lora=None, d_ff=10944, moe_ff=1408,
+        P("DeepSeek-V2-Lite", _deepseek_v2(vocab=102400, d=2048, L=27, H=16, q_lora=None, d_ff=10944,
+                                           moe_ff=1408,
                                            E=64, groups=None, topk_groups=None, scale=1.0),
           ("deepseek-v2-lite",), "deepseek-ai/DeepSeek-V2-Lite"),
         P("DeepSeek-V3", _deepseek_v3(vocab=129280, H=128, E=256, first_dense=3, groups=8, topk_groups=4,
@@ -441,14 +455,16 @@ def _presets() -> list[Preset]:
           "The multi-token-prediction module (num_nextn_predict_layers=1, ~14B) is not built."),
         P("Hunyuan-Large", ModelConfig(
             vocab_size=128512, d_model=6400, n_layers=64, n_heads=80, n_kv_heads=8, max_seq_len=262144,
-            tie_embeddings=True, kv_share_every=2, qk_norm="head",
+            tie_embeddings=True, kv_share_every=2, qk_norm="head_after_rope",
             rope=RopeConfig(theta=10000.0, scaling="ntk_alpha", factor=100000.0),
             moe=_moe(6400, 18304, 16, 1, num_shared_experts=1)),
           ("hunyuan-large", "hunyuan"), "tencent/Tencent-Hunyuan-Large",
-          "QK-norm applied before RoPE (Hunyuan applies it after); dropless routing."),
-        P("Qwen1.5-MoE-A2.7B", _qwen2(d=2048, L=24, H=16, kv=16, moe_ff=1408, E=60, k=4, shared=5632, context=8192),
+          "Dropless routing (the config's capacity factor 1.0 is not applied)."),
+        P("Qwen1.5-MoE-A2.7B", _qwen2(d=2048, L=24, H=16, kv=16, moe_ff=1408, E=60, k=4, shared=5632,
+                                      context=8192),
           ("qwen1.5-moe", "qwen1.5-moe-a2.7b"), "Qwen/Qwen1.5-MoE-A2.7B"),
-        P("Qwen2-57B-A14B", _qwen2(d=3584, L=28, H=28, kv=4, moe_ff=2560, E=64, k=8, shared=20480, context=131072),
+        P("Qwen2-57B-A14B", _qwen2(d=3584, L=28, H=28, kv=4, moe_ff=2560, E=64, k=8, shared=20480,
+                                   context=131072),
           ("qwen2-57b", "qwen2-57b-a14b", "qwen2-moe"), "Qwen/Qwen2-57B-A14B"),
         P("Qwen3-30B-A3B", _qwen3(d=2048, L=48, H=32, moe_ff=768),
           ("qwen3-30b", "qwen3-30b-a3b", "qwen3-moe"), "Qwen/Qwen3-30B-A3B"),
@@ -456,7 +472,8 @@ def _presets() -> list[Preset]:
           ("qwen3-235b", "qwen3-235b-a22b"), "Qwen/Qwen3-235B-A22B"),
         P("OLMoE-1B-7B", ModelConfig(
             vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, max_seq_len=4096, qk_norm="full",
-            rope=RopeConfig(theta=10000.0), moe=_moe(2048, 1024, 64, 8, normalize_topk=False, load_balance_coef=0.01)),
+            rope=RopeConfig(theta=10000.0),
+            moe=_moe(2048, 1024, 64, 8, normalize_topk=False, load_balance_coef=0.01)),
           ("olmoe", "olmoe-1b-7b"), "allenai/OLMoE-1B-7B-0924"),
         P("gpt-oss-20b", _gpt_oss(L=24, E=32), ("gpt-oss-20b",), "openai/gpt-oss-20b", 
           "Model card counts the LM head but not the embedding in 'active'."),
@@ -479,11 +496,13 @@ def _presets() -> list[Preset]:
         P("Phi-3.5-MoE", ModelConfig(
             vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=131072,
             norm="layernorm", norm_bias=True, qkv_bias=True, o_bias=True, lm_head_bias=True,
-            rope=RopeConfig(theta=10000.0), moe=_moe(4096, 6400, 16, 2, jitter_eps=0.01, load_balance_coef=0.0)),
+            rope=RopeConfig(theta=10000.0),
+            moe=_moe(4096, 6400, 16, 2, jitter_eps=0.01, load_balance_coef=0.0)),
           ("phi-3.5-moe", "phimoe"), "microsoft/Phi-3.5-MoE-instruct",
           "LongRoPE tables not included (plain RoPE); SparseMixer router approximated by softmax top-2."),
         P("JetMoE-8B", ModelConfig(
-            vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=128, max_seq_len=4096,
+            vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=128,
+            max_seq_len=4096,
             tie_embeddings=True, rope=RopeConfig(theta=10000.0), moe=_moe(2048, 5632, 8, 2)),
           ("jetmoe", "jetmoe-8b"), "jetmoe/jetmoe-8b",
           "Mixture-of-attention-heads approximated by one dense attention of 16 heads x 128 (the 8 "

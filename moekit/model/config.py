@@ -22,7 +22,7 @@ from moekit.model.mamba import MambaConfig
 LayerSpec = str | tuple[int, ...]
 ROPE_SCALINGS = ("none", "linear", "dynamic", "ntk_alpha", "yarn", "llama3", "longrope")
 NORMS = ("rmsnorm", "layernorm")
-QK_NORMS = ("none", "head", "full", "l2")
+QK_NORMS = ("none", "head", "head_after_rope", "full", "l2")
 FFN_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu", "gelu", "relu", "silu")
 
 
@@ -160,7 +160,8 @@ class ModelConfig:
     Feed-forward: `moe` (an MoEConfig) on the layers `moe_layers` selects; the other layers get a
     dense MLP of width d_ff with `ffn_activation` (biases if mlp_bias).
     Mixers: `attention_layers` are attention, the rest Mamba (`mamba` config, Jamba).
-    Attention options: qkv_bias / o_bias; qk_norm "head" (RMSNorm per head, Qwen3), "full" (over
+    Attention options: qkv_bias / o_bias; qk_norm "head" (RMSNorm per head before RoPE, Qwen3),
+    "head_after_rope" (the same after RoPE, Hunyuan), "full" (over
     the whole q and k projections, OLMoE), "l2" (parameter-free, Llama 4); clip_qkv (DBRX, OLMoE);
     sliding_window on `sliding_layers`; attn_sinks (gpt-oss); kv_share_every (cross-layer KV
     sharing, Hunyuan-Large CLA: layer i reuses the K/V of layer i - i % n); attn_scale (None =
@@ -192,7 +193,7 @@ class ModelConfig:
     # attention
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    qk_norm: Literal["none", "head", "head_after_rope", "full", "l2"] = "none"
     clip_qkv: float | None = None
     sliding_window: int | None = None
     sliding_layers: LayerSpec = "all"
@@ -294,6 +295,13 @@ class ModelConfig:
     def dim_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each query/key head that RoPE rotates (MLA: the decoupled RoPE part)."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return int(self.dim_head * (self.rope.partial_rotary if self.rope is not None else 1.0))
+
     def is_moe(self, i: int) -> bool:
         return i in layer_ids(self.moe_layers, self.n_layers)
 
@@ -335,7 +343,7 @@ class ModelConfig:
         if self.kv_source(i) == i:
             total += 2 * (D * kvh * hd + (kvh * hd if self.qkv_bias else 0))
         total += H * hd * D + (D if self.o_bias else 0)
-        if self.qk_norm == "head":
+        if self.qk_norm in ("head", "head_after_rope"):
             total += 2 * hd
         elif self.qk_norm == "full":
             total += H * hd + kvh * hd
@@ -351,7 +359,11 @@ class ModelConfig:
 
     def layer_params(self, i: int, *, active: bool = False) -> int:
         """Parameters of block i (all, or the ones one token uses when `active`)."""
-        mixer = self.attention_params(i) if self.is_attention(i) else self.mamba.num_params()  # type: ignore[union-attr]
+        if self.is_attention(i):
+            mixer = self.attention_params(i)
+        else:
+            assert self.mamba is not None
+            mixer = self.mamba.num_params()
         if self.is_moe(i):
             assert self.moe is not None
             ffn = self.moe.active_params() if active else self.moe.num_params()

@@ -106,7 +106,7 @@ class MoETransformer(nn.Module):
             if mask_BS is not None or cache.key_mask_BT is not None:
                 old = cache.key_mask_BT if cache.key_mask_BT is not None else torch.ones(
                     B, start, dtype=torch.bool, device=device)
-                new = mask_BS.bool() if mask_BS is not None else torch.ones(B, S, dtype=torch.bool, device=device)
+                new = torch.ones(B, S, dtype=torch.bool, device=device) if mask_BS is None else mask_BS.bool()
                 cache.key_mask_BT = torch.cat((old, new), dim=1)
             key_mask_BT = cache.key_mask_BT
         q_pos_S = torch.arange(start, start + S, device=device)
@@ -114,7 +114,7 @@ class MoETransformer(nn.Module):
         masks: dict[int | None, Tensor] = {}
         cos_sin = None
         if cfg.rope is not None:
-            rot = cfg.mla.qk_rope_head_dim if cfg.mla is not None else int(cfg.dim_head * cfg.rope.partial_rotary)
+            rot = cfg.rotary_dim
             cos_sin = rope_cos_sin(cfg.rope, rot, q_pos_S, max_seq_len=cfg.max_seq_len, dtype=x_BSD.dtype)
 
         routing: list[RoutingDecision | None] = []
@@ -155,8 +155,8 @@ class MoETransformer(nn.Module):
     def _check_inputs(self, tokens_BS: Tensor, targets_BS: Tensor | None, mask_BS: Tensor | None,
                       cache: KVCache | None) -> None:
         if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(f"tokens_BS must be an integer tensor (batch, seq); got {tuple(tokens_BS.shape)} "
-                             f"{tokens_BS.dtype}")
+            raise ValueError(f"tokens_BS must be an integer tensor (batch, seq); got "
+                             f"{tuple(tokens_BS.shape)} {tokens_BS.dtype}")
         for name, t in (("targets_BS", targets_BS), ("mask_BS", mask_BS)):
             if t is not None and tuple(t.shape) != tuple(tokens_BS.shape):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(tokens_BS.shape)} "

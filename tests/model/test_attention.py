@@ -83,7 +83,8 @@ def test_interleaved_rope_preserves_q_dot_k_of_the_interleaved_layout() -> None:
     q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
     rope = RopeConfig(interleaved=True)
     cos, sin = rope_cos_sin(rope, 8, torch.arange(4), max_seq_len=16, dtype=torch.float32)
-    ours = apply_rope(q, cos, sin, interleaved=True) @ apply_rope(k, cos, sin, interleaved=True).transpose(-1, -2)
+    q_rot, k_rot = apply_rope(q, cos, sin, interleaved=True), apply_rope(k, cos, sin, interleaved=True)
+    ours = q_rot @ k_rot.transpose(-1, -2)
     # DeepSeek-V2: complex multiplication of (x0 + i x1) by e^{i theta}.
     def complex_rope(x):
         xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
@@ -97,22 +98,29 @@ ROPE_CASES = [
     pytest.param(RopeConfig(theta=1e4), {"rope_type": "default"}, 64, id="default"),
     pytest.param(RopeConfig(theta=1e4, scaling="linear", factor=4.0), {"rope_type": "linear", "factor": 4.0},
                  64, id="linear"),
-    pytest.param(RopeConfig(theta=1e4, scaling="dynamic", factor=2.0), {"rope_type": "dynamic", "factor": 2.0},
-                 200, id="dynamic-past-context"),
+    pytest.param(RopeConfig(theta=1e4, scaling="dynamic", factor=2.0),
+                 {"rope_type": "dynamic", "factor": 2.0}, 200, id="dynamic-past-context"),
     pytest.param(RopeConfig(theta=1e4, scaling="yarn", factor=40.0, original_max_position=16, mscale=0.707,
                             mscale_all_dim=0.707),
-                 {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16, "mscale": 0.707,
-                  "mscale_all_dim": 0.707}, 64, id="yarn-deepseek"),
-    pytest.param(RopeConfig(theta=15e4, scaling="yarn", factor=32.0, original_max_position=16, truncate=False),
-                 {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 16, "truncate": False,
-                  "beta_fast": 32.0, "beta_slow": 1.0}, 64, id="yarn-gpt-oss"),
+                 {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
+                  "mscale": 0.707, "mscale_all_dim": 0.707}, 64, id="yarn-deepseek"),
+    pytest.param(RopeConfig(theta=15e4, scaling="yarn", factor=32.0, original_max_position=16,
+                            truncate=False),
+                 {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 16,
+                  "truncate": False, "beta_fast": 32.0, "beta_slow": 1.0}, 64, id="yarn-gpt-oss"),
     pytest.param(RopeConfig(theta=5e5, scaling="llama3", factor=8.0, original_max_position=32),
                  {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32,
                   "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 64, id="llama3"),
     pytest.param(RopeConfig(theta=1e4, scaling="longrope", original_max_position=16,
                             short_factor=(1.0, 1.5, 2.0, 3.0), long_factor=(2.0, 3.0, 4.0, 5.0)),
                  {"rope_type": "longrope", "original_max_position_embeddings": 16,
-                  "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 4.0, 5.0]}, 10, id="longrope-short"),
+                  "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 4.0, 5.0]}, 10,
+                 id="longrope-short"),
+    pytest.param(RopeConfig(theta=1e4, scaling="longrope", original_max_position=16,
+                            short_factor=(1.0, 1.5, 2.0, 3.0), long_factor=(2.0, 3.0, 4.0, 5.0)),
+                 {"rope_type": "longrope", "original_max_position_embeddings": 16,
+                  "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 4.0, 5.0]}, 40,
+                 id="longrope-long"),
 ]
 
 
@@ -179,8 +187,10 @@ def test_kv_sharing_layer_attends_over_the_source_layers_keys() -> None:
     y, kv_used = dst(x1, cos_sin=(cos, sin), mask_B1ST=mask, shared_kv=kv)
     assert kv_used[0] is kv[0]
     q = apply_rope(dst.q_proj(x1).view(1, 3, 2, 8).transpose(1, 2), cos, sin)
-    ref = reference_attention(q.detach(), kv[0].detach(), kv[1].detach(), q_positions=[0, 1, 2], scale=8 ** -0.5)
-    torch.testing.assert_close(y, dst.o_proj(ref.float().transpose(1, 2).reshape(1, 3, 16)), atol=1e-5, rtol=1e-5)
+    ref = reference_attention(q.detach(), kv[0].detach(), kv[1].detach(), q_positions=[0, 1, 2],
+                              scale=8 ** -0.5)
+    expected = dst.o_proj(ref.float().transpose(1, 2).reshape(1, 3, 16))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="shares K/V"):
         dst(x1, cos_sin=(cos, sin), mask_B1ST=mask)
 
@@ -193,6 +203,7 @@ def _rms(t: torch.Tensor, w: torch.Tensor | None, eps: float = 1e-5) -> torch.Te
 @pytest.mark.parametrize("opts", [
     pytest.param(dict(qk_norm="head"), id="qwen3-head-norm"),
     pytest.param(dict(qk_norm="full", clip_qkv=0.3), id="olmoe-full-norm-then-clip"),
+    pytest.param(dict(qk_norm="head_after_rope", n_kv_heads=1), id="hunyuan-head-norm-after-rope"),
     pytest.param(dict(qk_norm="l2", n_kv_heads=1), id="llama4-l2-after-rope"),
     pytest.param(dict(clip_qkv=0.2, qkv_bias=True, o_bias=True), id="dbrx-clip-biases"),
     pytest.param(dict(rope=RopeConfig(partial_rotary=0.5), attn_scale=0.3), id="partial-rope-scale"),
@@ -221,6 +232,8 @@ def test_attention_module_matches_explicit_formulas(opts: dict) -> None:
     if cfg.qk_norm == "head":
         q, k = _rms(q, attn.q_norm.weight), _rms(k, attn.k_norm.weight)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cfg.qk_norm == "head_after_rope":
+        q, k = _rms(q, attn.q_norm.weight), _rms(k, attn.k_norm.weight)
     if cfg.qk_norm == "l2":
         q, k = _rms(q, None), _rms(k, None)
     scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5

@@ -41,7 +41,8 @@ def test_analytic_counts_equal_the_meta_built_module(name: str) -> None:
     assert info["total_params"] == count_params(model) == preset.config.num_params()
     if isinstance(preset.config, ModelConfig):
         assert info["active_params"] == preset.config.active_params()
-        assert info["active_params_no_embedding"] == preset.config.active_params(embedding=False, lm_head=False)
+        no_embed = preset.config.active_params(embedding=False, lm_head=False)
+        assert info["active_params_no_embedding"] == no_embed
     assert 0 < info["active_params_no_embedding"] < info["active_params"] <= info["total_params"]
     assert info["weight_bytes"]["bf16"] == 2 * info["total_params"] == 4 * info["weight_bytes"]["int4"]
 
@@ -103,13 +104,16 @@ def test_scaled_preset_keeps_the_structure(name: str) -> None:
             full.encoder_sparse_step, full.decoder_sparse_step)
         return
     assert isinstance(small, ModelConfig)
-    for flag in ("qk_norm", "attn_sinks", "norm", "post_norms", "tie_embeddings", "qkv_bias", "kv_share_every"):
+    flags = ("qk_norm", "attn_sinks", "norm", "post_norms", "tie_embeddings", "qkv_bias", "kv_share_every")
+    for flag in flags:
         assert getattr(small, flag) == getattr(full, flag), flag
     assert (small.mla is None) == (full.mla is None)
     assert (small.rope is None) == (full.rope is None)
     assert (small.moe is None) == (full.moe is None)
-    kinds = lambda c: {(c.is_moe(i), c.is_attention(i), c.uses_rope(i), c.layer_window(i) is None)  # noqa: E731
-                       for i in range(c.n_layers)}
+    def kinds(c: ModelConfig) -> set:
+        return {(c.is_moe(i), c.is_attention(i), c.uses_rope(i), c.layer_window(i) is None)
+                for i in range(c.n_layers)}
+
     assert kinds(small) == kinds(full)
     if full.moe is not None:
         assert small.moe.score_func == full.moe.score_func

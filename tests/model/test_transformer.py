@@ -31,7 +31,7 @@ VARIANTS = [
                                       mscale=1.0, mscale_all_dim=1.0)), id="mla-no-qlora-yarn"),
     pytest.param(tiny(sliding_window=3, sliding_layers="every:2:0", n_kv_heads=2), id="sliding-window"),
     pytest.param(tiny(attn_sinks=True, qkv_bias=True, o_bias=True, sliding_window=4), id="sinks"),
-    pytest.param(tiny(n_layers=4, kv_share_every=2, qk_norm="head"), id="kv-sharing"),
+    pytest.param(tiny(n_layers=4, kv_share_every=2, qk_norm="head_after_rope"), id="kv-sharing"),
     pytest.param(tiny(qk_norm="full", clip_qkv=0.05), id="qk-norm-full-clip"),
     pytest.param(tiny(qk_norm="l2", nope_layers="every:2"), id="l2-qk-norm-nope"),
     pytest.param(tiny(rope=RopeConfig(partial_rotary=0.5, scaling="linear", factor=2.0)), id="partial-rope"),
