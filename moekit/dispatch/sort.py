@@ -35,7 +35,9 @@ class SortDispatcher:
 
     def dispatch(self, x_TD: Tensor, decision: RoutingDecision) -> tuple[Tensor, Tensor, DispatchPlan]:
         plan, counts_E = sort_plan(decision.expert_ids_TK, decision.weights_TK, decision.num_experts)
-        return x_TD[plan.token_index_R], counts_E, plan
+        # index_select, not x_TD[index]: the same gather, several times faster on CPU (and its
+        # backward is an index_add rather than an accumulating index_put).
+        return x_TD.index_select(0, plan.token_index_R), counts_E, plan
 
     def combine(self, y_RD: Tensor, plan: DispatchPlan) -> Tensor:
         """Weighted sum of each token's rows, accumulated in fp32, returned in y's dtype."""
