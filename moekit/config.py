@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from moekit.experts.activations import GATED as GLU_ACTIVATIONS
 
-ROUTER_NAMES = ("topk", "expert_choice", "hash", "sinkhorn", "soft")
+ROUTER_NAMES = ("topk", "expert_choice", "hash", "sinkhorn", "soft", "sparsemixer")
 ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu", "gelu", "relu", "silu")
 
 
@@ -51,6 +51,8 @@ class MoEConfig:
         hash_vocab_size / hash_table: the token-id -> expert table of hash routing.
         sinkhorn_iters: iterations of the balanced-assignment (Sinkhorn) router.
         soft_slots: slots per expert of Soft MoE.
+        sparsemixer_eps: relative logit distance (x2) within which PhiMoE's sparsemixer router
+            keeps experts in each slot's softmax (transformers' router_jitter_noise).
     Capacity:
         capacity_factor: None for dropless; otherwise each expert keeps at most
             ceil(capacity_factor * T * top_k / E) slots.
@@ -78,7 +80,7 @@ class MoEConfig:
     d_ff: int
     num_experts: int
     top_k: int = 2
-    router: Literal["topk", "expert_choice", "hash", "sinkhorn", "soft"] = "topk"
+    router: Literal["topk", "expert_choice", "hash", "sinkhorn", "soft", "sparsemixer"] = "topk"
     # token-choice scoring
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     softmax_after_topk: bool = False
@@ -99,6 +101,7 @@ class MoEConfig:
     hash_table: Literal["random", "balanced"] = "random"
     sinkhorn_iters: int = 3
     soft_slots: int = 1
+    sparsemixer_eps: float = 0.01
     # capacity
     capacity_factor: float | None = None
     drop_policy: Literal["position", "score"] = "position"
@@ -164,6 +167,7 @@ class MoEConfig:
                   "must be >= 1 when shared_d_ff or shared_expert_gate is set")
         check(self.sinkhorn_iters >= 1, "sinkhorn_iters", self.sinkhorn_iters, "must be >= 1")
         check(self.soft_slots >= 1, "soft_slots", self.soft_slots, "must be >= 1")
+        check(self.sparsemixer_eps >= 0, "sparsemixer_eps", self.sparsemixer_eps, "must be >= 0")
         self._check_groups()
         self._check_router_specific()
 

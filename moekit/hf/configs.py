@@ -267,6 +267,32 @@ def deepseek_v2_to_hf(cfg: ModelConfig) -> dict:
     return dict(_deepseek_to_hf(cfg), topk_method="group_limited_greedy" if moe.num_groups else "greedy")
 
 
+# ---- phimoe -------------------------------------------------------------------------------
+def phimoe_to_moekit(hf: dict) -> ModelConfig:
+    # Phi-3.5-MoE: sparsemixer top-2 router, LayerNorms with bias, optional LM-head bias.
+    if hf.get("num_experts_per_tok", 2) != 2:
+        raise unsupported("phimoe", "num_experts_per_tok", hf["num_experts_per_tok"],
+                          "transformers' sparsemixer always picks 2 experts")
+    moe = MoEConfig(d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], num_experts=hf["num_local_experts"],
+                    top_k=hf.get("num_experts_per_tok", 2), router="sparsemixer",
+                    sparsemixer_eps=hf.get("router_jitter_noise", 0.01), jitter_eps=hf.get("input_jitter_noise", 0.0),
+                    activation=_act(hf, "phimoe"), load_balance_coef=hf.get("router_aux_loss_coef", 0.001))
+    bias = hf.get("attention_bias", False)
+    common = _common(hf, "phimoe")
+    common["norm_eps"] = hf.get("rms_norm_eps", 1e-5)
+    return ModelConfig(**common, d_ff=hf["intermediate_size"], moe=moe, qkv_bias=bias, o_bias=bias,
+                       norm="layernorm", norm_bias=True, lm_head_bias=hf.get("lm_head_bias", False),
+                       sliding_window=hf.get("sliding_window"), rope=rope_from_hf(hf, 1e6))
+
+
+def phimoe_to_hf(cfg: ModelConfig) -> dict:
+    moe = _moe(cfg)
+    return dict(_common_to_hf(cfg), intermediate_size=moe.d_ff, num_local_experts=moe.num_experts,
+                num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.load_balance_coef,
+                router_jitter_noise=moe.sparsemixer_eps, input_jitter_noise=moe.jitter_eps,
+                attention_bias=cfg.qkv_bias, lm_head_bias=cfg.lm_head_bias, sliding_window=cfg.sliding_window)
+
+
 # ---- granitemoe ----------------------------------------------------------------------------
 def granitemoe_to_moekit(hf: dict) -> ModelConfig:
     # GraniteMoe router: top-k of the logits, softmax over the k selected.
@@ -365,9 +391,11 @@ TO_MOEKIT: dict[str, Callable[[dict], ModelConfig]] = {
     "mixtral": mixtral_to_moekit, "qwen3_moe": qwen3_moe_to_moekit, "qwen2_moe": qwen2_moe_to_moekit,
     "olmoe": olmoe_to_moekit, "deepseek_v3": deepseek_v3_to_moekit, "deepseek_v2": deepseek_v2_to_moekit,
     "granitemoe": granitemoe_to_moekit, "gpt_oss": gpt_oss_to_moekit, "jamba": jamba_to_moekit,
+    "phimoe": phimoe_to_moekit,
 }
 TO_HF: dict[str, Callable[[ModelConfig], dict]] = {
     "mixtral": mixtral_to_hf, "qwen3_moe": qwen3_moe_to_hf, "qwen2_moe": qwen2_moe_to_hf,
     "olmoe": olmoe_to_hf, "deepseek_v3": deepseek_v3_to_hf, "deepseek_v2": deepseek_v2_to_hf,
     "granitemoe": granitemoe_to_hf, "gpt_oss": gpt_oss_to_hf, "jamba": jamba_to_hf,
+    "phimoe": phimoe_to_hf,
 }

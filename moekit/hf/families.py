@@ -119,6 +119,7 @@ FAMILIES: dict[str, Family] = {
     "olmoe": _qwen_like("olmoe"),
     "deepseek_v3": _qwen_like("deepseek_v3", bias=True),
     "deepseek_v2": _qwen_like("deepseek_v2"),
+    "phimoe": _mixtral_like("phimoe", "router"),
     "granitemoe": Family("granitemoe", common=(), split=_GRANITE_SPLIT, fused=_GRANITE_FUSED),
     "gpt_oss": Family("gpt_oss", common=_GPT_OSS, split=(), fused=()),
     "jamba": Family(

@@ -5,6 +5,7 @@ from moekit.routing.base import Router
 from moekit.routing.expert_choice import ExpertChoiceRouter
 from moekit.routing.hash import HashRouter
 from moekit.routing.soft import SoftRouter
+from moekit.routing.sparsemixer import SparseMixerRouter
 from moekit.routing.topk import TopKRouter
 
 ROUTERS: dict[str, type[Router]] = {
@@ -13,6 +14,7 @@ ROUTERS: dict[str, type[Router]] = {
     "hash": HashRouter,
     "sinkhorn": SinkhornRouter,
     "soft": SoftRouter,
+    "sparsemixer": SparseMixerRouter,
 }
 
 __all__ = [
@@ -22,5 +24,6 @@ __all__ = [
     "Router",
     "SinkhornRouter",
     "SoftRouter",
+    "SparseMixerRouter",
     "TopKRouter",
 ]

@@ -30,6 +30,8 @@ CONFIGS: dict[str, dict] = {
                         topk_method="group_limited_greedy", q_lora_rank=None, routed_scaling_factor=1.5),
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
                        residual_multiplier=0.5, logits_scaling=3.0, attention_multiplier=0.3),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+                   router_jitter_noise=0.2),
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"]),
     "jamba": dict(num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
