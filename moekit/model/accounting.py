@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from moekit.layer import MoELayer
+from moekit.model.moa import MixtureOfAttention
 
 BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -21,12 +22,17 @@ def count_params(module: nn.Module) -> int:
 
 
 def inactive_expert_params(module: nn.Module) -> int:
-    """Routed-expert parameters one token does not use: (E - k) / E of each MoE layer's experts."""
+    """Routed-expert parameters one token does not use: (E - k) / E of each MoE layer's experts
+    (and of each mixture-of-attention layer's q/o projections)."""
     total = 0
     for layer in module.modules():
         if isinstance(layer, MoELayer):
             E, k = layer.config.num_experts, layer.config.top_k
             total += count_params(layer.experts) * (E - k) // E
+        elif isinstance(layer, MixtureOfAttention):
+            assert layer.config.moa is not None
+            E, k = layer.config.moa.num_experts, layer.config.moa.top_k
+            total += (layer.w_q_EDA.numel() + layer.w_o_EAD.numel()) * (E - k) // E
     return total
 
 

@@ -17,6 +17,7 @@ from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
 from moekit.model.mamba import MambaMixer
 from moekit.model.mla import MLAttention
+from moekit.model.moa import MixtureOfAttention
 from moekit.model.norm import make_norm
 from moekit.types import RoutingDecision
 
@@ -35,7 +36,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm()
         self.is_attention = config.is_attention(layer_idx)
         if self.is_attention:
-            self.self_attn = (MLAttention if config.mla is not None else Attention)(config, layer_idx)
+            kind = MLAttention if config.mla is not None else (
+                MixtureOfAttention if config.moa is not None else Attention)
+            self.self_attn = kind(config, layer_idx)
         else:
             assert config.mamba is not None
             self.mamba = MambaMixer(config.mamba)
@@ -61,15 +64,19 @@ class DecoderLayer(nn.Module):
         token_ids_BS: Tensor | None = None,
         cache: KVCache | None = None,
         shared_kv: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, RoutingDecision | None, dict[str, Tensor], tuple[Tensor, Tensor] | None]:
-        """Returns (y_BSD, decision or None, aux losses by name, this layer's K/V or None)."""
+    ) -> tuple[Tensor, RoutingDecision | None, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """Returns (y_BSD, feed-forward routing or None, the weighted aux loss or None, K/V or None)."""
         cfg = self.config
-        kv = None
+        kv, aux_loss = None, None
         h_BSD = self.input_layernorm(x_BSD)
         if self.is_attention:
             assert mask_B1ST is not None
-            h_BSD, kv = self.self_attn(h_BSD, cos_sin=cos_sin, mask_B1ST=mask_B1ST, cache=cache,
-                                       shared_kv=shared_kv)
+            if isinstance(self.self_attn, MixtureOfAttention):
+                h_BSD, kv, aux_loss = self.self_attn(h_BSD, cos_sin=cos_sin, mask_B1ST=mask_B1ST, cache=cache,
+                                                     mask_BS=mask_BS)
+            else:
+                h_BSD, kv = self.self_attn(h_BSD, cos_sin=cos_sin, mask_B1ST=mask_B1ST, cache=cache,
+                                           shared_kv=shared_kv)
         else:
             state = None
             if cache is not None:
@@ -84,13 +91,15 @@ class DecoderLayer(nn.Module):
         x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
 
         h_BSD = self.post_attention_layernorm(x_BSD)
-        decision, aux = None, {}
+        decision = None
         if isinstance(self.mlp, MoELayer):
             out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS)
-            h_BSD, decision, aux = out.y, out.decision, out.aux_losses
+            h_BSD, decision = out.y, out.decision
+            ffn_aux = self.mlp.aux_loss(out.aux_losses)
+            aux_loss = ffn_aux if aux_loss is None else aux_loss + ffn_aux
         else:
             h_BSD = self.mlp(h_BSD)
         if cfg.post_norms:
             h_BSD = self.ffn_out_norm(h_BSD)
         x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
-        return x_BSD, decision, aux, kv
+        return x_BSD, decision, aux_loss, kv

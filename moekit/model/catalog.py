@@ -245,6 +245,10 @@ def scale_config(cfg: ModelConfig, *, d_model: int = 32, n_layers: int | None = 
     if cfg.mla is not None:
         mla = MLAConfig(q_lora_rank=None if cfg.mla.q_lora_rank is None else 16, kv_lora_rank=16,
                         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    moa = None
+    if cfg.moa is not None:
+        width = (n_kv or n_heads) * (head_dim or d_model // n_heads)
+        moa = replace(cfg.moa, d_model=d_model, d_ff=width, num_experts=min(cfg.moa.num_experts, num_experts))
     mamba = None
     if cfg.mamba is not None:
         mamba = replace(cfg.mamba, d_model=d_model, d_state=4, dt_rank=None)
@@ -259,7 +263,7 @@ def scale_config(cfg: ModelConfig, *, d_model: int = 32, n_layers: int | None = 
         sliding_layers=_scale_spec(cfg.sliding_layers, n_layers),
         nope_layers=_scale_spec(cfg.nope_layers, n_layers),
         sliding_window=None if cfg.sliding_window is None else min(cfg.sliding_window, 4),
-        rope=rope, mla=mla, mamba=mamba,
+        rope=rope, mla=mla, moa=moa, mamba=mamba,
     )
 
 
@@ -501,12 +505,12 @@ def _presets() -> list[Preset]:
           ("phi-3.5-moe", "phimoe"), "microsoft/Phi-3.5-MoE-instruct",
           "LongRoPE tables not included (plain RoPE); SparseMixer router approximated by softmax top-2."),
         P("JetMoE-8B", ModelConfig(
-            vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=128,
-            max_seq_len=4096,
-            tie_embeddings=True, rope=RopeConfig(theta=10000.0), moe=_moe(2048, 5632, 8, 2)),
+            vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=16, head_dim=128,
+            max_seq_len=4096, tie_embeddings=True, rope=RopeConfig(theta=10000.0),
+            moa=_moe(2048, 2048, 8, 2, softmax_after_topk=True),
+            moe=_moe(2048, 5632, 8, 2, softmax_after_topk=True)),
           ("jetmoe", "jetmoe-8b"), "jetmoe/jetmoe-8b",
-          "Mixture-of-attention-heads approximated by one dense attention of 16 heads x 128 (the 8 "
-          "attention experts' q/o and the MoE output biases are not modelled)."),
+          "The MLP MoE's d-sized output bias is not modelled (2048 params per layer)."),
         P("Granite 3.0 1B-A400M", _granite(vocab=49152, d=1024, L=24, H=16, E=32),
           ("granite-1b", "granite-3.0-1b-a400m"), "ibm-granite/granite-3.0-1b-a400m-base"),
         P("Granite 3.0 3B-A800M", _granite(vocab=49155, d=1536, L=32, H=24, E=40),

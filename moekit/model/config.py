@@ -166,7 +166,10 @@ class ModelConfig:
     sliding_window on `sliding_layers`; attn_sinks (gpt-oss); kv_share_every (cross-layer KV
     sharing, Hunyuan-Large CLA: layer i reuses the K/V of layer i - i % n); attn_scale (None =
     head_dim^-0.5; Granite's attention_multiplier); attn_logit_softcap (Grok-1: c * tanh(x / c));
-    rope (None = no positions, Jamba) except on `nope_layers`; mla for latent attention.
+    rope (None = no positions, Jamba) except on `nope_layers`; mla for latent attention; moa for
+    JetMoE's mixture of attention heads (router and experts from this MoEConfig; each expert owns q
+    and o projections of width d_ff = n_kv_heads * head_dim, K/V are shared; n_heads = top_k *
+    n_kv_heads).
     Norms: "rmsnorm" or "layernorm" (norm_bias); post_norms adds a norm after the attention and
     the feed-forward outputs (Grok-1's sandwich).
     Multipliers (Granite, Grok-1): embeddings * embedding_multiplier; each residual branch *
@@ -204,6 +207,7 @@ class ModelConfig:
     rope: RopeConfig | None = RopeConfig()
     nope_layers: LayerSpec = "none"
     mla: MLAConfig | None = None
+    moa: MoEConfig | None = None
     # norms
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
@@ -251,6 +255,21 @@ class ModelConfig:
             rot = int(self.dim_head * self.rope.partial_rotary)
             check(rot >= 2 and rot % 2 == 0, "rope.partial_rotary", self.rope.partial_rotary,
                   f"must rotate an even number of the head_dim={self.dim_head} dims (got {rot})")
+        if self.moa is not None:
+            check(self.moa.d_model == self.d_model, "moa.d_model", self.moa.d_model,
+                  f"must equal d_model={self.d_model}")
+            check(self.moa.router == "topk", "moa.router", self.moa.router,
+                  "mixture of attention needs 'topk'")
+            check(self.moa.d_ff == kv * self.dim_head, "moa.d_ff", self.moa.d_ff,
+                  f"is each attention expert's q/o width and must equal n_kv_heads * head_dim = "
+                  f"{kv * self.dim_head}")
+            check(self.n_heads == self.moa.top_k * kv, "n_heads", self.n_heads,
+                  f"with moa, must equal moa.top_k * n_kv_heads = {self.moa.top_k * kv}")
+            for name, default in (("mla", None), ("qk_norm", "none"), ("attn_sinks", False),
+                                  ("clip_qkv", None), ("kv_share_every", 1), ("qkv_bias", False),
+                                  ("o_bias", False)):
+                check(getattr(self, name) == default, name, getattr(self, name),
+                      "is not supported together with moa")
         if self.mla is not None:
             check(self.n_kv_heads in (None, self.n_heads), "n_kv_heads", self.n_kv_heads,
                   "multi-head latent attention (mla) has one K/V head per query head; leave it None")
@@ -339,6 +358,10 @@ class ModelConfig:
             kv += m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
             return q + kv + H * m.v_head_dim * D
         hd, kvh = self.dim_head, self.kv_heads
+        if self.moa is not None:
+            A, E = kvh * hd, self.moa.num_experts
+            router = D * E + (E if self.moa.router_bias else 0)
+            return router + D * 2 * A + E * 2 * D * A + D  # router, kv_proj, experts' q and o, bias
         total = D * H * hd + (H * hd if self.qkv_bias else 0)
         if self.kv_source(i) == i:
             total += 2 * (D * kvh * hd + (kvh * hd if self.qkv_bias else 0))
@@ -361,6 +384,10 @@ class ModelConfig:
         """Parameters of block i (all, or the ones one token uses when `active`)."""
         if self.is_attention(i):
             mixer = self.attention_params(i)
+            if active and self.moa is not None:
+                # a token uses top_k of the attention experts' q and o projections
+                unused = self.moa.num_experts - self.moa.top_k
+                mixer -= unused * 2 * self.d_model * self.kv_heads * self.dim_head
         else:
             assert self.mamba is not None
             mixer = self.mamba.num_params()
@@ -417,7 +444,8 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
         data = dict(data)
-        nested = {"moe": MoEConfig, "rope": RopeConfig, "mla": MLAConfig, "mamba": MambaConfig}
+        nested = {"moe": MoEConfig, "moa": MoEConfig, "rope": RopeConfig, "mla": MLAConfig,
+                  "mamba": MambaConfig}
         for name, sub in nested.items():
             if isinstance(data.get(name), dict):
                 data[name] = sub.from_dict(data[name]) if hasattr(sub, "from_dict") else sub(

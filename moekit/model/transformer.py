@@ -128,7 +128,7 @@ class MoETransformer(nn.Module):
                     masks[window] = additive_mask(q_pos_S, k_pos_T, window=window, key_mask_BT=key_mask_BT,
                                                   dtype=x_BSD.dtype)
                 mask_B1ST = masks[window]
-            x_BSD, decision, aux, kv = layer(
+            x_BSD, decision, layer_aux, kv = layer(
                 x_BSD,
                 cos_sin=cos_sin if cfg.uses_rope(i) else None,
                 mask_B1ST=mask_B1ST,
@@ -140,8 +140,7 @@ class MoETransformer(nn.Module):
             if kv is not None and cfg.kv_source(i) == i and cfg.kv_share_every > 1:
                 kv_by_layer[i] = kv
             routing.append(decision)
-            if isinstance(layer.mlp, MoELayer):
-                layer_aux = layer.mlp.aux_loss(aux)
+            if layer_aux is not None:
                 aux_total = layer_aux if aux_total is None else aux_total + layer_aux
         if cache is not None:
             cache.position = start + S

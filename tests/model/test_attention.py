@@ -241,3 +241,45 @@ def test_attention_module_matches_explicit_formulas(opts: dict) -> None:
     expected = attn.o_proj(ref.float().transpose(1, 2).reshape(B, S, H * hd))
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in attn.parameters()) == cfg.attention_params(0)
+
+
+def test_mixture_of_attention_matches_transformers_jetmoe() -> None:
+    """JetMoE MoA vs transformers' JetMoeAttention with the same weights (our layout: E x D x A)."""
+    jet = pytest.importorskip("transformers.models.jetmoe.modeling_jetmoe")
+    from transformers import JetMoeConfig
+
+    from moekit.config import MoEConfig
+    from moekit.model.moa import MixtureOfAttention
+
+    torch.manual_seed(0)
+    hf_cfg = JetMoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, kv_channels=8,
+                          num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, vocab_size=16,
+                          max_position_embeddings=64, attn_implementation="eager")
+    hf_attn = jet.JetMoeAttention(hf_cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in hf_attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=16,
+                      moe_layers="none", moa=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2,
+                                                       softmax_after_topk=True))
+    ours = MixtureOfAttention(cfg, 0)
+    with torch.no_grad():
+        ours.router.gate.weight.copy_(hf_attn.experts.router.layer.weight)
+        ours.kv_proj.weight.copy_(hf_attn.kv_proj.weight)
+        ours.w_q_EDA.copy_(hf_attn.experts.input_linear.weight.transpose(1, 2))
+        ours.w_o_EAD.copy_(hf_attn.experts.output_linear.weight.transpose(1, 2))
+        ours.bias.copy_(hf_attn.experts.bias)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf_attn.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == cfg.attention_params(0)
+
+    B, S = 2, 5
+    x = torch.randn(B, S, 32)
+    cos, sin = jet.JetMoeRotaryEmbedding(hf_cfg)(x, torch.arange(S)[None])
+    causal = torch.full((S, S), torch.finfo(torch.float32).min).triu(1)[None, None]
+    with torch.no_grad():
+        expected = hf_attn(x, attention_mask=causal, position_embeddings=(cos, sin))[0]
+        our_cs = rope_cos_sin(cfg.rope, 8, torch.arange(S), max_seq_len=64, dtype=torch.float32)
+        mask = additive_mask(torch.arange(S), torch.arange(S), window=None, key_mask_BT=None, dtype=torch.float32)
+        y, _, aux = ours(x, cos_sin=our_cs, mask_B1ST=mask)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    assert aux is not None and aux > 0

@@ -39,6 +39,9 @@ VARIANTS = [
                       residual_multiplier=0.5, logits_scaling=2.0, attn_scale=0.1), id="softcap-multipliers"),
     pytest.param(tiny(norm="layernorm", norm_bias=True, lm_head_bias=True, tie_embeddings=True,
                       mlp_bias=True, moe_layers="none", moe=None), id="layernorm-dense-tied"),
+    pytest.param(tiny(n_heads=4, n_kv_heads=2, head_dim=6,
+                      moa=MoEConfig(d_model=D, d_ff=12, num_experts=3, top_k=2, softmax_after_topk=True)),
+                 id="mixture-of-attention"),
     pytest.param(tiny(n_layers=3, attention_layers=(1,), rope=None, moe_layers="every:2:1",
                       mamba=MambaConfig(d_model=D, d_state=4, expand=2, chunk_size=4)), id="mamba-hybrid"),
 ]
@@ -164,6 +167,10 @@ BAD = [
                  "kv_share_every", id="kv-share-source-not-attention"),
     pytest.param(dict(norm_bias=True), "norm_bias", id="rmsnorm-with-bias"),
     pytest.param(dict(mla=MLAConfig(), n_kv_heads=2), "n_kv_heads", id="mla-with-gqa"),
+    pytest.param(dict(n_kv_heads=2, moa=MoEConfig(d_model=D, d_ff=16, num_experts=4, top_k=1)), "n_heads",
+                 id="moa-heads-not-top_k-times-kv-heads"),
+    pytest.param(dict(n_kv_heads=2, moa=MoEConfig(d_model=D, d_ff=20, num_experts=4, top_k=2)), "moa.d_ff",
+                 id="moa-width-not-kv-width"),
 ]
 
 
