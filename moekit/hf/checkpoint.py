@@ -25,7 +25,7 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
     "granitemoe": "GraniteMoeForCausalLM", "phimoe": "PhimoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
-    "jamba": "JambaForCausalLM",
+    "jamba": "JambaForCausalLM", "dbrx": "DbrxForCausalLM",
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIED_HEAD = "lm_head.weight"

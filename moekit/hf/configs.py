@@ -293,6 +293,40 @@ def phimoe_to_hf(cfg: ModelConfig) -> dict:
                 attention_bias=cfg.qkv_bias, lm_head_bias=cfg.lm_head_bias, sliding_window=cfg.sliding_window)
 
 
+# ---- dbrx ---------------------------------------------------------------------------------
+def dbrx_to_moekit(hf: dict) -> ModelConfig:
+    attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
+    act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    if p not in (None, 1, 1.0):
+        raise unsupported("dbrx", "ffn_config.moe_normalize_expert_weights", p, "only the p=1 norm (a plain "
+                          "renormalisation) or None")
+    # DBRX router: softmax, top-k, weights divided by their p=1 norm (their sum).
+    moe = MoEConfig(d_model=hf["d_model"], d_ff=ffn.get("ffn_hidden_size", 3584),
+                    num_experts=ffn.get("moe_num_experts", 4), top_k=ffn.get("moe_top_k", 1),
+                    normalize_topk=p is not None, jitter_eps=ffn.get("moe_jitter_eps") or 0.0,
+                    activation=_act({"hidden_act": act}, "dbrx"), load_balance_coef=ffn.get("moe_loss_weight", 0.01))
+    rope_hf = {**hf, "max_position_embeddings": hf.get("max_seq_len", 2048)}
+    return ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["n_layers"],
+                       n_heads=hf["n_heads"], n_kv_heads=attn.get("kv_n_heads", 1), max_seq_len=hf.get("max_seq_len", 2048),
+                       moe=moe, clip_qkv=attn.get("clip_qkv"), norm="layernorm", norm_eps=1e-5,
+                       rope=rope_from_hf(rope_hf, attn.get("rope_theta", 10000.0)),
+                       tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def dbrx_to_hf(cfg: ModelConfig) -> dict:
+    moe = _moe(cfg)
+    theta = cfg.rope.theta if cfg.rope is not None else 10000.0
+    return dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                max_seq_len=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings, **rope_to_hf(cfg.rope),
+                # rope_theta in attn_config too: transformers 5.23's DbrxAttention reads it from there
+                attn_config={"kv_n_heads": cfg.kv_heads, "clip_qkv": cfg.clip_qkv, "rope_theta": theta},
+                ffn_config={"ffn_hidden_size": moe.d_ff, "moe_num_experts": moe.num_experts, "moe_top_k": moe.top_k,
+                            "moe_normalize_expert_weights": 1.0 if moe.normalize_topk else None,
+                            "moe_jitter_eps": moe.jitter_eps or None, "moe_loss_weight": moe.load_balance_coef,
+                            "ffn_act_fn": {"name": "silu"}})
+
+
 # ---- granitemoe ----------------------------------------------------------------------------
 def granitemoe_to_moekit(hf: dict) -> ModelConfig:
     # GraniteMoe router: top-k of the logits, softmax over the k selected.
@@ -391,11 +425,11 @@ TO_MOEKIT: dict[str, Callable[[dict], ModelConfig]] = {
     "mixtral": mixtral_to_moekit, "qwen3_moe": qwen3_moe_to_moekit, "qwen2_moe": qwen2_moe_to_moekit,
     "olmoe": olmoe_to_moekit, "deepseek_v3": deepseek_v3_to_moekit, "deepseek_v2": deepseek_v2_to_moekit,
     "granitemoe": granitemoe_to_moekit, "gpt_oss": gpt_oss_to_moekit, "jamba": jamba_to_moekit,
-    "phimoe": phimoe_to_moekit,
+    "phimoe": phimoe_to_moekit, "dbrx": dbrx_to_moekit,
 }
 TO_HF: dict[str, Callable[[ModelConfig], dict]] = {
     "mixtral": mixtral_to_hf, "qwen3_moe": qwen3_moe_to_hf, "qwen2_moe": qwen2_moe_to_hf,
     "olmoe": olmoe_to_hf, "deepseek_v3": deepseek_v3_to_hf, "deepseek_v2": deepseek_v2_to_hf,
     "granitemoe": granitemoe_to_hf, "gpt_oss": gpt_oss_to_hf, "jamba": jamba_to_hf,
-    "phimoe": phimoe_to_hf,
+    "phimoe": phimoe_to_hf, "dbrx": dbrx_to_hf,
 }

@@ -74,11 +74,9 @@ def checkpoint_to_model(
         yield _checked(key, source.get(key), model_shapes, where(key))
         filled.add(key)
     for (rule, layer), experts in groups.items():
-        first = fill(rule.model_patterns[0], layer=layer)
-        num_experts = model_shapes[first][0] if model_shapes[first] else 0
         if isinstance(rule, StackExperts):
-            _check_experts(rule, layer, experts, num_experts, where)
-        for model_key, tensor in rule.to_model(source.get, num_experts, layer).items():
+            _check_experts(rule, layer, experts, model_shapes[fill(rule.model, layer=layer)][0], where)
+        for model_key, tensor in rule.to_model(source.get, model_shapes, layer).items():
             origin = where(fill(rule.hf, layer=layer, expert=0) if isinstance(rule, StackExperts)
                            else fill(rule.hf_patterns[0], layer=layer))
             yield _checked(model_key, tensor, model_shapes, origin)
@@ -135,5 +133,5 @@ def model_to_checkpoint(rules: tuple[Rule, ...], state: Mapping[str, Tensor]) ->
             if fill(piece, layer=layer) not in state:
                 raise ValueError(f"model tensor {fill(piece, layer=layer)!r} is missing; rule for "
                                  f"{rule.hf_patterns[0]!r} needs it")
-        out.update(rule.to_hf(state.__getitem__, 0, layer))
+        out.update(rule.to_hf(state.__getitem__, layer))
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moekit.hf.rules import Fused, Rename, Rule, StackExperts
+from moekit.hf.rules import Fused, Rename, Rule, StackExperts, Unflatten
 
 Layout = Literal["split", "fused"]
 L = "model.layers.{layer}."
@@ -112,6 +112,21 @@ _JAMBA_COMMON = renames({
     **{L + f"feed_forward.{p}_proj.weight": MOE + f"{p}_proj.weight" for p in ("gate", "up", "down")},
 })
 
+_B = "transformer.blocks.{layer}."
+_DBRX = (
+    *renames({"transformer.wte.weight": "model.embed_tokens.weight", "transformer.norm_f.weight": "model.norm.weight",
+              _B + "norm_attn_norm.norm_1.weight": L + "input_layernorm.weight",
+              _B + "norm_attn_norm.norm_2.weight": L + "post_attention_layernorm.weight",
+              _B + "norm_attn_norm.attn.out_proj.weight": L + "self_attn.o_proj.weight",
+              _B + "ffn.router.layer.weight": MOE + "router.gate.weight"}),
+    Fused(_B + "norm_attn_norm.attn.Wqkv.weight",
+          tuple(L + f"self_attn.{p}_proj.weight" for p in ("q", "k", "v")), dim=0),
+    # experts stacked along rows: w1 / v1 (E * F, D) are (out, in) per expert, w2 (E * F, D) is (in, out)
+    Unflatten(_B + "ffn.experts.mlp.w1", MOE + "experts.w_gate_EDF", transpose=True),
+    Unflatten(_B + "ffn.experts.mlp.v1", MOE + "experts.w_up_EDF", transpose=True),
+    Unflatten(_B + "ffn.experts.mlp.w2", MOE + "experts.w_down_EFD"),
+)
+
 FAMILIES: dict[str, Family] = {
     "mixtral": _mixtral_like("mixtral", "gate"),
     "qwen3_moe": _qwen_like("qwen3_moe"),
@@ -122,6 +137,7 @@ FAMILIES: dict[str, Family] = {
     "phimoe": _mixtral_like("phimoe", "router"),
     "granitemoe": Family("granitemoe", common=(), split=_GRANITE_SPLIT, fused=_GRANITE_FUSED),
     "gpt_oss": Family("gpt_oss", common=_GPT_OSS, split=(), fused=()),
+    "dbrx": Family("dbrx", common=_DBRX, split=(), fused=()),
     "jamba": Family(
         "jamba",
         common=_JAMBA_COMMON,

@@ -10,11 +10,14 @@ trip is bit for bit. Hugging Face `nn.Linear` weights are (out, in); moekit's ex
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import Tensor
+
+Shapes = Mapping[str, tuple[int, ...]]  # model key -> shape of the model tensor it fills
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -53,10 +56,10 @@ class Rename:
     def model_patterns(self) -> tuple[str, ...]:
         return (self.model,)
 
-    def to_model(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
+    def to_model(self, get, shapes: Shapes, layer: int | None) -> dict[str, Tensor]:
         return {fill(self.model, layer=layer): _swap(get(fill(self.hf, layer=layer)), self.transpose)}
 
-    def to_hf(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
+    def to_hf(self, get, layer: int | None) -> dict[str, Tensor]:
         return {fill(self.hf, layer=layer): _swap(get(fill(self.model, layer=layer)), self.transpose)}
 
 
@@ -84,7 +87,8 @@ class StackExperts:
     def model_patterns(self) -> tuple[str, ...]:
         return (self.model,)
 
-    def to_model(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
+    def to_model(self, get, shapes: Shapes, layer: int | None) -> dict[str, Tensor]:
+        num_experts = shapes[fill(self.model, layer=layer)][0]
         # Filled expert by expert (not torch.stack of a list) so only one expert's tensor is
         # held besides the result: loading stays near one copy of the weights.
         out = None
@@ -97,7 +101,7 @@ class StackExperts:
         assert out is not None, "StackExperts needs num_experts >= 1"
         return {fill(self.model, layer=layer): out}
 
-    def to_hf(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
+    def to_hf(self, get, layer: int | None) -> dict[str, Tensor]:
         w_E = get(fill(self.model, layer=layer))
         return {fill(self.hf, layer=layer, expert=e): _swap(w_E[e], self.transpose).contiguous()
                 for e in range(w_E.shape[0])}
@@ -110,8 +114,8 @@ class Fused:
     Args:
         hf: the fused checkpoint key pattern.
         model: the pieces' model key patterns, in the order they sit in the fused tensor.
-        dim: the checkpoint dim the pieces are concatenated along.
-        sizes: each piece's extent along `dim` (None: equal pieces).
+        dim: the checkpoint dim the pieces are concatenated along; each piece's extent comes from
+            its model tensor's shape (so DBRX's Wqkv splits into q, k, v of different widths).
         interleaved: pieces alternate element by element along `dim` (gpt-oss gate_up:
             gate = [..., 0::2], up = [..., 1::2]) instead of sitting in blocks.
         transpose: swap each piece's last two dims (checkpoint (E, out, in) -> moekit (E, in, out)).
@@ -120,7 +124,6 @@ class Fused:
     hf: str
     model: tuple[str, ...]
     dim: int
-    sizes: tuple[int, ...] | None = None
     interleaved: bool = False
     transpose: bool = False
 
@@ -132,26 +135,29 @@ class Fused:
     def model_patterns(self) -> tuple[str, ...]:
         return self.model
 
-    def to_model(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
-        fused = get(fill(self.hf, layer=layer))
+    def to_model(self, get, shapes: Shapes, layer: int | None) -> dict[str, Tensor]:
+        key = fill(self.hf, layer=layer)
+        fused = get(key)
         n = len(self.model)
         if self.interleaved:
             index = [torch.arange(i, fused.shape[self.dim], n) for i in range(n)]
             pieces = [fused.index_select(self.dim, idx) for idx in index]
         else:
-            size = fused.shape[self.dim]
-            if self.sizes is None and size % n:
-                raise ValueError(f"{fill(self.hf, layer=layer)}: dim {self.dim} has size {size}, "
-                                 f"not divisible into {n} equal pieces")
-            sizes = list(self.sizes) if self.sizes is not None else [size // n] * n
-            if sum(sizes) != size:
-                raise ValueError(f"{fill(self.hf, layer=layer)}: dim {self.dim} has size {size}, "
-                                 f"expected {sum(sizes)} = {' + '.join(map(str, sizes))}")
+            sizes = []
+            for m in self.model:
+                shape = list(shapes[fill(m, layer=layer)])
+                if self.transpose:
+                    shape[-2], shape[-1] = shape[-1], shape[-2]
+                sizes.append(shape[self.dim])
+            if sum(sizes) != fused.shape[self.dim]:
+                raise ValueError(f"{key}: dim {self.dim} has size {fused.shape[self.dim]}, expected "
+                                 f"{sum(sizes)} = {' + '.join(map(str, sizes))} from the model's shapes; "
+                                 f"config.json contradicts the weights")
             pieces = list(torch.split(fused, sizes, dim=self.dim))
         return {fill(m, layer=layer): _swap(p, self.transpose).contiguous()
                 for m, p in zip(self.model, pieces)}
 
-    def to_hf(self, get, num_experts: int, layer: int | None) -> dict[str, Tensor]:
+    def to_hf(self, get, layer: int | None) -> dict[str, Tensor]:
         pieces = [_swap(get(fill(m, layer=layer)), self.transpose) for m in self.model]
         if self.interleaved:
             fused = torch.stack(pieces, dim=self.dim + 1 if self.dim >= 0 else self.dim)
@@ -161,7 +167,41 @@ class Fused:
         return {fill(self.hf, layer=layer): fused.contiguous()}
 
 
-Rule = Rename | StackExperts | Fused
+@dataclass(frozen=True)
+class Unflatten:
+    """A checkpoint tensor (E * F, D) of experts stacked along rows <-> a model tensor (E, ...).
+
+    DBRX stores `experts.mlp.w1` as (E * F, D); with `transpose` it becomes w_gate_EDF (E, D, F),
+    without (w2, already (F, D) per expert) w_down_EFD (E, F, D).
+    """
+
+    hf: str
+    model: str
+    transpose: bool = False
+
+    @property
+    def hf_patterns(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    @property
+    def model_patterns(self) -> tuple[str, ...]:
+        return (self.model,)
+
+    def to_model(self, get, shapes: Shapes, layer: int | None) -> dict[str, Tensor]:
+        key = fill(self.hf, layer=layer)
+        flat = get(key)
+        E = shapes[fill(self.model, layer=layer)][0]
+        if flat.dim() != 2 or flat.shape[0] % E:
+            raise ValueError(f"{key}: shape {tuple(flat.shape)} is not (num_experts * F, D) for "
+                             f"num_experts={E}; config.json contradicts the weights")
+        return {fill(self.model, layer=layer): _swap(flat.view(E, -1, flat.shape[-1]), self.transpose)}
+
+    def to_hf(self, get, layer: int | None) -> dict[str, Tensor]:
+        w = _swap(get(fill(self.model, layer=layer)), self.transpose)
+        return {fill(self.hf, layer=layer): w.reshape(-1, w.shape[-1]).contiguous()}
+
+
+Rule = Rename | StackExperts | Fused | Unflatten
 
 
 @dataclass(frozen=True)

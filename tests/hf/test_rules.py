@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.hf.convert import checkpoint_to_model, model_to_checkpoint
-from moekit.hf.rules import Fused, Rename, StackExperts
+from moekit.hf.rules import Fused, Rename, StackExperts, Unflatten
 
 E, D, F = 3, 4, 5
 
@@ -90,19 +90,34 @@ def test_round_trip_bit_exact(layout):
 def test_interleaved_fused_round_trip():
     rule = Fused("gate_up", ("g", "u"), dim=-1, interleaved=True)
     fused = torch.arange(2 * 3 * 8.0).reshape(2, 3, 8)
-    pieces = rule.to_model(Source({"gate_up": fused}).get, 2, None)
+    pieces = rule.to_model(Source({"gate_up": fused}).get, {"g": (2, 3, 4), "u": (2, 3, 4)}, None)
     assert torch.equal(pieces["g"], fused[..., 0::2]) and torch.equal(pieces["u"], fused[..., 1::2])
-    assert torch.equal(rule.to_hf(pieces.__getitem__, 2, None)["gate_up"], fused)
+    assert torch.equal(rule.to_hf(pieces.__getitem__, None)["gate_up"], fused)
 
 
-def test_unequal_pieces():
-    rule = Fused("Wqkv", ("q", "k", "v"), dim=0, sizes=(4, 2, 2))
+def test_unequal_pieces_take_sizes_from_the_model():
+    rule = Fused("Wqkv", ("q", "k", "v"), dim=0)
+    shapes = {"q": (4, 3), "k": (2, 3), "v": (2, 3)}
     w = torch.randn(8, 3)
-    pieces = rule.to_model({"Wqkv": w}.__getitem__, 0, None)
-    assert [tuple(p.shape) for p in pieces.values()] == [(4, 3), (2, 3), (2, 3)]
-    assert torch.equal(rule.to_hf(pieces.__getitem__, 0, None)["Wqkv"], w)
-    with pytest.raises(ValueError, match="expected 8 = 4 \\+ 2 \\+ 2"):
-        rule.to_model({"Wqkv": torch.randn(9, 3)}.__getitem__, 0, None)
+    pieces = rule.to_model({"Wqkv": w}.__getitem__, shapes, None)
+    assert torch.equal(pieces["q"], w[:4]) and torch.equal(pieces["k"], w[4:6]) and torch.equal(pieces["v"], w[6:])
+    assert torch.equal(rule.to_hf(pieces.__getitem__, None)["Wqkv"], w)
+    with pytest.raises(ValueError, match="Wqkv: dim 0 has size 9, expected 8 = 4 \\+ 2 \\+ 2"):
+        rule.to_model({"Wqkv": torch.randn(9, 3)}.__getitem__, shapes, None)
+
+
+@pytest.mark.parametrize("transpose", [pytest.param(True, id="gate-transposed"), pytest.param(False, id="down")])
+def test_unflatten(transpose):
+    rule = Unflatten("w1", "w_EDF", transpose=transpose)
+    flat = torch.randn(3 * 5, 4)  # 3 experts, F=5, D=4: rows of expert e are flat[5e:5e+5]
+    want_shape = (3, 4, 5) if transpose else (3, 5, 4)
+    out = rule.to_model({"w1": flat}.__getitem__, {"w_EDF": want_shape}, None)["w_EDF"]
+    assert out.shape == want_shape
+    expert1 = flat[5:10]
+    assert torch.equal(out[1], expert1.T if transpose else expert1)
+    assert torch.equal(rule.to_hf({"w_EDF": out}.__getitem__, None)["w1"], flat)
+    with pytest.raises(ValueError, match="is not \\(num_experts \\* F, D\\) for num_experts=4"):
+        rule.to_model({"w1": flat}.__getitem__, {"w_EDF": (4, 4, 5)}, None)
 
 
 def test_unknown_checkpoint_key():

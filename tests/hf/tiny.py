@@ -38,10 +38,17 @@ CONFIGS: dict[str, dict] = {
                   expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4,
                   num_hidden_layers=4),
 }
-MODEL_TYPES = list(CONFIGS)
+# DBRX names its fields differently; rope_theta in attn_config because transformers 5.23's
+# DbrxAttention reads it from there.
+DBRX = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+            attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=10000.0),
+            ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))
+MODEL_TYPES = [*CONFIGS, "dbrx"]
 
 
 def hf_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
+    if model_type == "dbrx":
+        return transformers.DbrxConfig(**{**DBRX, **overrides})
     return transformers.AutoConfig.for_model(model_type, **{**SMALL, **CONFIGS[model_type], **overrides})
 
 
@@ -65,6 +72,13 @@ def _is_router(name: str) -> bool:
     return any(s in name for s in (".gate.weight", ".router.weight", ".router.layer.weight")) and "experts" not in name
 
 
+def _ids(out, top_k: int) -> torch.Tensor:
+    """Expert ids from a router's output: (logits, weights, ids), or DBRX's bare logits (softmax top-k)."""
+    if isinstance(out, torch.Tensor):
+        return out.float().softmax(-1).topk(top_k, dim=-1).indices
+    return out[2]
+
+
 def save_tiny(model_type: str, path: Path, **save_kwargs) -> transformers.PreTrainedModel:
     model = tiny_hf_model(model_type)
     model.save_pretrained(path, **save_kwargs)
@@ -74,8 +88,14 @@ def save_tiny(model_type: str, path: Path, **save_kwargs) -> transformers.PreTra
 def hf_router_ids(model: transformers.PreTrainedModel, tokens_BS: torch.Tensor) -> list[torch.Tensor]:
     """Expert ids (T, K) each MoE router of `model` picks for `tokens_BS`, sorted along K."""
     found: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: found.append(out[2].reshape(-1, out[2].shape[-1])))
-             for m in model.modules() if type(m).__name__.lower().endswith("router")]
+    cfg = model.config
+    top_k = cfg.ffn_config.moe_top_k if cfg.model_type == "dbrx" else cfg.num_experts_per_tok
+
+    def hook(mod, args, out) -> None:
+        ids = _ids(out, top_k)
+        found.append(ids.reshape(-1, ids.shape[-1]))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.lower().endswith("router")]
     assert hooks, f"no router modules found in {type(model).__name__}"
     try:
         with torch.no_grad():
