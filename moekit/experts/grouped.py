@@ -89,13 +89,20 @@ class Experts(nn.Module):
         num_experts: experts held here (expert parallelism holds E / ep); default config.num_experts.
         fuse_gate_up: run gate and up as one grouped GEMM of width 2F over weights concatenated at
             run time. Off by default: on CPU the concatenation copies every expert's weights each
-            forward (and touches unselected experts at decode), which costs more than reading the
-            rows twice saves (benchmarks/moe_layer.py measures both). The parameters stay separate
-            either way, so checkpoints load by name.
+            forward, which costs more than reading the rows twice saves (benchmarks/moe_layer.py
+            measures both). The parameters stay separate either way, so checkpoints load by name.
+        decode_max_rows: at most this many rows (a decode step: 1-16 tokens times top_k) take the
+            decode path, a loop over only the experts that received rows; the CPU grouped kernel
+            calls a matmul for every expert, empty or not, which dominates a decode step.
     """
 
     def __init__(
-        self, config: MoEConfig, *, num_experts: int | None = None, fuse_gate_up: bool = False
+        self,
+        config: MoEConfig,
+        *,
+        num_experts: int | None = None,
+        fuse_gate_up: bool = False,
+        decode_max_rows: int = 64,
     ) -> None:
         super().__init__()
         self.config = config
@@ -103,6 +110,7 @@ class Experts(nn.Module):
         D, F = config.d_model, config.d_ff
         self.num_experts = E
         self.fuse_gate_up = fuse_gate_up
+        self.decode_max_rows = decode_max_rows
         names_in = ("w_gate_EDF", "w_up_EDF") if config.gated else ("w_in_EDF",)
         out_name = "w_down_EFD" if config.gated else "w_out_EFD"
         for name in names_in:
@@ -147,6 +155,8 @@ class Experts(nn.Module):
             # The grouped kernel leaves rows past the last offset unwritten: refuse, never return garbage.
             raise ValueError(f"x_RD has {R} rows but counts_E sums to {int(counts_E.sum())}; pass exactly "
                              "the rows the counts describe, sorted by expert")
+        if 0 < R <= self.decode_max_rows and not torch.compiler.is_compiling():
+            return self.forward_selected(x_RD, counts_E)
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         ins = self.input_projections()
         w_out_EFD, b_out_ED = self.output_projection()
@@ -165,3 +175,20 @@ class Experts(nn.Module):
             h_RF = plain(hs[0], self.config.activation)
         y_RD = grouped_matmul(h_RF, w_out_EFD, counts_E, offs_E)
         return y_RD if b_out_ED is None else y_RD + rows_bias(b_out_ED, counts_E, R)
+
+    def forward_selected(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        """Decode path: plain matmuls on the weights of the experts that have rows, and no others.
+
+        A loop over at most R experts (R is small here); the weights are read in place, never copied.
+        """
+        ins = self.input_projections()
+        w_out_EFD, b_out_ED = self.output_projection()
+        ys = []
+        for e, x_rD in enumerate(x_RD.split(counts_E.tolist())):
+            if x_rD.shape[0] == 0:
+                continue
+            hs = [x_rD @ w[e] if b is None else torch.addmm(b[e], x_rD, w[e]) for w, b in ins]
+            h_rF = glu(hs[0], hs[1], self.config.activation) if self.config.gated else plain(
+                hs[0], self.config.activation)
+            ys.append(h_rF @ w_out_EFD[e] if b_out_ED is None else torch.addmm(b_out_ED[e], h_rF, w_out_EFD[e]))
+        return torch.cat(ys) if ys else x_RD.new_zeros(0, w_out_EFD.shape[-1])

@@ -30,11 +30,12 @@ class ReferenceExperts(nn.Module):
 
 
 def make_experts(E: int, D: int, F: int, activation: str, bias: bool, dtype: torch.dtype,
-                 fuse: bool = False, seed: int = 0) -> Experts:
+                 fuse: bool = False, seed: int = 0, decode_max_rows: int = 0) -> Experts:
+    """decode_max_rows=0 sends every input through the grouped-GEMM path."""
     torch.manual_seed(seed)
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=1, activation=activation,
                     expert_mlp_bias=bias)
-    ex = Experts(cfg, fuse_gate_up=fuse)
+    ex = Experts(cfg, fuse_gate_up=fuse, decode_max_rows=decode_max_rows)
     with torch.no_grad():
         for name, p in ex.named_parameters():
             if name.startswith("b_"):
@@ -70,9 +71,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", [pytest.param(0, id="grouped"), pytest.param(64, id="decode")])
 @pytest.mark.parametrize("E,D,F,counts,activation,bias,dtype,fuse", CASES)
-def test_fast_matches_reference(E, D, F, counts, activation, bias, dtype, fuse) -> None:
-    ex = make_experts(E, D, F, activation, bias, dtype, fuse)
+def test_fast_matches_reference(E, D, F, counts, activation, bias, dtype, fuse, path) -> None:
+    ex = make_experts(E, D, F, activation, bias, dtype, fuse, decode_max_rows=path)
     counts_E = torch.tensor(counts)
     x_RD = torch.randn(sum(counts), D).to(dtype).requires_grad_()
     y_RD = ex(x_RD, counts_E)
@@ -127,10 +129,12 @@ def test_bad_counts_raise() -> None:
         ex(torch.randn(5, 16), torch.tensor([2, 2, 0, 0]))
 
 
-@pytest.mark.parametrize("fuse", [pytest.param(False, id="separate"), pytest.param(True, id="fused")])
-def test_decode_ignores_unselected_experts(fuse: bool) -> None:
-    """A decode step (few rows) reads only its experts: NaN in every other expert changes nothing."""
-    ex = make_experts(8, 16, 32, "swiglu", True, torch.float32, fuse)
+@pytest.mark.parametrize("fuse,decode_max_rows", [pytest.param(False, 0, id="grouped"),
+                                                  pytest.param(True, 0, id="grouped-fused"),
+                                                  pytest.param(False, 64, id="decode-path")])
+def test_few_rows_ignore_unselected_experts(fuse: bool, decode_max_rows: int) -> None:
+    """A decode step (few rows) uses only its experts: NaN in every other expert changes nothing."""
+    ex = make_experts(8, 16, 32, "swiglu", True, torch.float32, fuse, decode_max_rows=decode_max_rows)
     counts_E = torch.tensor([0, 2, 0, 0, 0, 1, 0, 0])
     x_RD = torch.randn(3, 16)
     y_RD = ex(x_RD, counts_E)
@@ -149,11 +153,12 @@ LAYER_CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", [pytest.param(0, id="grouped"), pytest.param(64, id="decode")])
 @pytest.mark.parametrize("kw,dtype", LAYER_CASES)
-def test_layer_fast_matches_reference_with_router_grads(kw: dict, dtype: torch.dtype) -> None:
+def test_layer_fast_matches_reference_with_router_grads(kw: dict, dtype: torch.dtype, path: int) -> None:
     torch.manual_seed(0)
     cfg = MoEConfig(**{**dict(d_model=16, d_ff=32, num_experts=8, top_k=2), **kw})
-    fast = MoELayer(cfg).to(dtype)
+    fast = MoELayer(cfg, experts=Experts(cfg, decode_max_rows=path)).to(dtype)
     slow = MoELayer(cfg, router=fast.router, experts=ReferenceExperts(fast.experts))
     slow.shared_experts = fast.shared_experts
     x_TD = torch.randn(12, 16).to(dtype)
@@ -174,12 +179,13 @@ def test_layer_fast_matches_reference_with_router_grads(kw: dict, dtype: torch.d
             assert_close_scaled(a, b, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("path", [pytest.param(0, id="grouped"), pytest.param(64, id="decode")])
 @pytest.mark.parametrize("activation", [pytest.param("swiglu", id="swiglu"), pytest.param("gelu", id="gelu")])
-def test_one_expert_top1_layer_equals_dense_ffn(activation: str) -> None:
+def test_one_expert_top1_layer_equals_dense_ffn(activation: str, path: int) -> None:
     """MegaBlocks' check: an MoE with one expert and top-1 routing is exactly a dense FFN."""
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=16, d_ff=32, num_experts=1, top_k=1, activation=activation)
-    moe = MoELayer(cfg)
+    moe = MoELayer(cfg, experts=Experts(cfg, decode_max_rows=path))
     dense = DenseMLP(16, 32, activation)
     ex = moe.experts
     with torch.no_grad():
