@@ -279,7 +279,61 @@ def test_mixture_of_attention_matches_transformers_jetmoe() -> None:
     with torch.no_grad():
         expected = hf_attn(x, attention_mask=causal, position_embeddings=(cos, sin))[0]
         our_cs = rope_cos_sin(cfg.rope, 8, torch.arange(S), max_seq_len=64, dtype=torch.float32)
-        mask = additive_mask(torch.arange(S), torch.arange(S), window=None, key_mask_BT=None, dtype=torch.float32)
+        mask = additive_mask(torch.arange(S), torch.arange(S), window=None, key_mask_BT=None,
+                             dtype=torch.float32)
         y, _, aux = ours(x, cos_sin=our_cs, mask_B1ST=mask)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     assert aux is not None and aux > 0
+
+
+@pytest.mark.parametrize("family", ["dbrx", "phimoe"])
+def test_attention_matches_transformers_module(family: str) -> None:
+    """DBRX (fused Wqkv, clip_qkv, no biases) and Phi-3.5-MoE (q/k/v/o biases) attention vs transformers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    B, S = 2, 6
+    if family == "dbrx":
+        from transformers.models.dbrx import modeling_dbrx as m
+
+        hf_cfg = transformers.DbrxConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=16,
+                                         attn_config={"kv_n_heads": 2, "clip_qkv": 0.4, "rope_theta": 5e5},
+                                         # transformers 5.23's DBRX rotary reads rope_parameters,
+                                         # not attn_config.rope_theta: give both
+                                         rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                                         attn_implementation="eager")
+        hf = m.DbrxAttention(hf_cfg, layer_idx=0).eval()
+        rope_module = m.DbrxRotaryEmbedding(hf_cfg)
+        cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8,
+                          moe_layers="none", clip_qkv=0.4, rope=RopeConfig(theta=5e5))
+    else:
+        from transformers.models.phimoe import modeling_phimoe as m
+
+        hf_cfg = transformers.PhimoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                           num_hidden_layers=1, vocab_size=16, max_position_embeddings=64,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                           attention_bias=True, attn_implementation="eager")
+        hf = m.PhimoeAttention(hf_cfg, layer_idx=0).eval()
+        rope_module = m.PhimoeRotaryEmbedding(hf_cfg)
+        cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8,
+                          moe_layers="none", qkv_bias=True, o_bias=True, rope=RopeConfig(theta=1e4))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    ours = Attention(cfg, 0)
+    with torch.no_grad():
+        if family == "dbrx":
+            q, k, v = hf.Wqkv.weight.split([32, 16, 16], dim=0)
+            ours.q_proj.weight.copy_(q), ours.k_proj.weight.copy_(k), ours.v_proj.weight.copy_(v)
+            ours.o_proj.weight.copy_(hf.out_proj.weight)
+        else:
+            ours.load_state_dict(hf.state_dict())
+    x = torch.randn(B, S, 32)
+    causal = torch.full((S, S), torch.finfo(torch.float32).min).triu(1)[None, None]
+    with torch.no_grad():
+        cos, sin = rope_module(x, torch.arange(S)[None])
+        expected = hf(x, attention_mask=causal, position_embeddings=(cos, sin))[0]
+        mask = additive_mask(torch.arange(S), torch.arange(S), window=None, key_mask_BT=None,
+                             dtype=torch.float32)
+        cos_sin = rope_cos_sin(cfg.rope, 8, torch.arange(S), max_seq_len=64, dtype=torch.float32)
+        y, _ = ours(x, cos_sin=cos_sin, mask_B1ST=mask)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

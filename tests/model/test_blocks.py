@@ -34,7 +34,8 @@ def _perturb(model: torch.nn.Module) -> None:
 def test_model_forward_equals_explicit_composition(opts: dict) -> None:
     torch.manual_seed(0)
     moe = MoEConfig(d_model=D, d_ff=8, num_experts=4, top_k=2)
-    cfg = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, d_ff=24, moe=moe, moe_layers=(1,), **opts)
+    cfg = ModelConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, d_ff=24, moe=moe, moe_layers=(1,),
+                      **opts)
     model = MoETransformer(cfg).eval()
     _perturb(model)
     tokens = torch.randint(0, 32, (2, 5))
@@ -42,7 +43,8 @@ def test_model_forward_equals_explicit_composition(opts: dict) -> None:
         out = model(tokens).logits
         x = model.model.embed_tokens(tokens) * cfg.embedding_multiplier
         cos_sin = rope_cos_sin(cfg.rope, 8, torch.arange(5), max_seq_len=cfg.max_seq_len, dtype=torch.float32)
-        mask = additive_mask(torch.arange(5), torch.arange(5), window=None, key_mask_BT=None, dtype=torch.float32)
+        mask = additive_mask(torch.arange(5), torch.arange(5), window=None, key_mask_BT=None,
+                             dtype=torch.float32)
         for layer in model.model.layers:
             h, _ = layer.self_attn(layer.input_layernorm(x), cos_sin=cos_sin, mask_B1ST=mask)
             if cfg.post_norms:
@@ -55,7 +57,8 @@ def test_model_forward_equals_explicit_composition(opts: dict) -> None:
             x = x + cfg.residual_multiplier * h
         expected = model.lm_head(model.model.norm(x)) / cfg.logits_scaling
     torch.testing.assert_close(out, expected)
-    assert isinstance(model.model.layers[1].mlp, MoELayer) and not isinstance(model.model.layers[0].mlp, MoELayer)
+    assert isinstance(model.model.layers[1].mlp, MoELayer)
+    assert not isinstance(model.model.layers[0].mlp, MoELayer)
 
 
 def test_jamba_style_stack_places_mamba_and_attention_layers() -> None:
