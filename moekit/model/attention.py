@@ -103,6 +103,9 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(H)) if config.attn_sinks else None
         self.scale = config.attn_scale if config.attn_scale is not None else hd**-0.5
         self.interleaved = config.rope is not None and config.rope.interleaved
+        # Sliding-window layers need at most window - 1 past keys later (none if others share them).
+        window = config.layer_window(layer_idx)
+        self.cache_keep = window - 1 if window is not None and config.kv_share_every == 1 else None
 
     def forward(
         self,
@@ -148,12 +151,14 @@ class Attention(nn.Module):
             if cfg.qk_norm == "head_after_rope":
                 k_BKSd = self.k_norm(k_BKSd)
             if cache is not None:
-                k_BKSd, v_BKSd = cache.append(self.layer_idx, k_BKSd, v_BKSd, dim=2)
+                k_BKSd, v_BKSd = cache.append(self.layer_idx, k_BKSd, v_BKSd, dim=2, keep=self.cache_keep)
         else:
             if shared_kv is None:
                 raise ValueError(f"layer {self.layer_idx} shares K/V with layer "
                                  f"{cfg.kv_source(self.layer_idx)} but none was passed")
             k_BKSd, v_BKSd = shared_kv
+        # A trimmed (sliding-window) cache holds the last keys only: use the mask's matching columns.
+        mask_B1ST = mask_B1ST[..., -k_BKSd.shape[2]:]
         out_BHSd = attend(q_BHSd, k_BKSd, v_BKSd, mask_B1ST, scale=self.scale,
                           softcap=cfg.attn_logit_softcap, sinks_H=self.sinks)
         y_BSD = self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, H * hd))

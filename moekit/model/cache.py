@@ -1,7 +1,8 @@
 """The decoding cache: per-layer keys and values (or MLA latents, or Mamba states) and the position.
 
 Attention layers append along the sequence, so decoding token by token sees exactly the keys a
-full forward would; sliding-window layers keep every key and let the mask cut the window.
+full forward would; sliding-window layers keep only the last window - 1 keys between calls (the
+oldest key any later query can see), so their memory stays bounded.
 """
 
 from __future__ import annotations
@@ -32,12 +33,20 @@ class KVCache:
     def empty(cls, n_layers: int) -> "KVCache":
         return cls(layers=[None] * n_layers)
 
-    def append(self, layer: int, *tensors_BT: Tensor, dim: int) -> tuple[Tensor, ...]:
-        """Concatenate new tensors to layer `layer`'s cache along `dim`; return the full tensors."""
+    def append(
+        self, layer: int, *tensors_BT: Tensor, dim: int, keep: int | None = None
+    ) -> tuple[Tensor, ...]:
+        """Concatenate new tensors to layer `layer`'s cache along `dim`; return the full tensors.
+
+        With `keep`, only the last `keep` positions are stored for the next call.
+        """
         old = self.layers[layer]
         if old is None:
             full = tensors_BT
         else:
             full = tuple(torch.cat((o, t), dim=dim) for o, t in zip(old, tensors_BT))
-        self.layers[layer] = tuple(t.detach() for t in full)
+        stored = full
+        if keep is not None:
+            stored = tuple(t.narrow(dim, max(0, t.shape[dim] - keep), min(keep, t.shape[dim])) for t in full)
+        self.layers[layer] = tuple(t.detach() for t in stored)
         return full

@@ -68,6 +68,21 @@ def test_cache_decode_equals_full_forward(cfg: ModelConfig) -> None:
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [pytest.param(1, id="window-1"), pytest.param(3, id="window-3")])
+def test_sliding_window_cache_is_bounded_and_exact(window: int) -> None:
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(sliding_window=window, sliding_layers=(0,), n_kv_heads=2)).eval()
+    tokens_BS = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        full = model(tokens_BS).logits
+        cache = model.new_cache()
+        pieces = [model(tokens_BS[:, :5], cache=cache).logits]
+        pieces += [model(tokens_BS[:, t:t + 1], cache=cache).logits for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.layers[0][0].shape[2] == window - 1  # only the keys later queries can still see
+    assert cache.layers[1][0].shape[2] == 12  # the full-attention layer keeps everything
+
+
 def test_padding_mask_with_cache_equals_full_forward() -> None:
     torch.manual_seed(0)
     model = MoETransformer(tiny(n_kv_heads=2)).eval()
