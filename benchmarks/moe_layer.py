@@ -350,10 +350,10 @@ def cpu_name() -> str:
 
 SECTIONS = {
     "vs_transformers": section_vs_transformers,
-    "experts_scaling": section_experts_scaling,
-    "token_scaling": section_token_scaling,
     "decode": section_decode,
     "memory": section_memory,
+    "experts_scaling": section_experts_scaling,
+    "token_scaling": section_token_scaling,
 }
 
 
@@ -396,14 +396,15 @@ def main(argv: list[str] | None = None) -> None:
                    torch=torch.__version__, python=platform.python_version(),
                    malloc={k: os.environ.get(k) for k in MALLOC_TUNING})
     print(f"machine: {machine}  shapes: {[asdict(SHAPES[s]) for s in args.shapes]}", flush=True)
+    out = args.out or RESULTS / ("moe_layer_quick.json" if quick else "moe_layer.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "memory_case")}
     rows = []
     for s in sections:
         print(f"\n== {s}", flush=True)
         rows += SECTIONS[s](args)
-    out = args.out or RESULTS / ("moe_layer_quick.json" if quick else "moe_layer.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "memory_case")}
-    out.write_text(json.dumps(dict(machine=machine, args=config, results=rows), indent=1, default=str) + "\n")
+        # Written after every section, so a long run interrupted late keeps what it measured.
+        out.write_text(json.dumps(dict(machine=machine, args=config, results=rows), indent=1, default=str) + "\n")
     print(f"\nwrote {out}")
 
 

@@ -1,10 +1,10 @@
 """Routed experts with 3-D weights: every projection of every expert in one tensor.
 
 `Experts.forward(x_RD, counts_E)` takes rows sorted by expert (`counts_E[e]` rows for expert e, in
-order) and runs each projection as ONE grouped GEMM over the 3-D weights (`torch._grouped_mm`, whose
-kernel skips experts with no rows, so a decode step touches only the selected experts' weights).
-Where that kernel cannot run (device, dtype, 16-byte alignment) `grouped_matmul` falls back to a
-loop of plain matmuls with the same result. Autograd differentiates `_grouped_mm` itself.
+order) and runs each projection as ONE grouped GEMM over the 3-D weights (`torch._grouped_mm`;
+autograd differentiates it). Where that kernel cannot run (device, dtype, 16-byte alignment)
+`grouped_matmul` falls back to a loop of plain matmuls. A decode step (a few rows) loops over only
+the experts that received rows, so it reads only their weights.
 """
 
 from __future__ import annotations
@@ -69,9 +69,19 @@ def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor
     return _loop_matmul(x_RD, w_EDF, counts_E)
 
 
+def row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert that has rows (one host sync)."""
+    blocks, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            blocks.append((e, start, start + n))
+            start += n
+    return blocks
+
+
 def _loop_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
     """The fallback: one matmul per expert with rows (slow on many experts, exact everywhere)."""
-    ys = [x_rD @ w_EDF[e] for e, x_rD in enumerate(x_RD.split(counts_E.tolist())) if x_rD.shape[0]]
+    ys = [x_RD[lo:hi] @ w_EDF[e] for e, lo, hi in row_blocks(counts_E)]
     return torch.cat(ys) if ys else x_RD.new_zeros(0, w_EDF.shape[-1])
 
 
@@ -146,7 +156,7 @@ class Experts(nn.Module):
 
         Args:
             x_RD: (R, D) rows sorted by expert; R must equal counts_E.sum().
-            counts_E: long (E,) rows per expert (experts with 0 rows are skipped by the kernel).
+            counts_E: long (E,) rows per expert (experts may have 0 rows).
         """
         R = x_RD.shape[0]
         if counts_E.shape != (self.num_experts,):
@@ -184,9 +194,8 @@ class Experts(nn.Module):
         ins = self.input_projections()
         w_out_EFD, b_out_ED = self.output_projection()
         ys = []
-        for e, x_rD in enumerate(x_RD.split(counts_E.tolist())):
-            if x_rD.shape[0] == 0:
-                continue
+        for e, lo, hi in row_blocks(counts_E):
+            x_rD = x_RD[lo:hi]
             hs = [x_rD @ w[e] if b is None else torch.addmm(b[e], x_rD, w[e]) for w, b in ins]
             h_rF = glu(hs[0], hs[1], self.config.activation) if self.config.gated else plain(
                 hs[0], self.config.activation)
