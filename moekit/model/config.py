@@ -161,8 +161,8 @@ class ModelConfig:
     dense MLP of width d_ff with `ffn_activation` (biases if mlp_bias).
     Mixers: `attention_layers` are attention, the rest Mamba (`mamba` config, Jamba).
     Attention options: qkv_bias / o_bias; qk_norm "head" (RMSNorm per head before RoPE, Qwen3),
-    "head_after_rope" (the same after RoPE, Hunyuan), "full" (over
-    the whole q and k projections, OLMoE), "l2" (parameter-free, Llama 4); clip_qkv (DBRX, OLMoE);
+    "head_after_rope" (the same after RoPE, Hunyuan), "full" (over the whole q and k projections,
+    OLMoE), "l2" (parameter-free, after RoPE, Llama 4); clip_qkv (DBRX, OLMoE);
     sliding_window on `sliding_layers`; attn_sinks (gpt-oss); kv_share_every (cross-layer KV
     sharing, Hunyuan-Large CLA: layer i reuses the K/V of layer i - i % n); attn_scale (None =
     head_dim^-0.5; Granite's attention_multiplier); attn_logit_softcap (Grok-1: c * tanh(x / c));
@@ -186,7 +186,7 @@ class ModelConfig:
     max_seq_len: int = 4096
     # feed-forward
     d_ff: int | None = None
-    ffn_activation: str = "swiglu"
+    ffn_activation: Literal["swiglu", "geglu", "clamped_swiglu", "gelu", "relu", "silu"] = "swiglu"
     mlp_bias: bool = False
     moe: MoEConfig | None = None
     moe_layers: LayerSpec = "all"
@@ -273,9 +273,9 @@ class ModelConfig:
         if self.mla is not None:
             check(self.n_kv_heads in (None, self.n_heads), "n_kv_heads", self.n_kv_heads,
                   "multi-head latent attention (mla) has one K/V head per query head; leave it None")
-            for name in ("qk_norm", "attn_sinks", "clip_qkv", "kv_share_every"):
-                default = {"qk_norm": "none", "attn_sinks": False, "clip_qkv": None, "kv_share_every": 1}
-                check(getattr(self, name) == default[name], name, getattr(self, name),
+            for name, default in (("qk_norm", "none"), ("attn_sinks", False), ("clip_qkv", None),
+                                  ("kv_share_every", 1), ("qkv_bias", False), ("o_bias", False)):
+                check(getattr(self, name) == default, name, getattr(self, name),
                       "is not supported together with mla")
 
     def _check_layers(self) -> None:
