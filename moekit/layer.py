@@ -142,8 +142,9 @@ class MoELayer(nn.Module):
     ) -> dict[str, Tensor]:
         cfg = self.config
         out: dict[str, Tensor] = {}
-        # Soft MoE is balanced by construction (every expert gets soft_slots slots per sequence).
-        if cfg.load_balance_coef > 0 and not isinstance(self.router, SoftRouter):
+        # Expert choice and Soft MoE are balanced by construction (every expert takes the same
+        # number of tokens or slots); hash routing has no learned gate for a loss to train.
+        if cfg.load_balance_coef > 0 and cfg.router not in ("expert_choice", "soft", "hash"):
             out["load_balance"] = losses.load_balance_loss(
                 probs_TE=decision.probs_TE,
                 selected_TK=decision.selection_TK,
@@ -151,7 +152,7 @@ class MoELayer(nn.Module):
                 num_sequences=num_sequences,
                 granularity=cfg.load_balance_granularity,
             )
-        if cfg.z_loss_coef > 0:
+        if cfg.z_loss_coef > 0 and cfg.router != "hash":
             out["z"] = losses.z_loss(logits_TE=decision.logits_TE, mask_T=mask_T)
         return out
 

@@ -21,7 +21,7 @@ def test_every_command_has_help() -> None:
 def test_demo_runs_and_prints_table(capsys) -> None:
     assert main(["demo", "--tokens", "64", "--experts", "4"]) == 0
     out = capsys.readouterr().out
-    assert "topk (softmax)" in out and "MaxVio" in out
+    assert "expert_choice" in out and "MaxVio" in out
 
 
 def test_console_script_entry() -> None:

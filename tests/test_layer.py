@@ -193,3 +193,17 @@ def test_param_count_matches_built_layer() -> None:
         cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, **kw)
         layer = MoELayer(cfg)
         assert cfg.num_params() == sum(p.numel() for p in layer.parameters()), kw
+
+
+@pytest.mark.parametrize("router,expected", [
+    pytest.param("topk", {"load_balance", "z"}, id="topk"),
+    pytest.param("sinkhorn", {"load_balance", "z"}, id="sinkhorn"),
+    pytest.param("expert_choice", {"z"}, id="expert-choice-balanced-by-construction"),
+    pytest.param("soft", {"z"}, id="soft-balanced-by-construction"),
+    pytest.param("hash", set(), id="hash-has-no-gate"),
+])
+def test_which_aux_losses_each_router_returns(router: str, expected: set) -> None:
+    cfg = MoEConfig(d_model=8, d_ff=8, num_experts=4, router=router, z_loss_coef=1e-3,
+                    hash_vocab_size=10 if router == "hash" else None)
+    out = MoELayer(cfg)(torch.randn(2, 5, 8), token_ids=torch.randint(0, 10, (2, 5)))
+    assert set(out.aux_losses) == expected

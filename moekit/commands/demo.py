@@ -21,11 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_configs(args: argparse.Namespace) -> dict[str, MoEConfig]:
-    base = dict(d_model=args.d_model, d_ff=2 * args.d_model, num_experts=args.experts, top_k=args.top_k)
+    base = dict(d_model=args.d_model, d_ff=2 * args.d_model, num_experts=args.experts, top_k=args.top_k,
+                z_loss_coef=1e-3)
     variants = {
-        "topk (softmax)": dict(router="topk"),
-        "topk (sigmoid, DeepSeek-V3)": dict(router="topk", score_func="sigmoid", expert_bias=True),
-        "switch top-1, capacity 1.0": dict(router="topk", top_k=1, capacity_factor=1.0),
+        "topk": dict(router="topk"),
+        "topk sigmoid+bias": dict(router="topk", score_func="sigmoid", expert_bias=True),
+        "switch (cap 1.0)": dict(router="topk", top_k=1, capacity_factor=1.0),
         "expert_choice": dict(router="expert_choice"),
         "hash": dict(router="hash", hash_vocab_size=1000),
         "sinkhorn": dict(router="sinkhorn"),
@@ -39,18 +40,27 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     torch.manual_seed(args.seed)
-    x_TD = torch.randn(args.tokens, args.d_model)
+    # Tokens from a few clusters, so that an untrained gate routes unevenly and the routers differ.
+    centers_CD = 2.0 * torch.randn(4, args.d_model)
+    x_TD = torch.randn(args.tokens, args.d_model) + centers_CD[torch.randint(0, 4, (args.tokens,))]
     token_ids_T = torch.randint(0, 1000, (args.tokens,))
-    table = Table(title=f"{args.tokens} random tokens, {args.experts} experts")
-    for col in ("router", "tokens per expert", "dropped", "MaxVio", "entropy", "aux losses"):
-        table.add_column(col)
+    table = Table(title=f"{args.tokens} clustered random tokens, {args.experts} experts, top-{args.top_k}")
+    for col in ("router", "load min/mean/max", "dropped", "MaxVio", "entropy", "balance", "z"):
+        table.add_column(col, justify="left" if col == "router" else "right", no_wrap=True)
     for name, cfg in demo_configs(args).items():
-        layer = MoELayer(cfg).eval()
+        layer = MoELayer(cfg).train()  # training mode: Sinkhorn balances only when training
         with torch.no_grad():
             out = layer(x_TD, token_ids=token_ids_T)
         s = routing_stats(out.decision)
-        losses = ", ".join(f"{k}={float(v):.3f}" for k, v in out.aux_losses.items())
-        table.add_row(name, " ".join(map(str, s["tokens_per_expert"])), f"{s['dropped_fraction']:.1%}",
-                      f"{s['max_vio']:.2f}", f"{s['router_entropy_normalized']:.2f}", losses)
-    Console().print(table)
+        load = s["tokens_per_expert"]
+        losses = [f"{float(out.aux_losses[k]):.3f}" if k in out.aux_losses else "-" for k in ("load_balance", "z")]
+        table.add_row(name, f"{min(load)}/{sum(load) / len(load):.0f}/{max(load)}",
+                      f"{s['dropped_fraction']:.1%}", f"{s['max_vio']:.2f}",
+                      f"{s['router_entropy_normalized']:.2f}", *losses)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a pipe or a file: do not squeeze the table into 80 columns
+    console.print(table)
+    print("load: token slots per expert; MaxVio: max load / mean load - 1; entropy: router entropy / log(E);\n"
+          "balance: Switch load-balancing loss (1 = uniform); z: router z-loss")
     return 0
