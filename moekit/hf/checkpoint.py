@@ -8,6 +8,7 @@ config.json (transformers' field names) and safetensors shards with the family's
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,17 @@ from moekit.hf.families import FAMILIES, Layout, family
 from moekit.hf.io import CONFIG_FILE, CheckpointReader, read_config, write_checkpoint
 from moekit.hf.rules import Rule
 from moekit.model.config import ModelConfig
+from moekit.model.encoder_decoder import SwitchConfig, SwitchTransformer
 from moekit.model.transformer import MoETransformer
+
+Model = MoETransformer | SwitchTransformer
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
     "granitemoe": "GraniteMoeForCausalLM", "phimoe": "PhimoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
     "jamba": "JambaForCausalLM", "dbrx": "DbrxForCausalLM",
+    "switch_transformers": "SwitchTransformersForConditionalGeneration",
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIED_HEAD = "lm_head.weight"
@@ -56,8 +61,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dty
 
 def from_pretrained(
     path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
-) -> MoETransformer:
-    """Load a Hugging Face checkpoint directory as a MoETransformer.
+) -> Model:
+    """Load a Hugging Face checkpoint directory as a MoETransformer (SwitchTransformer for
+    model_type switch_transformers).
 
     Args:
         path: directory with config.json and model.safetensors (or an index and its shards), in
@@ -79,35 +85,50 @@ def from_pretrained(
     return model
 
 
-def load_weights(config: ModelConfig, path: str | Path, rules: tuple[Rule, ...], *, dtype: torch.dtype,
-                 device: str | torch.device, name: str) -> MoETransformer:
+def build(config: ModelConfig | SwitchConfig) -> Model:
+    return SwitchTransformer(config) if isinstance(config, SwitchConfig) else MoETransformer(config)
+
+
+def tied_copies(config: ModelConfig | SwitchConfig) -> dict[str, str]:
+    """Checkpoint keys that are copies of another tensor in moekit (hidden key -> source key)."""
+    if isinstance(config, SwitchConfig):
+        copies = {f"{s}.embed_tokens.weight": "shared.weight" for s in ("encoder", "decoder")}
+        return {**copies, TIED_HEAD: "shared.weight"} if config.tie_word_embeddings else copies
+    return {TIED_HEAD: "model.embed_tokens.weight"} if config.tie_embeddings else {}
+
+
+def load_weights(config: ModelConfig | SwitchConfig, path: str | Path, rules: tuple[Rule, ...], *,
+                 dtype: torch.dtype, device: str | torch.device, name: str) -> Model:
     """Build `config` on the meta device, allocate it once, fill it tensor by tensor from `path`."""
     with CheckpointReader(path) as reader:
         with torch.device("meta"):
-            model = MoETransformer(config)
+            model = build(config)
         model = model.to(dtype).to_empty(device=device)
         state = model.state_dict(keep_vars=True)
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        source: Any = reader
-        if config.tie_embeddings:
-            shapes.pop(TIED_HEAD, None)
-            source = _Without(reader, TIED_HEAD)
+        copies = tied_copies(config)
+        shapes = {k: tuple(v.shape) for k, v in state.items() if k not in copies}
         where = lambda key: f"{key} in {reader.path / reader.file_of(key)}" if key in reader else key  # noqa: E731
         with torch.no_grad():
-            for key, tensor in checkpoint_to_model(rules, source, shapes, where=where, name=name):
+            for key, tensor in checkpoint_to_model(rules, _Without(reader, set(copies)), shapes, where=where,
+                                                   name=name):
                 state[key].copy_(tensor)
             _zero_runtime_buffers(model)
+        for copy, source in copies.items():
+            # a tied copy a checkpoint stores anyway must equal its source: moekit keeps one tensor
+            if copy in reader and not torch.equal(reader.get(copy).to(dtype), state[source].detach()):
+                raise ValueError(f"{where(copy)} differs from {source}, but config.json ties them (moekit "
+                                 f"keeps one tensor); fix tie_word_embeddings in config.json")
     return model.eval()
 
 
 class _Without:
-    """A checkpoint view that hides one key (the LM head of a tied-embedding model)."""
+    """A checkpoint view that hides some keys (tied copies of another tensor)."""
 
-    def __init__(self, reader: CheckpointReader, hidden: str) -> None:
+    def __init__(self, reader: CheckpointReader, hidden: set[str]) -> None:
         self.reader, self.hidden = reader, hidden
 
     def keys(self) -> list[str]:
-        return [k for k in self.reader.keys() if k != self.hidden]
+        return [k for k in self.reader.keys() if k not in self.hidden]
 
     def get(self, key: str) -> torch.Tensor:
         return self.reader.get(key)
@@ -122,7 +143,7 @@ def _zero_runtime_buffers(model: torch.nn.Module) -> None:
                 buffer.zero_()
 
 
-def hf_config_for(model: MoETransformer, model_type: str) -> dict[str, Any]:
+def hf_config_for(model: Model, model_type: str) -> dict[str, Any]:
     """config.json for `model`: the loaded config.json (if any) updated with the translated fields."""
     base = dict(getattr(model, "hf_config", None) or {})
     if base.get("model_type", model_type) != model_type:
@@ -135,7 +156,7 @@ def hf_config_for(model: MoETransformer, model_type: str) -> dict[str, Any]:
 
 
 def save_pretrained(
-    model: MoETransformer,
+    model: Model,
     path: str | Path,
     *,
     max_shard_size: int | str = "5GB",
@@ -158,9 +179,8 @@ def save_pretrained(
                              f"not loaded from a Hugging Face checkpoint")
     if model_type not in TO_HF:
         raise ValueError(f"model_type={model_type!r} is not supported; moekit writes {sorted(TO_HF)}")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop(TIED_HEAD, None)  # transformers re-ties it from the embedding
+    copies = tied_copies(model.config)  # transformers re-ties these from their source
+    state = {k: v.detach() for k, v in model.state_dict().items() if k not in copies}
     tensors = model_to_checkpoint(family(model_type).save_rules(layout), state)
     config = hf_config_for(model, model_type)
     out = Path(path)
@@ -173,24 +193,31 @@ def save_pretrained(
 MOEKIT_CONFIG = "moekit_config.json"
 
 
-def save_moekit(model: MoETransformer, path: str | Path, *, max_shard_size: int | str = "5GB") -> list[str]:
+def save_moekit(model: Model, path: str | Path, *, max_shard_size: int | str = "5GB") -> list[str]:
     """Write `model` under its own parameter names (3-D experts) with its ModelConfig.
 
     The config.json it was loaded from (if any) is kept, so the directory converts back to the
     Hugging Face layout later.
     """
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop(TIED_HEAD, None)
+    copies = tied_copies(model.config)
+    state = {k: v.detach() for k, v in model.state_dict().items() if k not in copies}
     files = write_checkpoint(path, state, max_shard_size=max_shard_size)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    meta = {"model": model.config.to_dict(), "dtype": dtype, "hf_config": getattr(model, "hf_config", None)}
+    kind = "switch" if isinstance(model.config, SwitchConfig) else "decoder"
+    meta = {"model": asdict(model.config), "kind": kind, "dtype": dtype,
+            "hf_config": getattr(model, "hf_config", None)}
     (Path(path) / MOEKIT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return [*files, MOEKIT_CONFIG]
 
 
+def moekit_config(meta: dict) -> ModelConfig | SwitchConfig:
+    if meta.get("kind") == "switch":
+        return SwitchConfig(**meta["model"])
+    return ModelConfig.from_dict(meta["model"])
+
+
 def load_moekit(path: str | Path, *, dtype: torch.dtype | str | None = None,
-                device: str | torch.device = "cpu") -> MoETransformer:
+                device: str | torch.device = "cpu") -> Model:
     """Load a directory written by `save_moekit` (no rules: every key is a parameter name)."""
     file = Path(path) / MOEKIT_CONFIG
     try:
@@ -199,7 +226,7 @@ def load_moekit(path: str | Path, *, dtype: torch.dtype | str | None = None,
         raise FileNotFoundError(f"{path}: no {MOEKIT_CONFIG}; not a moekit-layout checkpoint") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from err
-    config = ModelConfig.from_dict(meta["model"])
+    config = moekit_config(meta)
     model = load_weights(config, path, (), dtype=resolve_dtype(dtype, meta), device=device, name=str(file))
     if meta.get("hf_config"):
         model.hf_config = meta["hf_config"]  # type: ignore[attr-defined]

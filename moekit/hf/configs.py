@@ -12,6 +12,7 @@ from typing import Any
 
 from moekit.config import MoEConfig
 from moekit.model.config import MLAConfig, ModelConfig, RopeConfig, layer_ids
+from moekit.model.encoder_decoder import SwitchConfig
 from moekit.model.mamba import MambaConfig
 
 _ROPE_FIELDS = {  # transformers rope_parameters key -> RopeConfig field
@@ -421,15 +422,44 @@ def jamba_to_hf(cfg: ModelConfig) -> dict:
                 mamba_conv_bias=mamba.conv_bias, mamba_proj_bias=mamba.bias)
 
 
-TO_MOEKIT: dict[str, Callable[[dict], ModelConfig]] = {
+# ---- switch_transformers (encoder-decoder) -------------------------------------------------
+def switch_to_moekit(hf: dict) -> SwitchConfig:
+    return SwitchConfig.from_transformers(hf)
+
+
+def switch_to_hf(cfg: SwitchConfig) -> dict:
+    if cfg.capacity_factor is not None:
+        raise ValueError(f"capacity_factor={cfg.capacity_factor} cannot be written for transformers' Switch "
+                         f"Transformers, which has a fixed expert_capacity; set expert_capacity instead")
+
+    def n_sparse(n_layers: int, step: int, name: str) -> int:
+        # transformers derives the step back as n_layers // num_sparse (0 sparse layers -> step n_layers)
+        n = n_layers // step if step > 0 else 0
+        if (n_layers // n if n else n_layers) != step and n:
+            raise ValueError(f"{name}={step} with {n_layers} layers cannot be written as transformers' "
+                             f"num_sparse_*_layers")
+        return n
+
+    fields = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "num_experts",
+              "expert_capacity", "router_bias", "router_jitter_noise", "relative_attention_num_buckets",
+              "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon", "router_z_loss_coef",
+              "router_aux_loss_coef", "dense_act_fn", "tie_word_embeddings", "pad_token_id",
+              "decoder_start_token_id")
+    out: dict[str, Any] = {f: getattr(cfg, f) for f in fields}
+    return dict(out, num_decoder_layers=cfg.decoder_layers, is_encoder_decoder=True,
+                num_sparse_encoder_layers=n_sparse(cfg.num_layers, cfg.encoder_sparse_step, "encoder_sparse_step"),
+                num_sparse_decoder_layers=n_sparse(cfg.decoder_layers, cfg.decoder_sparse_step, "decoder_sparse_step"))
+
+
+TO_MOEKIT: dict[str, Callable[[dict], ModelConfig | SwitchConfig]] = {
     "mixtral": mixtral_to_moekit, "qwen3_moe": qwen3_moe_to_moekit, "qwen2_moe": qwen2_moe_to_moekit,
     "olmoe": olmoe_to_moekit, "deepseek_v3": deepseek_v3_to_moekit, "deepseek_v2": deepseek_v2_to_moekit,
     "granitemoe": granitemoe_to_moekit, "gpt_oss": gpt_oss_to_moekit, "jamba": jamba_to_moekit,
-    "phimoe": phimoe_to_moekit, "dbrx": dbrx_to_moekit,
+    "phimoe": phimoe_to_moekit, "dbrx": dbrx_to_moekit, "switch_transformers": switch_to_moekit,
 }
-TO_HF: dict[str, Callable[[ModelConfig], dict]] = {
+TO_HF: dict[str, Callable[[Any], dict]] = {
     "mixtral": mixtral_to_hf, "qwen3_moe": qwen3_moe_to_hf, "qwen2_moe": qwen2_moe_to_hf,
     "olmoe": olmoe_to_hf, "deepseek_v3": deepseek_v3_to_hf, "deepseek_v2": deepseek_v2_to_hf,
     "granitemoe": granitemoe_to_hf, "gpt_oss": gpt_oss_to_hf, "jamba": jamba_to_hf,
-    "phimoe": phimoe_to_hf, "dbrx": dbrx_to_hf,
+    "phimoe": phimoe_to_hf, "dbrx": dbrx_to_hf, "switch_transformers": switch_to_hf,
 }

@@ -127,6 +127,15 @@ _DBRX = (
     Unflatten(_B + "ffn.experts.mlp.w2", MOE + "experts.w_down_EFD"),
 )
 
+
+def _switch_stack(stack: str, ff: int) -> tuple[Rule, ...]:
+    """One stack of a Switch Transformer: the feed-forward is sublayer `ff` of each block."""
+    p = f"{stack}.block.{{layer}}.layer.{ff}.mlp."
+    return (Rename(p + "router.classifier.weight", p + "router.gate.weight"),
+            StackExperts(p + "experts.expert_{expert}.wi.weight", p + "experts.w_in_EDF"),
+            StackExperts(p + "experts.expert_{expert}.wo.weight", p + "experts.w_out_EFD"))
+
+
 FAMILIES: dict[str, Family] = {
     "mixtral": _mixtral_like("mixtral", "gate"),
     "qwen3_moe": _qwen_like("qwen3_moe"),
@@ -138,6 +147,8 @@ FAMILIES: dict[str, Family] = {
     "granitemoe": Family("granitemoe", common=(), split=_GRANITE_SPLIT, fused=_GRANITE_FUSED),
     "gpt_oss": Family("gpt_oss", common=_GPT_OSS, split=(), fused=()),
     "dbrx": Family("dbrx", common=_DBRX, split=(), fused=()),
+    "switch_transformers": Family("switch_transformers", common=_switch_stack("encoder", 1)
+                                  + _switch_stack("decoder", 2), split=(), fused=()),
     "jamba": Family(
         "jamba",
         common=_JAMBA_COMMON,

@@ -13,13 +13,19 @@ from typing import Any
 
 from moekit.hf.configs import TO_MOEKIT
 from moekit.hf.io import CheckpointReader, read_config
+from moekit.hf.checkpoint import moekit_config
 from moekit.model.config import ModelConfig
+from moekit.model.encoder_decoder import SwitchConfig
 
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
                 "int8": 1, "uint8": 1, "bool": 1}
 
 
-def _config_summary(cfg: ModelConfig) -> dict[str, Any]:
+def _config_summary(cfg: ModelConfig | SwitchConfig) -> dict[str, Any]:
+    if isinstance(cfg, SwitchConfig):
+        return {"encoder_layers": cfg.num_layers, "decoder_layers": cfg.decoder_layers, "d_model": cfg.d_model,
+                "heads": cfg.num_heads, "vocab": cfg.vocab_size, "params": cfg.num_params(),
+                "experts": cfg.num_experts, "top_k": 1, "expert_capacity": cfg.expert_capacity}
     moe = cfg.moe
     out: dict[str, Any] = {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                            "kv_heads": cfg.kv_heads, "vocab": cfg.vocab_size, "context": cfg.max_seq_len,
@@ -44,7 +50,7 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     if moekit_file.is_file():
         meta = json.loads(moekit_file.read_text())
         summary["format"], summary["model_type"] = "moekit", (meta.get("hf_config") or {}).get("model_type")
-        config: ModelConfig | str = ModelConfig.from_dict(meta["model"])
+        config: ModelConfig | SwitchConfig | str = moekit_config(meta)
     else:
         hf = read_config(path)
         summary["format"], summary["model_type"] = "huggingface", hf.get("model_type")
@@ -53,7 +59,7 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
                 f"model_type={hf.get('model_type')!r} is not supported by moekit")
         except (ValueError, KeyError, TypeError) as err:
             config = f"config.json does not translate: {err}"
-    summary["config"] = _config_summary(config) if isinstance(config, ModelConfig) else config
+    summary["config"] = config if isinstance(config, str) else _config_summary(config)
     with CheckpointReader(path) as reader:
         keys = reader.keys()
         shapes = {k: reader.shape(k) for k in keys}
