@@ -16,6 +16,7 @@ from moekit.model.attention import additive_mask
 from moekit.model.block import DecoderLayer
 from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
+from moekit.model.mamba import MambaMixer
 from moekit.model.norm import make_norm
 from moekit.model.rope import rope_cos_sin
 from moekit.types import ModelOutput, RoutingDecision
@@ -56,9 +57,11 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
-        """GPT-2 style init for embedding and linear weights (experts init themselves)."""
+        """GPT-2 style init for embedding and linear weights; experts and Mamba mixers (whose dt
+        projection has its own initialisation) keep their own."""
+        mamba = {id(m) for mixer in self.modules() if isinstance(mixer, MambaMixer) for m in mixer.modules()}
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and id(module) not in mamba:
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

@@ -124,3 +124,12 @@ def test_rope_none_and_nope_layers_have_no_position_signal() -> None:
         roped = MoETransformer(cfg.replace(nope_layers="none")).eval()
         roped.load_state_dict(model.state_dict())
         assert not torch.allclose(roped(tokens).logits[:, -1], roped(shuffled).logits[:, -1], atol=1e-4)
+
+
+def test_model_init_keeps_the_mamba_dt_initialisation() -> None:
+    """The model's GPT-2 style reset must not zero dt_proj's bias (softplus(bias) = dt in [1e-3, 0.1])."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, d_model=D, n_layers=1, n_heads=2, d_ff=24, rope=None, moe=None,
+                      moe_layers="none", attention_layers="none", mamba=MambaConfig(d_model=D, d_state=4))
+    dt_I = F.softplus(MoETransformer(cfg).model.layers[0].mamba.dt_proj.bias)
+    assert dt_I.min() >= 1e-3 * 0.99 and dt_I.max() <= 0.1 * 1.01
