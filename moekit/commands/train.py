@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(str(err)) from err
     if result.interrupted:
         return 130
-    final = save_final(model, model_config, data.tokenizer, args.out / "final")
+    final = save_final(model, model_config, data.tokenizer, args.out / "final",
+                       model_type=preset.hf_model_type)
     val = "" if result.final_val_loss is None else f", final validation loss {result.final_val_loss:.4f}"
     print(f"trained {result.step} steps{val}; model in {final}, metrics in {args.out / 'metrics.jsonl'}")
     return 0

@@ -23,12 +23,12 @@ class Preset:
     model: Callable[[int], ModelConfig]
     train: TrainConfig
     vocab_size: int
+    hf_model_type: str | None = None  # the Hugging Face family the final weights are saved as
 
 
 def _tiny_model(vocab_size: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, d_ff=128,
-        tie_embeddings=True,
         moe=MoEConfig(d_model=64, d_ff=64, num_experts=4, top_k=2, load_balance_coef=0.01),
     )
 
@@ -36,7 +36,6 @@ def _tiny_model(vocab_size: int) -> ModelConfig:
 def _small_model(vocab_size: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size, d_model=128, n_layers=4, n_heads=4, max_seq_len=128, d_ff=512,
-        tie_embeddings=True,
         moe=MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2, load_balance_coef=0.01),
     )
 
@@ -45,29 +44,33 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "2 layers, d_model 64, 4 experts top-2; ~1 minute on 2 CPU cores",
                    _tiny_model, TrainConfig(steps=300, batch_size=16, seq_len=64, lr=3e-3,
                                             warmup_steps=20, eval_every=50, checkpoint_every=100),
-                   vocab_size=1024),
+                   vocab_size=1024, hf_model_type="mixtral"),
     "small": Preset("small", "4 layers, d_model 128, 8 experts top-2; ~10 minutes on 2 CPU cores",
                     _small_model, TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=2e-3,
                                               warmup_steps=50, eval_every=100, checkpoint_every=200),
-                    vocab_size=2048),
+                    vocab_size=2048, hf_model_type="mixtral"),
 }
 
 
 def catalog_preset(name: str) -> Preset:
-    """A catalog architecture scaled to the `tiny` budget (its routing and block layout kept)."""
-    try:
-        from moekit import catalog
-    except ImportError as err:
-        raise ValueError("the model catalog (moekit.catalog) is not available in this build") from err
+    """A decoder-only catalog architecture at tiny width (the catalog picks the fewest layers that
+    keep its layer pattern), with the `tiny` training budget."""
+    from moekit import catalog
+
     base = PRESETS["tiny"]
     tiny = base.model(base.vocab_size)
+    entry = catalog.get(name)  # a ValueError listing the known names if NAME is unknown
 
     def model(vocab_size: int) -> ModelConfig:
-        return catalog.get(name).scaled(vocab_size=vocab_size, d_model=tiny.d_model,
-                                         n_layers=tiny.n_layers, max_seq_len=base.train.seq_len)
+        scaled = entry.scaled(d_model=tiny.d_model, num_experts=8,
+                              vocab_size=vocab_size).config
+        if not isinstance(scaled, ModelConfig):
+            raise ValueError(f"catalog:{name} is an encoder-decoder model; `moekit train` trains "
+                             f"decoder-only language models")
+        return scaled.replace(max_seq_len=base.train.seq_len)
 
-    model(base.vocab_size)  # fail now, with the catalog's message, if NAME is unknown
-    return Preset(f"catalog:{name}", f"{name} scaled to the tiny budget", model, base.train,
+    model(base.vocab_size)  # fail now rather than after tokenizing the corpus
+    return Preset(f"catalog:{entry.name}", f"{entry.name} scaled to the tiny budget", model, base.train,
                   base.vocab_size)
 
 

@@ -8,6 +8,7 @@ trained weights in the Hugging Face layout when `moekit.hf` provides it, else sa
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from moekit.model.config import ModelConfig
 from moekit.train.batches import PackedSequences, encode_documents
 from moekit.train.data import Corpus, load_corpus
 from moekit.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+NATIVE_CONFIG = "moekit_config.json"
+INIT_STD = 0.02  # MoETransformer.reset_parameters' std for every nn.Linear
 
 
 @dataclass(frozen=True)
@@ -59,30 +63,83 @@ def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = 
     from moekit.model import MoETransformer
 
     torch.manual_seed(seed)
-    return MoETransformer(config).to(device)
+    model = MoETransformer(config)
+    match_expert_init(model)
+    return model.to(device)
 
 
-def save_final(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, folder: str | Path) -> Path:
-    """Final weights + config (+ tokenizer.json): `save_pretrained` when available, else safetensors."""
+@torch.no_grad()
+def match_expert_init(model: nn.Module, std: float = INIT_STD) -> None:
+    """Draw routed-expert weights like every other matrix of the model, normal(0, std).
+
+    `MoETransformer.reset_parameters` gives each nn.Linear (dense MLPs, shared experts, attention)
+    std 0.02, while 3-D expert weights keep their own 1/sqrt(fan_in) init, 3-4x larger at small
+    d_model. A dense-vs-MoE comparison must not hinge on that, so experts start like dense MLPs.
+    """
+    from moekit.train.trainer import moe_layers
+
+    for layer in moe_layers(model):
+        for name, p in layer.experts.named_parameters():
+            if name.startswith("w_"):
+                nn.init.normal_(p, std=std)
+
+
+def save_final(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, folder: str | Path, *,
+               model_type: str | None = None) -> Path:
+    """Final weights + config + tokenizer.json in `folder`.
+
+    With a `model_type` (a Hugging Face family), `model.save_pretrained` writes the Hugging Face
+    layout, which is then loaded back and checked to give the same logits; otherwise (or if that
+    check fails) the weights go to model.safetensors beside moekit_config.json.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder)
-    else:
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors"))
-        config.save(folder / "moekit_config.json")
+    if model_type is not None and _save_hf_checked(model, folder, model_type):
+        save_tokenizer(tokenizer, folder)
+        return folder
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    config.save(folder / NATIVE_CONFIG)
     save_tokenizer(tokenizer, folder)
     return folder
+
+
+def _save_hf_checked(model: nn.Module, folder: Path, model_type: str) -> bool:
+    """save_pretrained into `folder` and verify by reloading; on any mismatch remove it, return False."""
+    import moekit
+
+    staging = folder / ".hf-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, model_type=model_type)
+        reloaded = moekit.from_pretrained(staging)
+        tokens_BS = torch.arange(min(8, model.config.vocab_size))[None].to(next(model.parameters()).device)
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            same = torch.equal(model(tokens_BS).logits, reloaded.to(tokens_BS.device).eval()(tokens_BS).logits)
+            model.train(was_training)
+    except (ValueError, KeyError, RuntimeError) as err:
+        print(f"note: Hugging Face layout ({model_type}) not written: {err}")
+        same = False
+    else:
+        if not same:
+            print(f"note: Hugging Face layout ({model_type}) did not reload to the same logits; "
+                  f"writing moekit's own layout instead")
+    if same:
+        for f in staging.iterdir():
+            f.replace(folder / f.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return same
 
 
 def load_final(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
     """Load weights saved by `save_final` (either layout)."""
     folder = Path(folder)
-    if (folder / "moekit_config.json").is_file():
+    if (folder / NATIVE_CONFIG).is_file():
         from moekit.model import MoETransformer
 
-        config = ModelConfig.from_dict(json.loads((folder / "moekit_config.json").read_text()))
+        config = ModelConfig.from_dict(json.loads((folder / NATIVE_CONFIG).read_text()))
         model = MoETransformer(config)
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.to(device), config
