@@ -69,7 +69,13 @@ class Preset:
         return replace(self, name=f"{self.name} (scaled)", config=small, aliases=())
 
     def info(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """Counts and costs from the built module (built on meta unless given)."""
+        """Counts and costs from the built module (built on meta unless given).
+
+        Keys: name, total_params, active_params (per token, counting embedding and LM head),
+        active_params_no_embedding (without both), embedding_params, experts {routed, top_k,
+        shared}, layers {total, moe, dense, attention, mamba}, context, flops_per_token (forward;
+        Mamba scans and routers' softmax not counted), weight_bytes {bf16, int8, int4}, hf_id, notes.
+        """
         model = model if model is not None else self.build()
         cfg = self.config
         if isinstance(cfg, SwitchConfig):
@@ -78,7 +84,7 @@ class Preset:
             n_enc, n_dec = cfg.num_layers, cfg.decoder_layers
             moe_count = sum(cfg.is_sparse(i, decoder=False) for i in range(n_enc)) + sum(
                 cfg.is_sparse(i, decoder=True) for i in range(n_dec))
-            layers = {"encoder": n_enc, "decoder": n_dec, "moe": moe_count,
+            layers = {"total": n_enc + n_dec, "encoder": n_enc, "decoder": n_dec, "moe": moe_count,
                       "dense": n_enc + n_dec - moe_count,
                       "attention": n_enc + n_dec, "mamba": 0}
             keys = min(self.context_length, FLOPS_CONTEXT)
@@ -112,6 +118,8 @@ class Preset:
             # and attention over min(window, FLOPS_CONTEXT) keys.
             "flops_per_token": 2 * counts.active_no_embed + head_flops + attn_flops,
             "weight_bytes": weight_memory(counts.total),
+            "hf_id": self.hf_id,
+            "notes": self.notes,
         }
 
 
