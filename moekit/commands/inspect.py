@@ -62,11 +62,16 @@ def inspect_preset(preset: catalog.Preset) -> int:
     model = preset.build()
     info = preset.info(model)
     table = Table(title=f"{preset.name}" + (f"  ({preset.hf_id})" if preset.hf_id else ""))
-    for col in ("module", "kind", "params", "active"):
-        table.add_column(col, justify="right" if col in ("params", "active") else "left")
+    for col in ("module", "kind", "params", "active", "mixer", "feed-forward"):
+        table.add_column(col, justify="left" if col in ("module", "kind") else "right")
+
+    def fmt(n: int | None) -> str:
+        return "" if n is None else f"{n:,}"
+
     for row in preset.layer_table(model):
-        table.add_row(row["name"], row["kind"], f"{row['params']:,}", f"{row['active']:,}")
-    table.add_row("total", "", f"{info['total_params']:,}", f"{info['active_params']:,}", style="bold")
+        table.add_row(row["name"], row["kind"], fmt(row["params"]), fmt(row["active"]),
+                      fmt(row.get("mixer_params")), fmt(row.get("ffn_params")))
+    table.add_row("total", "", fmt(info["total_params"]), fmt(info["active_params"]), "", "", style="bold")
     console = Console()
     if not console.is_terminal:
         console = Console(width=220)  # piped output: do not squeeze the table into 80 columns

@@ -18,6 +18,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.model.accounting import count_params, inactive_expert_params, param_counts, weight_memory
 from moekit.model.config import MLAConfig, ModelConfig, RopeConfig, layer_ids
+from moekit.model.block import DecoderLayer
 from moekit.model.encoder_decoder import SwitchConfig, SwitchTransformer
 from moekit.model.mamba import MambaConfig
 from moekit.model.transformer import MoETransformer
@@ -125,7 +126,8 @@ class Preset:
 
     def layer_table(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
         """One row per top-level piece (embedding, each block, final norm, head) of the built module:
-        name, kind, params and active params."""
+        name, kind, params, active params, and for decoder blocks the mixer's (attention or Mamba)
+        and the feed-forward's share of params."""
         model = model if model is not None else self.build()
         rows = []
         if isinstance(self.config, SwitchConfig):
@@ -152,8 +154,12 @@ class Preset:
             params = count_params(module)
             if kind.startswith("LM head (tied)"):
                 params -= module.weight.numel()  # the embedding's matrix, counted above
-            rows.append({"name": name, "kind": kind, "params": params,
-                         "active": params - inactive_expert_params(module)})
+            row: dict[str, Any] = {"name": name, "kind": kind, "params": params,
+                                   "active": params - inactive_expert_params(module)}
+            if isinstance(module, DecoderLayer):
+                mixer = module.self_attn if module.is_attention else module.mamba
+                row.update(mixer_params=count_params(mixer), ffn_params=count_params(module.mlp))
+            rows.append(row)
         return rows
 
 

@@ -45,6 +45,10 @@ def test_inspect_layer_rows_sum_to_the_total() -> None:
         rows = preset.layer_table(model)
         assert sum(r["params"] for r in rows) == info["total_params"], name
         assert sum(r["active"] for r in rows) == info["active_params"], name
+        for r in rows:
+            if "mixer_params" in r:  # a block = its two norms + mixer + feed-forward
+                norms = 2 * preset.config.d_model * (2 if preset.config.norm_bias else 1)
+                assert r["mixer_params"] + r["ffn_params"] + norms == r["params"], r["name"]
 
 
 def test_inspect_unknown_name_is_a_clean_error(capsys) -> None:
