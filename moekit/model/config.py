@@ -82,6 +82,9 @@ class RopeConfig:
         short_factor / long_factor / short_mscale / long_mscale: longrope tables and cos/sin scales.
         partial_rotary: fraction of each head's dims that rotate (the rest pass through).
         interleaved: rotate pairs (x0, x1), (x2, x3) (DeepSeek's layout) instead of halves.
+    "dynamic" and "longrope" depend on the length seen so far; as in transformers, cached keys keep
+    the rotation they were made with, so decoding past the switch point differs from one full
+    forward (every other scaling decodes exactly).
     """
 
     theta: float = 10000.0
