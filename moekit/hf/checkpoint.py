@@ -103,7 +103,7 @@ def load_weights(config: ModelConfig | SwitchConfig, path: str | Path, rules: tu
     with CheckpointReader(path) as reader:
         with torch.device("meta"):
             model = build(config)
-        model = model.to(dtype).to_empty(device=device)
+        model = _to_empty(model.to(dtype), device)
         state = model.state_dict(keep_vars=True)
         copies = tied_copies(config)
         shapes = {k: tuple(v.shape) for k, v in state.items() if k not in copies}
@@ -119,6 +119,20 @@ def load_weights(config: ModelConfig | SwitchConfig, path: str | Path, rules: tu
                 raise ValueError(f"{where(copy)} differs from {source}, but config.json ties them (moekit "
                                  f"keeps one tensor); fix tie_word_embeddings in config.json")
     return model.eval()
+
+
+def _to_empty(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """`module.to_empty`, keeping tied parameters tied (to_empty gives each its own storage)."""
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    model = model.to_empty(device=device)
+    for names in shared.values():
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
+    return model
 
 
 class _Without:

@@ -20,7 +20,8 @@ _ROPE_FIELDS = {  # transformers rope_parameters key -> RopeConfig field
     "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
     "mscale_all_dim": "mscale_all_dim", "attention_factor": "attention_factor", "truncate": "truncate",
     "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
-    "short_factor": "short_factor", "long_factor": "long_factor", "partial_rotary_factor": "partial_rotary",
+    "short_factor": "short_factor", "long_factor": "long_factor", "short_mscale": "short_mscale",
+    "long_mscale": "long_mscale", "partial_rotary_factor": "partial_rotary",
 }
 _ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
 

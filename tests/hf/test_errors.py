@@ -128,3 +128,18 @@ def test_dtype(mixtral_dir, dtype):
 def test_bad_dtype(mixtral_dir):
     with pytest.raises(ValueError, match="dtype='fp8' is invalid"):
         moekit.from_pretrained(mixtral_dir, dtype="fp8")
+
+
+def test_tied_embeddings(tmp_path):
+    src = tmp_path / "src"
+    save_tiny("qwen3_moe", src, {"tie_word_embeddings": True})
+    model = moekit.from_pretrained(src)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor after loading
+    embed = load_file(src / "model.safetensors")["model.embed_tokens.weight"]
+    # a checkpoint may store the tied copy; an equal one is accepted, a different one refused
+    same = _copy(src, tmp_path / "same", tensors_edit=lambda t: t.update({"lm_head.weight": embed.clone()}))
+    moekit.from_pretrained(same)
+    bad = _copy(src, tmp_path / "bad", tensors_edit=lambda t: t.update({"lm_head.weight": embed + 1}))
+    with pytest.raises(ValueError, match="lm_head.weight in .* differs from model.embed_tokens.weight, but "
+                                         "config.json ties them"):
+        moekit.from_pretrained(bad)

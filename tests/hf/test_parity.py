@@ -13,19 +13,20 @@ from safetensors.torch import load_file
 
 import moekit
 from moekit.hf.checkpoint import save_pretrained
-from tests.hf.tiny import MODEL_TYPES, VOCAB, hf_router_ids, save_tiny
+from tests.hf.tiny import CASES, VOCAB, hf_router_ids, save_tiny
 
 ATOL = 1e-4
-PARAMS = [pytest.param(t, id=t) for t in MODEL_TYPES]
+PARAMS = [pytest.param(case, id=case) for case in CASES]
 
 
 @pytest.fixture(scope="module", params=PARAMS)
 def pair(request, tmp_path_factory):
-    """(model_type, checkpoint dir, transformers model, moekit model)."""
-    model_type = request.param
-    path = tmp_path_factory.mktemp(model_type)
-    hf_model = save_tiny(model_type, path)
-    return model_type, path, hf_model, moekit.from_pretrained(path)
+    """(case id, checkpoint dir, transformers model, moekit model)."""
+    case = request.param
+    model_type, overrides = CASES[case]
+    path = tmp_path_factory.mktemp(case)
+    hf_model = save_tiny(model_type, path, overrides)
+    return case, path, hf_model, moekit.from_pretrained(path)
 
 
 def _tokens(B: int = 2, S: int = 7, seed: int = 1) -> torch.Tensor:

@@ -44,6 +44,18 @@ DBRX = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
             attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=10000.0),
             ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))
 MODEL_TYPES = [*CONFIGS, "dbrx"]
+# Variants that exercise config translation: case id -> (model_type, config overrides).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "deepseek_v3-yarn": ("deepseek_v3", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))),
+    "phimoe-longrope": ("phimoe", dict(rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
+        short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.5, 2.0, 3.0, 4.0], short_mscale=1.1, long_mscale=1.3))),
+    "qwen3_moe-tied": ("qwen3_moe", dict(tie_word_embeddings=True)),
+    "mixtral-sliding": ("mixtral", dict(sliding_window=3)),
+}
+CASES: dict[str, tuple[str, dict]] = {**{t: (t, {}) for t in MODEL_TYPES}, **VARIANTS}
 
 
 def hf_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
@@ -79,8 +91,8 @@ def _ids(out, top_k: int) -> torch.Tensor:
     return out[2]
 
 
-def save_tiny(model_type: str, path: Path, **save_kwargs) -> transformers.PreTrainedModel:
-    model = tiny_hf_model(model_type)
+def save_tiny(model_type: str, path: Path, overrides: dict | None = None, **save_kwargs) -> transformers.PreTrainedModel:
+    model = tiny_hf_model(model_type, **(overrides or {}))
     model.save_pretrained(path, **save_kwargs)
     return model
 
