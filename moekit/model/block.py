@@ -2,7 +2,10 @@
 
     h = x + m * [out_norm](mixer(input_layernorm(x)))
     y = h + m * [out_norm](mlp(post_attention_layernorm(h)))      (m = residual_multiplier)
-The feed-forward `mlp` is an MoELayer or a dense MLP; names follow transformers' decoder layers.
+Arctic's MoE layers (moe_parallel) instead run the MoE on the block input, in parallel with
+attention, and a dense residual MLP after attention: y = h + residual_mlp(residual_layernorm(h)) +
+mlp(post_attention_layernorm(x)). The feed-forward `mlp` is an MoELayer or a dense MLP; names
+follow transformers' decoder layers (and Arctic's residual_layernorm / residual_mlp).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class DecoderLayer(nn.Module):
         else:
             assert config.d_ff is not None
             self.mlp = DenseMLP(D, config.d_ff, config.ffn_activation, bias=config.mlp_bias)
+        self.parallel = config.moe_parallel and config.is_moe(layer_idx)
+        if self.parallel:
+            assert config.d_ff is not None
+            self.residual_layernorm = norm()
+            self.residual_mlp = DenseMLP(D, config.d_ff, config.ffn_activation, bias=config.mlp_bias)
         if config.post_norms:
             # Grok-1's sandwich: a norm on each branch output before the residual add.
             self.attn_out_norm = norm()
@@ -68,6 +76,7 @@ class DecoderLayer(nn.Module):
         """Returns (y_BSD, feed-forward routing or None, the weighted aux loss or None, K/V or None)."""
         cfg = self.config
         kv, aux_loss = None, None
+        block_in_BSD = x_BSD
         h_BSD = self.input_layernorm(x_BSD)
         if self.is_attention:
             assert mask_B1ST is not None
@@ -90,7 +99,13 @@ class DecoderLayer(nn.Module):
             h_BSD = self.attn_out_norm(h_BSD)
         x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
 
-        h_BSD = self.post_attention_layernorm(x_BSD)
+        if self.parallel:
+            # Arctic (parallel_attn_mlp_res): dense residual MLP after attention; the MoE below
+            # reads the block input, so it can run in parallel with attention.
+            x_BSD = x_BSD + self.residual_mlp(self.residual_layernorm(x_BSD)) * cfg.residual_multiplier
+            h_BSD = self.post_attention_layernorm(block_in_BSD)
+        else:
+            h_BSD = self.post_attention_layernorm(x_BSD)
         decision = None
         if isinstance(self.mlp, MoELayer):
             out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS)

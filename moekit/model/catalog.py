@@ -186,6 +186,8 @@ def describe_layer(cfg: ModelConfig, i: int) -> str:
             ffn += f" + {cfg.moe.num_shared_experts} shared"
         if cfg.moe.dense_residual_d_ff:
             ffn += " + dense residual"
+        if cfg.moe_parallel:
+            ffn = f"{ffn} parallel to attention + residual MLP {cfg.d_ff}"
     else:
         ffn = f"dense MLP {cfg.d_ff}"
     return f"{mixer} | {ffn}"
@@ -441,11 +443,10 @@ def _presets() -> list[Preset]:
           ("mixtral-8x22b",), "mistralai/Mixtral-8x22B-v0.1"),
         P("Snowflake Arctic", ModelConfig(
             vocab_size=32000, d_model=7168, n_layers=35, n_heads=56, n_kv_heads=8, max_seq_len=4096,
-            rope=RopeConfig(theta=10000.0),
-            moe=_moe(7168, 4864, 128, 2, dense_residual_d_ff=7168, load_balance_coef=0.001)),
+            rope=RopeConfig(theta=10000.0), d_ff=7168, moe_parallel=True,
+            moe=_moe(7168, 4864, 128, 2, load_balance_coef=0.001)),
           ("arctic", "snowflake-arctic"), "Snowflake/snowflake-arctic-base",
-          "Dense residual MLP shares the MoE's input norm (Arctic has a third RMSNorm for it, 7168 params "
-          "per layer); dropless instead of capacity factor 1."),
+          "Dropless routing instead of capacity factor 1."),
         P("Skywork-MoE", ModelConfig(
             vocab_size=65532, d_model=4608, n_layers=52, n_heads=36, n_kv_heads=36, max_seq_len=8192,
             norm_eps=1e-6,

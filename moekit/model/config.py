@@ -161,7 +161,9 @@ class ModelConfig:
     (None = n_heads; GQA when fewer) of head_dim (None = d_model // n_heads); max_seq_len is the
     context length (also the reference length of dynamic RoPE).
     Feed-forward: `moe` (an MoEConfig) on the layers `moe_layers` selects; the other layers get a
-    dense MLP of width d_ff with `ffn_activation` (biases if mlp_bias).
+    dense MLP of width d_ff with `ffn_activation` (biases if mlp_bias). moe_parallel (Snowflake
+    Arctic): MoE layers run the MoE on the block input in parallel with attention, plus a dense
+    residual MLP of width d_ff (with its own norm) after attention.
     Mixers: `attention_layers` are attention, the rest Mamba (`mamba` config, Jamba).
     Attention options: qkv_bias / o_bias; qk_norm "head" (RMSNorm per head before RoPE, Qwen3),
     "head_after_rope" (the same after RoPE, Hunyuan), "full" (over the whole q and k projections,
@@ -193,6 +195,7 @@ class ModelConfig:
     mlp_bias: bool = False
     moe: MoEConfig | None = None
     moe_layers: LayerSpec = "all"
+    moe_parallel: bool = False
     # mixers
     attention_layers: LayerSpec = "all"
     mamba: MambaConfig | None = None
@@ -293,6 +296,10 @@ class ModelConfig:
         else:
             check(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model,
                   f"must equal d_model={self.d_model}")
+        if self.moe_parallel:
+            check(self.moe is not None and self.d_ff is not None, "moe_parallel", True,
+                  "needs moe (the parallel MoE) and d_ff (the width of the dense residual MLP)")
+            check(not self.post_norms, "post_norms", True, "is not supported together with moe_parallel")
         if len(moe_ids) < L:
             check(self.d_ff is not None, "d_ff", None, f"layers {sorted(set(range(L)) - set(moe_ids))[:8]} "
                   "have a dense feed-forward, which needs d_ff")
@@ -397,6 +404,8 @@ class ModelConfig:
         if self.is_moe(i):
             assert self.moe is not None
             ffn = self.moe.active_params() if active else self.moe.num_params()
+            if self.moe_parallel:
+                ffn += self.dense_ffn_params() + self.norm_params(self.d_model)  # residual MLP + its norm
         else:
             ffn = self.dense_ffn_params()
         norms = (4 if self.post_norms else 2) * self.norm_params(self.d_model)

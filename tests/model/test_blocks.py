@@ -61,6 +61,28 @@ def test_model_forward_equals_explicit_composition(opts: dict) -> None:
     assert not isinstance(model.model.layers[0].mlp, MoELayer)
 
 
+def test_arctic_parallel_moe_block_equals_its_formula() -> None:
+    """Arctic: y = h + residual_mlp(residual_layernorm(h)) + moe(post_attention_layernorm(x)),
+    h = x + attn(input_layernorm(x)): the MoE reads the block input, not h."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, d_model=D, n_layers=1, n_heads=2, d_ff=24, moe_parallel=True,
+                      moe=MoEConfig(d_model=D, d_ff=8, num_experts=4, top_k=2))
+    model = MoETransformer(cfg).eval()
+    _perturb(model)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 5, D)
+    cos_sin = rope_cos_sin(cfg.rope, 8, torch.arange(5), max_seq_len=cfg.max_seq_len, dtype=torch.float32)
+    mask = additive_mask(torch.arange(5), torch.arange(5), window=None, key_mask_BT=None, dtype=torch.float32)
+    with torch.no_grad():
+        y, decision, aux, _ = layer(x, cos_sin=cos_sin, mask_B1ST=mask)
+        h = x + layer.self_attn(layer.input_layernorm(x), cos_sin=cos_sin, mask_B1ST=mask)[0]
+        moe_out = layer.mlp(layer.post_attention_layernorm(x)).y
+        expected = h + layer.residual_mlp(layer.residual_layernorm(h)) + moe_out
+    torch.testing.assert_close(y, expected)
+    assert decision is not None and aux is not None
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
 def test_jamba_style_stack_places_mamba_and_attention_layers() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=32, d_model=D, n_layers=4, n_heads=2, d_ff=24, rope=None,

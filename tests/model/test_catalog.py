@@ -104,7 +104,8 @@ def test_scaled_preset_keeps_the_structure(name: str) -> None:
             full.encoder_sparse_step, full.decoder_sparse_step)
         return
     assert isinstance(small, ModelConfig)
-    flags = ("qk_norm", "attn_sinks", "norm", "post_norms", "tie_embeddings", "qkv_bias", "kv_share_every")
+    flags = ("qk_norm", "attn_sinks", "norm", "post_norms", "tie_embeddings", "qkv_bias", "kv_share_every",
+             "moe_parallel")
     for flag in flags:
         assert getattr(small, flag) == getattr(full, flag), flag
     assert (small.mla is None) == (full.mla is None)

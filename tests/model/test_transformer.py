@@ -42,6 +42,7 @@ VARIANTS = [
     pytest.param(tiny(n_heads=4, n_kv_heads=2, head_dim=6,
                       moa=MoEConfig(d_model=D, d_ff=12, num_experts=3, top_k=2, softmax_after_topk=True)),
                  id="mixture-of-attention"),
+    pytest.param(tiny(n_layers=3, moe_layers=(0, 2), moe_parallel=True), id="arctic-parallel-moe"),
     pytest.param(tiny(n_layers=3, attention_layers=(1,), rope=None, moe_layers="every:2:1",
                       mamba=MambaConfig(d_model=D, d_state=4, expand=2, chunk_size=4)), id="mamba-hybrid"),
 ]
@@ -182,6 +183,7 @@ BAD = [
                  "kv_share_every", id="kv-share-source-not-attention"),
     pytest.param(dict(norm_bias=True), "norm_bias", id="rmsnorm-with-bias"),
     pytest.param(dict(mla=MLAConfig(), n_kv_heads=2), "n_kv_heads", id="mla-with-gqa"),
+    pytest.param(dict(moe_parallel=True, d_ff=None), "moe_parallel", id="parallel-moe-without-d_ff"),
     pytest.param(dict(n_kv_heads=2, moa=MoEConfig(d_model=D, d_ff=16, num_experts=4, top_k=1)), "n_heads",
                  id="moa-heads-not-top_k-times-kv-heads"),
     pytest.param(dict(n_kv_heads=2, moa=MoEConfig(d_model=D, d_ff=20, num_experts=4, top_k=2)), "moa.d_ff",
