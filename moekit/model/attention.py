@@ -20,17 +20,26 @@ from moekit.model.rope import apply_rope
 
 
 def additive_mask(
-    q_pos_S: Tensor, k_pos_T: Tensor, *, window: int | None, key_mask_BT: Tensor | None, dtype: torch.dtype
+    q_pos_S: Tensor,
+    k_pos_T: Tensor,
+    *,
+    window: int | None,
+    key_mask_BT: Tensor | None,
+    dtype: torch.dtype,
+    chunk: int | None = None,
 ) -> Tensor:
     """(B or 1, 1, S, T) float mask: 0 where query i may see key j, the dtype's minimum elsewhere.
 
     Causal (j <= i); with a window, also j > i - window (transformers' sliding_window_overlay);
-    padding keys (key_mask False) are hidden. A finite minimum, not -inf, keeps rows with no
+    with a chunk, also j // chunk == i // chunk (Llama 4's chunked attention); padding keys
+    (key_mask False) are hidden. A finite minimum, not -inf, keeps rows with no
     visible key (padding queries) free of NaN, as transformers does.
     """
     allowed_ST = k_pos_T[None, :] <= q_pos_S[:, None]
     if window is not None:
         allowed_ST = allowed_ST & (k_pos_T[None, :] > q_pos_S[:, None] - window)
+    if chunk is not None:
+        allowed_ST = allowed_ST & (k_pos_T[None, :] // chunk == q_pos_S[:, None] // chunk)
     allowed = allowed_ST[None, None]
     if key_mask_BT is not None:
         allowed = allowed & key_mask_BT[:, None, None, :].bool()

@@ -175,6 +175,8 @@ def describe_layer(cfg: ModelConfig, i: int) -> str:
                 mixer += f", K/V of layer {cfg.kv_source(i)}"
         if cfg.layer_window(i) is not None:
             mixer += f", window {cfg.layer_window(i)}"
+        if cfg.layer_chunk(i) is not None:
+            mixer += f", chunk {cfg.layer_chunk(i)}"
         if cfg.rope is not None and not cfg.uses_rope(i):
             mixer += ", NoPE"
     else:
@@ -194,9 +196,9 @@ def describe_layer(cfg: ModelConfig, i: int) -> str:
 
 
 def attention_flops(cfg: ModelConfig, i: int) -> int:
-    """QK^T and AV FLOPs of one token in attention layer i, over min(window, FLOPS_CONTEXT) keys."""
-    window = cfg.layer_window(i)
-    keys = min(FLOPS_CONTEXT, cfg.max_seq_len, window or FLOPS_CONTEXT)
+    """QK^T and AV FLOPs of one token in attention layer i, over min(window, chunk, FLOPS_CONTEXT) keys."""
+    keys = min(FLOPS_CONTEXT, cfg.max_seq_len, cfg.layer_window(i) or FLOPS_CONTEXT,
+               cfg.layer_chunk(i) or FLOPS_CONTEXT)
     if cfg.mla is not None:
         per_key = cfg.mla.qk_head_dim + cfg.mla.v_head_dim
     else:
@@ -279,6 +281,7 @@ def scale_config(cfg: ModelConfig, *, d_model: int = 32, n_layers: int | None = 
         sliding_layers=_scale_spec(cfg.sliding_layers, n_layers),
         nope_layers=_scale_spec(cfg.nope_layers, n_layers),
         sliding_window=None if cfg.sliding_window is None else min(cfg.sliding_window, 4),
+        attention_chunk=None if cfg.attention_chunk is None else min(cfg.attention_chunk, 4),
         rope=rope, mla=mla, moa=moa, mamba=mamba,
     )
 
@@ -387,6 +390,7 @@ def _llama4(*, E: int, moe_layers: str, qk_norm: str, context: int, rope: RopeCo
         d_ff=16384, moe=_moe(d, 8192, E, 1, score_func="sigmoid", normalize_topk=False, num_shared_experts=1,
                              load_balance_coef=0.001),
         moe_layers=moe_layers, qk_norm=qk_norm, nope_layers="every:4", rope=rope,  # type: ignore[arg-type]
+        attention_chunk=8192,
     )
 
 
@@ -502,12 +506,13 @@ def _presets() -> list[Preset]:
             theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position=8192)),
           ("llama4-scout", "llama-4-scout"), "meta-llama/Llama-4-Scout-17B-16E",
-          "Text model only; chunked attention (8192) on RoPE layers and NoPE attention temperature not "
-          "modelled; the router's sigmoid weight scales the expert output (Llama 4 scales its input)."),
+          "Text model only; NoPE layers' attention temperature tuning not modelled; the router's "
+          "sigmoid weight scales the expert output (Llama 4 scales its input)."),
         P("Llama 4 Maverick", _llama4(E=128, moe_layers="every:2", qk_norm="none", context=1048576,
                                       rope=RopeConfig(theta=500000.0)),
           ("llama4-maverick", "llama-4-maverick"), "meta-llama/Llama-4-Maverick-17B-128E",
-          "Text model only; chunked attention not modelled."),
+          "Text model only; NoPE layers' attention temperature tuning not modelled; the router's "
+          "sigmoid weight scales the expert output (Llama 4 scales its input)."),
         P("Kimi K2", _deepseek_v3(vocab=163840, H=64, E=384, first_dense=1, groups=None, topk_groups=None,
                                   scale=2.827, theta=50000.0, rope_scaling=False, context=131072, eps=1e-5),
           ("kimi-k2",), "moonshotai/Kimi-K2-Base", 

@@ -171,7 +171,9 @@ class ModelConfig:
     sliding_window on `sliding_layers`; attn_sinks (gpt-oss); kv_share_every (cross-layer KV
     sharing, Hunyuan-Large CLA: layer i reuses the K/V of layer i - i % n); attn_scale (None =
     head_dim^-0.5; Granite's attention_multiplier); attn_logit_softcap (Grok-1: c * tanh(x / c));
-    rope (None = no positions, Jamba) except on `nope_layers`; mla for latent attention; moa for
+    rope (None = no positions, Jamba) except on `nope_layers`; attention_chunk (Llama 4): layers
+    that use RoPE attend only within aligned chunks of this many tokens (NoPE layers stay global,
+    as transformers' Llama 4 pairs them); mla for latent attention; moa for
     JetMoE's mixture of attention heads (router and experts from this MoEConfig; each expert owns q
     and o projections of width d_ff = n_kv_heads * head_dim, K/V are shared; n_heads = top_k *
     n_kv_heads).
@@ -212,6 +214,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     rope: RopeConfig | None = RopeConfig()
     nope_layers: LayerSpec = "none"
+    attention_chunk: int | None = None
     mla: MLAConfig | None = None
     moa: MoEConfig | None = None
     # norms
@@ -231,7 +234,7 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             check(_positive_int(value), name, value, "must be a positive integer")
-        for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window"):
+        for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window", "attention_chunk"):
             value = getattr(self, name)
             check(value is None or _positive_int(value), name, value, "must be a positive integer or None")
         check(_positive_int(self.kv_share_every), "kv_share_every", self.kv_share_every,
@@ -341,6 +344,10 @@ class ModelConfig:
         """Sliding window of layer i (None = full causal attention)."""
         in_sliding = i in layer_ids(self.sliding_layers, self.n_layers)
         return self.sliding_window if in_sliding else None
+
+    def layer_chunk(self, i: int) -> int | None:
+        """Attention chunk of layer i (None = unchunked): RoPE layers when attention_chunk is set."""
+        return self.attention_chunk if self.uses_rope(i) else None
 
     def uses_rope(self, i: int) -> bool:
         return self.rope is not None and i not in layer_ids(self.nope_layers, self.n_layers)

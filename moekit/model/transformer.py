@@ -114,7 +114,7 @@ class MoETransformer(nn.Module):
             key_mask_BT = cache.key_mask_BT
         q_pos_S = torch.arange(start, start + S, device=device)
         k_pos_T = torch.arange(0, start + S, device=device)
-        masks: dict[int | None, Tensor] = {}
+        masks: dict[tuple[int | None, int | None], Tensor] = {}
         cos_sin = None
         if cfg.rope is not None:
             rot = cfg.rotary_dim
@@ -126,11 +126,11 @@ class MoETransformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             mask_B1ST = None
             if layer.is_attention:
-                window = cfg.layer_window(i)
-                if window not in masks:
-                    masks[window] = additive_mask(q_pos_S, k_pos_T, window=window, key_mask_BT=key_mask_BT,
-                                                  dtype=x_BSD.dtype)
-                mask_B1ST = masks[window]
+                kind = (cfg.layer_window(i), cfg.layer_chunk(i))
+                if kind not in masks:
+                    masks[kind] = additive_mask(q_pos_S, k_pos_T, window=kind[0], chunk=kind[1],
+                                                key_mask_BT=key_mask_BT, dtype=x_BSD.dtype)
+                mask_B1ST = masks[kind]
             x_BSD, decision, layer_aux, kv = layer(
                 x_BSD,
                 cos_sin=cos_sin if cfg.uses_rope(i) else None,

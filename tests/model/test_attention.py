@@ -17,15 +17,16 @@ from tests.reference.attention import reference_attention, reference_rope
 torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize("H,K,window,softcap,sinks,past", [
-    pytest.param(4, 4, None, None, False, 0, id="mha"),
-    pytest.param(4, 2, None, None, False, 0, id="gqa"),
-    pytest.param(4, 1, 3, None, False, 0, id="mqa-window"),
-    pytest.param(2, 2, None, 0.7, False, 0, id="softcap"),
-    pytest.param(4, 2, 2, None, True, 0, id="sinks-window"),
-    pytest.param(4, 2, None, None, True, 3, id="sinks-with-past-keys"),
+@pytest.mark.parametrize("H,K,window,softcap,sinks,past,chunk", [
+    pytest.param(4, 4, None, None, False, 0, None, id="mha"),
+    pytest.param(4, 2, None, None, False, 0, None, id="gqa"),
+    pytest.param(4, 1, 3, None, False, 0, None, id="mqa-window"),
+    pytest.param(2, 2, None, 0.7, False, 0, None, id="softcap"),
+    pytest.param(4, 2, 2, None, True, 0, None, id="sinks-window"),
+    pytest.param(4, 2, None, None, True, 3, None, id="sinks-with-past-keys"),
+    pytest.param(4, 2, None, None, False, 2, 3, id="chunked-with-past-keys"),
 ])
-def test_attend_matches_reference(H, K, window, softcap, sinks, past) -> None:
+def test_attend_matches_reference(H, K, window, softcap, sinks, past, chunk) -> None:
     torch.manual_seed(0)
     B, S, d = 2, 5, 6
     T = past + S
@@ -36,10 +37,12 @@ def test_attend_matches_reference(H, K, window, softcap, sinks, past) -> None:
     key_mask[1, 1] = False  # a padding key in the middle (every query still sees key 0)
     sinks_H = torch.randn(H) if sinks else None
     q_pos = torch.arange(past, T)
-    mask = additive_mask(q_pos, torch.arange(T), window=window, key_mask_BT=key_mask, dtype=torch.float32)
+    mask = additive_mask(q_pos, torch.arange(T), window=window, chunk=chunk, key_mask_BT=key_mask,
+                         dtype=torch.float32)
     out = attend(q, k, v, mask, scale=0.4, softcap=softcap, sinks_H=sinks_H)
     ref = reference_attention(q.detach(), k.detach(), v.detach(), q_positions=q_pos.tolist(), scale=0.4,
-                              window=window, key_mask_BT=key_mask, softcap=softcap, sinks_H=sinks_H)
+                              window=window, chunk=chunk, key_mask_BT=key_mask, softcap=softcap,
+                              sinks_H=sinks_H)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 

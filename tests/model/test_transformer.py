@@ -33,7 +33,7 @@ VARIANTS = [
     pytest.param(tiny(attn_sinks=True, qkv_bias=True, o_bias=True, sliding_window=4), id="sinks"),
     pytest.param(tiny(n_layers=4, kv_share_every=2, qk_norm="head_after_rope"), id="kv-sharing"),
     pytest.param(tiny(qk_norm="full", clip_qkv=0.05), id="qk-norm-full-clip"),
-    pytest.param(tiny(qk_norm="l2", nope_layers="every:2"), id="l2-qk-norm-nope"),
+    pytest.param(tiny(qk_norm="l2", nope_layers="every:2", attention_chunk=3), id="llama4-l2-nope-chunked"),
     pytest.param(tiny(rope=RopeConfig(partial_rotary=0.5, scaling="linear", factor=2.0)), id="partial-rope"),
     pytest.param(tiny(attn_logit_softcap=0.5, post_norms=True, embedding_multiplier=3.0,
                       residual_multiplier=0.5, logits_scaling=2.0, attn_scale=0.1), id="softcap-multipliers"),

@@ -1,6 +1,6 @@
 """Slow, obviously-correct attention: one query, one head at a time, with Python-level loops.
 
-Covers causal masking, sliding windows, padding keys, GQA head sharing, soft-capping and sinks,
+Covers causal masking, sliding windows, chunks, padding keys, GQA head sharing, soft-capping, sinks,
 plus a per-position RoPE rotation written from the definition (pairs rotated by angle pos * freq).
 """
 
@@ -20,6 +20,7 @@ def reference_attention(
     q_positions: list[int],
     scale: float,
     window: int | None = None,
+    chunk: int | None = None,
     key_mask_BT: Tensor | None = None,
     softcap: float | None = None,
     sinks_H: Tensor | None = None,
@@ -34,6 +35,7 @@ def reference_attention(
             for i in range(S):
                 pos = q_positions[i]
                 visible = [j for j in range(T) if j <= pos and (window is None or j > pos - window)
+                           and (chunk is None or j // chunk == pos // chunk)
                            and (key_mask_BT is None or bool(key_mask_BT[b, j]))]
                 logits = []
                 for j in visible:
