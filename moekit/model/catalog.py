@@ -17,13 +17,13 @@ from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.model.accounting import count_params, inactive_expert_params, param_counts, weight_memory
-from moekit.model.config import MLAConfig, ModelConfig, RopeConfig, layer_ids
 from moekit.model.block import DecoderLayer
+from moekit.model.config import MLAConfig, ModelConfig, RopeConfig, layer_ids
 from moekit.model.encoder_decoder import SwitchConfig, SwitchTransformer
 from moekit.model.mamba import MambaConfig
 from moekit.model.transformer import MoETransformer
 
-FLOPS_CONTEXT = 4096  # keys each token attends to in the FLOP estimate (capped by sliding windows)
+FLOPS_CONTEXT = 4096  # keys each token attends to in the FLOP estimate (capped by windows and chunks)
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ class Preset:
     aliases: tuple[str, ...] = ()
     hf_id: str = ""
     context: int = 0
+    notes: str = ""
 
     @property
     def context_length(self) -> int:
         return self.config.max_seq_len if isinstance(self.config, ModelConfig) else self.context
-    notes: str = ""
 
     def build(self, device: str | torch.device = "meta") -> nn.Module:
         """The model, on the meta device by default (shapes only, no memory)."""
@@ -207,7 +207,7 @@ def attention_flops(cfg: ModelConfig, i: int) -> int:
 
 
 # ---- scaling down --------------------------------------------------------------------------
-def _spec_layers(spec: Any, n_layers: int) -> int:
+def _spec_layers(spec: Any) -> int:
     """Fewest layers that still show the pattern of a LayerSpec."""
     if isinstance(spec, tuple):
         return max(spec) + 1 if spec else 1
@@ -249,7 +249,7 @@ def scale_config(cfg: ModelConfig, *, d_model: int = 32, n_layers: int | None = 
     """A tiny ModelConfig with cfg's structure: layer patterns, attention options, routing."""
     if n_layers is None:
         specs = (cfg.moe_layers, cfg.attention_layers, cfg.sliding_layers, cfg.nope_layers)
-        n_layers = max([2, cfg.kv_share_every] + [_spec_layers(s, cfg.n_layers) for s in specs])
+        n_layers = max([2, cfg.kv_share_every] + [_spec_layers(s) for s in specs])
         n_layers = min(n_layers, cfg.n_layers)
     n_heads = 4
     group = cfg.n_heads // cfg.kv_heads
