@@ -435,7 +435,8 @@ def _presets() -> list[Preset]:
             logits_scaling=1 / 0.5773502691896257, attn_scale=0.08838834764831845, attn_logit_softcap=30.0,
             rope=RopeConfig(theta=10000.0), moe=_moe(6144, 32768, 8, 2, activation="geglu")),
           ("grok-1", "grok"), "xai-org/grok-1",
-          "Attention logits soft-capped at 30 (xai-org/grok-1 model.py); GeGLU uses the tanh GELU."),
+          "Attention logits soft-capped at 30 and tanh-approximate GELU in the gated experts, as "
+          "xai-org/grok-1's model.py (jax.nn.gelu's default)."),
         P("DBRX", ModelConfig(
             vocab_size=100352, d_model=6144, n_layers=40, n_heads=48, n_kv_heads=8, max_seq_len=32768,
             norm="layernorm", clip_qkv=8.0, rope=RopeConfig(theta=500000.0),
