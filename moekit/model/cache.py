@@ -23,11 +23,13 @@ class KVCache:
             forever for layers that read another layer's K/V).
         key_mask_BT: bool, True for real (non-padding) tokens seen so far; None if no mask was given.
         position: tokens already processed (the position of the next token).
+        batch_size: the number of sequences, fixed by the first forward (None before it).
     """
 
     layers: list = field(default_factory=list)
     key_mask_BT: Tensor | None = None
     position: int = 0
+    batch_size: int | None = None
 
     @classmethod
     def empty(cls, n_layers: int) -> "KVCache":

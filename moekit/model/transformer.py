@@ -146,7 +146,7 @@ class MoETransformer(nn.Module):
             if layer_aux is not None:
                 aux_total = layer_aux if aux_total is None else aux_total + layer_aux
         if cache is not None:
-            cache.position = start + S
+            cache.position, cache.batch_size = start + S, B
 
         logits_BSV = self.lm_head(self.model.norm(x_BSD))
         if cfg.logits_scaling != 1.0:
@@ -167,6 +167,9 @@ class MoETransformer(nn.Module):
             raise TypeError(f"cache must be a KVCache (from model.new_cache()), not {type(cache).__name__}")
         if cache is not None and len(cache.layers) != self.config.n_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers; this model has {self.config.n_layers}")
+        if cache is not None and cache.batch_size not in (None, tokens_BS.shape[0]):
+            raise ValueError(f"cache holds {cache.batch_size} sequences but tokens_BS has "
+                             f"{tokens_BS.shape[0]}; start a new one with model.new_cache()")
 
 
 def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:

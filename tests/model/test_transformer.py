@@ -216,3 +216,7 @@ def test_bad_inputs_raise() -> None:
         model(torch.zeros(2, 3, dtype=torch.long), targets_BS=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="KVCache"):
         model(torch.zeros(2, 3, dtype=torch.long), cache={})
+    cache = model.new_cache()
+    model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="new_cache"):
+        model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
