@@ -340,6 +340,53 @@ def print_row(row: dict) -> None:
     print("  ".join(f"{k}={fmt(v)}" for k, v in row.items() if k != "section"), flush=True)
 
 
+def markdown_summary(data: dict) -> str:
+    """The JSON of a run as Markdown tables (what the README's performance section shows)."""
+    rows, out = data["results"], []
+
+    def table(header: list[str], lines: list[list[str]]) -> None:
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        out.extend("| " + " | ".join(line) + " |" for line in lines)
+        out.append("")
+
+    def x(v: float) -> str:
+        return f"{v:.2f}x"
+
+    sel = [r for r in rows if r["section"] == "vs_transformers"]
+    if sel:
+        table(["shape", "dtype", "pass", "moekit ms", "dense ms", "hf eager ms", "hf grouped_mm ms",
+               "moekit / dense", "speedup vs best hf", "fused gate+up / separate"],
+              [[r["shape"], r["dtype"], r["mode"], f"{r['ms']['moekit']:.0f}", f"{r['ms']['dense']:.0f}",
+                f"{r['ms']['hf_eager']:.0f}", f"{r['ms']['hf_grouped_mm']:.0f}", x(r["vs_dense"]),
+                x(r["speedup_vs_best_hf"]), x(r["fused_vs_separate"])] for r in sel])
+    sel = [r for r in rows if r["section"] == "decode"]
+    if sel:
+        table(["shape", "dtype", "T", "moekit ms", "hf eager", "hf batched_mm", "hf grouped_mm",
+               "speedup vs best hf"],
+              [[r["shape"], r["dtype"], str(r["T"])] + [f"{r['ms'][k]:.2f}" for k in
+               ("moekit", "hf_eager", "hf_batched_mm", "hf_grouped_mm")] + [x(r["speedup_vs_best_hf"])]
+               for r in sel])
+    sel = [r for r in rows if r["section"] == "memory"]
+    if sel:
+        table(["shape", "dtype", "moekit MB", "dense MB", "hf grouped_mm MB", "moekit / dense",
+               "same, without weight grads"],
+              [[r["shape"], r["dtype"]] + [f"{r['mb'][k]['peak_mb']:.0f}" for k in ("moekit", "dense", "hf_grouped_mm")]
+               + [x(r["vs_dense"]), x(r["vs_dense_without_weight_grads"])] for r in sel])
+    sel = [r for r in rows if r["section"] == "experts_scaling"]
+    if sel:
+        names = list(sel[0]["ms"])
+        table(["dtype", "pass"] + [f"t({n}) / t({names[0]})" for n in names],
+              [[r["dtype"], r["mode"]] + [x(r["vs_smallest_E"][n]) for n in names] for r in sel])
+    sel = [r for r in rows if r["section"] == "token_scaling"]
+    if sel:
+        Ts = list(sel[0]["vs_dense"])
+        table(["dtype", "pass"] + [f"T={T}: per-token time vs T={Ts[-1]}, moekit / dense" for T in Ts],
+              [[r["dtype"], r["mode"]] + [f"{r['per_token_vs_largest_T'][T]:.2f}, {x(r['vs_dense'][T])}" for T in Ts]
+               for r in sel])
+    return "\n".join(out)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -365,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--summary", type=Path, default=None, help="print a run's JSON as Markdown tables and exit")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--default-malloc", action="store_true",
@@ -375,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.memory_case:
         memory_case(args.memory_case)
+        return
+    if args.summary:
+        print(markdown_summary(json.loads(args.summary.read_text())))
         return
     if not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_TUNING.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_TUNING})
@@ -405,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += SECTIONS[s](args)
         # Written after every section, so a long run interrupted late keeps what it measured.
         out.write_text(json.dumps(dict(machine=machine, args=config, results=rows), indent=1, default=str) + "\n")
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out}\n")
+    print(markdown_summary(json.loads(out.read_text())))
 
 
 if __name__ == "__main__":
