@@ -26,6 +26,8 @@ class CompareConfig:
     Args:
         active_d_ff: feed-forward width one token uses (the dense model's d_ff).
         num_experts: routed experts per MoE layer.
+        top_k: experts per token of the top-k variants, each active_d_ff / top_k wide
+            (fine-grained experts when > 2, as in DeepSeekMoE).
         bias_update_rate: step of the aux-loss-free bias update (DeepSeek-V3's gamma).
         load_balance_coef: coefficient of the load-balancing loss where a variant uses it.
     """
@@ -36,6 +38,7 @@ class CompareConfig:
     n_heads: int = 4
     active_d_ff: int = 512
     num_experts: int = 8
+    top_k: int = 2
     steps: int = 600
     batch_size: int = 16
     seq_len: int = 128
@@ -51,8 +54,10 @@ class CompareConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "active_d_ff", "num_experts", "steps"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
-        check(self.active_d_ff % 2 == 0, "active_d_ff", self.active_d_ff, "must be even (two experts share it)")
-        check(self.num_experts >= 2, "num_experts", self.num_experts, "must be >= 2")
+        check(2 <= self.top_k <= self.num_experts, "top_k", self.top_k,
+              f"must be in [2, num_experts={self.num_experts}]")
+        check(self.active_d_ff % self.top_k == 0, "active_d_ff", self.active_d_ff,
+              f"must be divisible by top_k={self.top_k} (the experts share it)")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
@@ -61,8 +66,9 @@ class CompareConfig:
                            seed=self.seed)
 
 
-def _topk(c: CompareConfig, k: int, **changes) -> MoEConfig:
-    base = dict(d_model=c.d_model, d_ff=c.active_d_ff // k, num_experts=c.num_experts, top_k=k,
+def _topk(c: CompareConfig, width_k: int, **changes) -> MoEConfig:
+    """MoEConfig of experts active_d_ff / width_k wide, top-width_k unless `changes` says otherwise."""
+    base = dict(d_model=c.d_model, d_ff=c.active_d_ff // width_k, num_experts=c.num_experts, top_k=width_k,
                 load_balance_coef=c.load_balance_coef)
     return MoEConfig(**{**base, **changes})
 
@@ -76,27 +82,28 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "dense": Variant("dense MLP of width active_d_ff (the FLOP-matched baseline)", lambda c: None, False),
-    "topk_lb": Variant("top-2 softmax + load-balancing loss (GShard, Mixtral)", lambda c: _topk(c, 2)),
+    "topk_lb": Variant("top-k softmax + load-balancing loss (GShard, Mixtral)", lambda c: _topk(c, c.top_k)),
     "aux_free": Variant(
-        "top-2 sigmoid scores + aux-loss-free expert bias (DeepSeek-V3)",
-        lambda c: _topk(c, 2, score_func="sigmoid", expert_bias=True, load_balance_coef=0.0,
+        "top-k sigmoid scores + aux-loss-free expert bias (DeepSeek-V3)",
+        lambda c: _topk(c, c.top_k, score_func="sigmoid", expert_bias=True, load_balance_coef=0.0,
                         bias_update_rate=c.bias_update_rate)),
     "aux_free_softmax": Variant(
-        "top-2 softmax + aux-loss-free expert bias",
-        lambda c: _topk(c, 2, expert_bias=True, load_balance_coef=0.0, bias_update_rate=c.bias_update_rate)),
-    "switch": Variant("top-1 (Switch), capacity factor 1.25, load-balancing loss; experts 2x wide",
+        "top-k softmax + aux-loss-free expert bias",
+        lambda c: _topk(c, c.top_k, expert_bias=True, load_balance_coef=0.0,
+                        bias_update_rate=c.bias_update_rate)),
+    "switch": Variant("top-1 (Switch), capacity factor 1.25, load-balancing loss; experts top_k x wide",
                       lambda c: _topk(c, 1, capacity_factor=1.25)),
-    "noisy_topk": Variant("top-2 noisy gating + load-balancing loss (Shazeer et al. 2017)",
-                          lambda c: _topk(c, 2, noisy_gating=True)),
-    "shared": Variant("1 shared expert + top-1 routed, load-balancing loss (DeepSeekMoE)",
-                      lambda c: _topk(c, 2, top_k=1, num_shared_experts=1)),
+    "noisy_topk": Variant("top-k noisy gating + load-balancing loss (Shazeer et al. 2017)",
+                          lambda c: _topk(c, c.top_k, noisy_gating=True)),
+    "shared": Variant("1 shared expert + top-(k-1) routed, load-balancing loss (DeepSeekMoE)",
+                      lambda c: _topk(c, c.top_k, top_k=c.top_k - 1, num_shared_experts=1)),
     "expert_choice": Variant("experts pick their top-C tokens (Zhou et al. 2022; sees later tokens)",
-                             lambda c: _topk(c, 2, router="expert_choice", load_balance_coef=0.0)),
-    "hash": Variant("fixed random token-id hash, top-1, experts 2x wide (Roller et al. 2021)",
+                             lambda c: _topk(c, c.top_k, router="expert_choice", load_balance_coef=0.0)),
+    "hash": Variant("fixed random token-id hash, top-1, experts top_k x wide (Roller et al. 2021)",
                     lambda c: _topk(c, 1, router="hash", hash_vocab_size=c.vocab_size,
                                     load_balance_coef=0.0), balanced=False),
-    "sinkhorn": Variant("balanced assignment by Sinkhorn iterations, top-2 (BASE-like)",
-                        lambda c: _topk(c, 2, router="sinkhorn", load_balance_coef=0.0)),
+    "sinkhorn": Variant("balanced assignment by Sinkhorn iterations, top-k (BASE-like)",
+                        lambda c: _topk(c, c.top_k, router="sinkhorn", load_balance_coef=0.0)),
 }
 DEFAULT_VARIANTS = ("dense", "topk_lb", "aux_free")
 

@@ -300,20 +300,30 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over the fixed validation sequences."""
+    def evaluate(self) -> dict:
+        """Validation metrics on the fixed validation sequences.
+
+        Returns {"val_loss": mean next-token loss, "val_moe": per MoE layer the tokens per expert and
+        MaxVio over the whole validation set (MaxVio_global of Wang et al. 2024, less noisy than
+        one training batch)}.
+        """
         assert self.val is not None
         self.model.eval()
         idx = eval_indices(self.val.num_sequences, self.config.eval_sequences)
         total, count = 0.0, 0
+        counts: list[Tensor] = []
         for chunk in idx.split(self.config.batch_size):
             inputs_BS, targets_BS = (t.to(self.device) for t in self.val.batch(chunk))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
                 out = self.model(inputs_BS, targets_BS=targets_BS)
-            total += float(out.loss) * targets_BS.numel()
+            total += out.loss.item() * targets_BS.numel()
             count += targets_BS.numel()
+            layer_counts = [d.counts_E.cpu() for d in out.routing if d is not None]
+            counts = layer_counts if not counts else [a + b for a, b in zip(counts, layer_counts)]
         self.model.train()
-        return total / count
+        val_moe = [{"tokens_per_expert": c.tolist(),
+                    "max_vio": float(c.max() / c.float().mean().clamp_min(1e-9) - 1)} for c in counts]
+        return {"val_loss": total / count, "val_moe": val_moe}
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> FitResult:
@@ -333,7 +343,8 @@ class Trainer:
                     record = self.train_step()
                     if self.val is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
                                                  or self.step == cfg.steps):
-                        val_loss = record["val_loss"] = self.evaluate()
+                        record.update(self.evaluate())
+                        val_loss = record["val_loss"]
                     self.metrics.write(record)
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
                             or self.step == cfg.steps:

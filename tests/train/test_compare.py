@@ -44,9 +44,11 @@ def test_unknown_variant_is_a_clear_error(tmp_path, capsys):
 
 
 def _metrics(vals: dict[int, float], max_vio: float = 0.1) -> list[dict]:
+    # validation-set MaxVio of the two layers: 0 at step 5, then 0.1 and 0.3 at step 10 (mean 0.2)
+    val_moe = {5: [{"max_vio": 0.0}, {"max_vio": 0.0}], 10: [{"max_vio": 0.1}, {"max_vio": 0.3}]}
     return [{"step": s, "loss": 0.0, "tokens": 10 * s, "tokens_per_s": 100.0,
              "moe": [{"tokens_per_expert": [5, 5], "max_vio": max_vio, "dropped_fraction": 0.0}],
-             **({"val_loss": vals[s]} if s in vals else {})} for s in range(1, 11)]
+             **({"val_loss": vals[s], "val_moe": val_moe[s]} if s in vals else {})} for s in range(1, 11)]
 
 
 def _run(vals, **kw):
@@ -63,10 +65,12 @@ def test_report_arithmetic_and_verdicts():
     assert summary["aux_free"]["reach_ratio"] == 0.5 and summary["topk_lb"]["reach_ratio"] == 1.0
     assert summary["aux_free"]["max_vio"] == pytest.approx(0.05)
     text = markdown(summary, config={}, corpus="c")
-    assert "| aux_free | 1.5000 | 5 (0.50x) | 0.050 |" in text
+    assert summary["aux_free"]["val_max_vio"] == pytest.approx(0.2)
+    assert "| aux_free | 1.5000 | 5 (0.50x) | 0.200 | 0.050 |" in text
     assert "aux_free: reaches the dense final val loss at 0.50x the dense steps (target <= 0.6x): **met**" in text
     assert "topk_lb: reaches the dense final val loss at 1.00x the dense steps (target <= 0.6x): **missed**" in text
-    assert "aux_free final MaxVio 0.050 (target < 0.2): **met**" in text
+    assert "aux_free final MaxVio (train batch) 0.050 (target < 0.2): **met**" in text
+    assert "aux_free final MaxVio (validation set) 0.200 (target < 0.2): **missed**" in text
 
 
 def test_tiny_compare_end_to_end_writes_the_report(tmp_path):
