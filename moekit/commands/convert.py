@@ -17,10 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", type=Path, help="directory to write")
     p.add_argument("--to", choices=("hf", "moekit"), default="hf", help="layout to write (default hf)")
     p.add_argument("--layout", choices=("split", "fused"), default="split",
-                   help="expert layout of a Hugging Face checkpoint: per-expert 2-D (split, default) or 3-D fused")
+                   help="expert layout of a Hugging Face checkpoint: per-expert 2-D (split, default) "
+                        "or 3-D fused")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="parameter dtype to write (default: keep the source's)")
-    p.add_argument("--model-type", default=None, help="Hugging Face model_type to write (default: the source's)")
+    p.add_argument("--model-type", default=None,
+                   help="Hugging Face model_type to write (default: the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB or 5GB (default 5GB)")
 
 

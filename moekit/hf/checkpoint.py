@@ -8,6 +8,7 @@ config.json (transformers' field names) and safetensors shards with the family's
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from moekit.hf.configs import TO_HF, TO_MOEKIT
 from moekit.hf.convert import checkpoint_to_model, model_to_checkpoint
-from moekit.hf.families import FAMILIES, Layout, family
+from moekit.hf.families import FAMILIES, Layout, family, ignored_keys
 from moekit.hf.io import CONFIG_FILE, CheckpointReader, read_config, write_checkpoint
 from moekit.hf.rules import Rule
 from moekit.model.config import ModelConfig
@@ -27,7 +28,8 @@ Model = MoETransformer | SwitchTransformer
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+    "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
     "granitemoe": "GraniteMoeForCausalLM", "phimoe": "PhimoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
     "jamba": "JambaForCausalLM", "dbrx": "DbrxForCausalLM",
     "switch_transformers": "SwitchTransformersForConditionalGeneration",
@@ -78,9 +80,15 @@ def from_pretrained(
     """
     hf_config = read_config(path)
     model_type = model_type_of(hf_config, path)
+    quant = hf_config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: quantized checkpoint (quant_method={method!r}); "
+                         f"moekit loads float weights only, so dequantize it first (e.g. to bfloat16)")
     config = TO_MOEKIT[model_type](hf_config)
     model = load_weights(config, path, family(model_type).load_rules(), dtype=resolve_dtype(dtype, hf_config),
-                         device=device, name=f"model_type={model_type!r}")
+                         device=device, name=f"model_type={model_type!r}",
+                         ignore=ignored_keys(model_type, hf_config))
     model.hf_config = hf_config  # type: ignore[attr-defined]
     return model
 
@@ -98,8 +106,12 @@ def tied_copies(config: ModelConfig | SwitchConfig) -> dict[str, str]:
 
 
 def load_weights(config: ModelConfig | SwitchConfig, path: str | Path, rules: tuple[Rule, ...], *,
-                 dtype: torch.dtype, device: str | torch.device, name: str) -> Model:
-    """Build `config` on the meta device, allocate it once, fill it tensor by tensor from `path`."""
+                 dtype: torch.dtype, device: str | torch.device, name: str,
+                 ignore: re.Pattern | None = None) -> Model:
+    """Build `config` on the meta device, allocate it once, fill it tensor by tensor from `path`.
+
+    Checkpoint keys fully matching `ignore` are skipped; tied copies are checked, not loaded.
+    """
     with CheckpointReader(path) as reader:
         with torch.device("meta"):
             model = build(config)
@@ -107,10 +119,10 @@ def load_weights(config: ModelConfig | SwitchConfig, path: str | Path, rules: tu
         state = model.state_dict(keep_vars=True)
         copies = tied_copies(config)
         shapes = {k: tuple(v.shape) for k, v in state.items() if k not in copies}
-        where = lambda key: f"{key} in {reader.path / reader.file_of(key)}" if key in reader else key  # noqa: E731
+        where = lambda key: f"{key} in {reader.path / reader.file_of(key)}" if key in reader else key
         with torch.no_grad():
-            for key, tensor in checkpoint_to_model(rules, _Without(reader, set(copies)), shapes, where=where,
-                                                   name=name):
+            view = _Without(reader, set(copies), ignore)
+            for key, tensor in checkpoint_to_model(rules, view, shapes, where=where, name=name):
                 state[key].copy_(tensor)
             _zero_runtime_buffers(model)
         for copy, source in copies.items():
@@ -136,13 +148,14 @@ def _to_empty(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Mo
 
 
 class _Without:
-    """A checkpoint view that hides some keys (tied copies of another tensor)."""
+    """A checkpoint view that hides some keys (tied copies, and keys matching `ignore`)."""
 
-    def __init__(self, reader: CheckpointReader, hidden: set[str]) -> None:
-        self.reader, self.hidden = reader, hidden
+    def __init__(self, reader: CheckpointReader, hidden: set[str], ignore: re.Pattern | None = None) -> None:
+        self.reader, self.hidden, self.ignore = reader, hidden, ignore
 
     def keys(self) -> list[str]:
-        return [k for k in self.reader.keys() if k not in self.hidden]
+        return [k for k in self.reader.keys()
+                if k not in self.hidden and not (self.ignore is not None and self.ignore.fullmatch(k))]
 
     def get(self, key: str) -> torch.Tensor:
         return self.reader.get(key)

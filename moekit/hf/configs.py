@@ -168,7 +168,8 @@ def qwen3_moe_to_hf(cfg: ModelConfig) -> dict:
                 num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                 norm_topk_prob=moe.normalize_topk, router_aux_loss_coef=moe.load_balance_coef,
                 attention_bias=cfg.qkv_bias, decoder_sparse_step=1,
-                mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_ids], use_sliding_window=False)
+                mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_ids],
+                use_sliding_window=False)
 
 
 # ---- olmoe ---------------------------------------------------------------------------------
@@ -185,7 +186,8 @@ def olmoe_to_hf(cfg: ModelConfig) -> dict:
     moe = _moe(cfg)
     return dict(_common_to_hf(cfg), intermediate_size=moe.d_ff, num_experts=moe.num_experts,
                 num_experts_per_tok=moe.top_k, norm_topk_prob=moe.normalize_topk,
-                router_aux_loss_coef=moe.load_balance_coef, attention_bias=cfg.qkv_bias, clip_qkv=cfg.clip_qkv)
+                router_aux_loss_coef=moe.load_balance_coef, attention_bias=cfg.qkv_bias,
+                clip_qkv=cfg.clip_qkv)
 
 
 # ---- deepseek_v2 / deepseek_v3 -------------------------------------------------------------
@@ -250,8 +252,9 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict:
                n_routed_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                n_shared_experts=moe.num_shared_experts, routed_scaling_factor=moe.routed_scaling_factor,
                first_k_dense_replace=first, n_group=moe.num_groups or 1, topk_group=moe.topk_groups or 1,
-               q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank, qk_nope_head_dim=mla.qk_nope_head_dim,
-               qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim, head_dim=mla.qk_rope_head_dim,
+               q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
+               qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim,
+               v_head_dim=mla.v_head_dim, head_dim=mla.qk_rope_head_dim,
                num_key_value_heads=cfg.n_heads, norm_topk_prob=moe.normalize_topk,
                rope_interleave=bool(cfg.rope and cfg.rope.interleaved))
     if moe.shared_width and moe.shared_width != moe.num_shared_experts * moe.d_ff:
@@ -275,9 +278,10 @@ def phimoe_to_moekit(hf: dict) -> ModelConfig:
     if hf.get("num_experts_per_tok", 2) != 2:
         raise unsupported("phimoe", "num_experts_per_tok", hf["num_experts_per_tok"],
                           "transformers' sparsemixer always picks 2 experts")
-    moe = MoEConfig(d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], num_experts=hf["num_local_experts"],
-                    top_k=hf.get("num_experts_per_tok", 2), router="sparsemixer",
-                    sparsemixer_eps=hf.get("router_jitter_noise", 0.01), jitter_eps=hf.get("input_jitter_noise", 0.0),
+    moe = MoEConfig(d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+                    num_experts=hf["num_local_experts"], top_k=hf.get("num_experts_per_tok", 2),
+                    router="sparsemixer", sparsemixer_eps=hf.get("router_jitter_noise", 0.01),
+                    jitter_eps=hf.get("input_jitter_noise", 0.0),
                     activation=_act(hf, "phimoe"), load_balance_coef=hf.get("router_aux_loss_coef", 0.001))
     bias = hf.get("attention_bias", False)
     common = _common(hf, "phimoe")
@@ -307,10 +311,12 @@ def dbrx_to_moekit(hf: dict) -> ModelConfig:
     moe = MoEConfig(d_model=hf["d_model"], d_ff=ffn.get("ffn_hidden_size", 3584),
                     num_experts=ffn.get("moe_num_experts", 4), top_k=ffn.get("moe_top_k", 1),
                     normalize_topk=p is not None, jitter_eps=ffn.get("moe_jitter_eps") or 0.0,
-                    activation=_act({"hidden_act": act}, "dbrx"), load_balance_coef=ffn.get("moe_loss_weight", 0.01))
+                    activation=_act({"hidden_act": act}, "dbrx"),
+                    load_balance_coef=ffn.get("moe_loss_weight", 0.01))
     rope_hf = {**hf, "max_position_embeddings": hf.get("max_seq_len", 2048)}
     return ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["n_layers"],
-                       n_heads=hf["n_heads"], n_kv_heads=attn.get("kv_n_heads", 1), max_seq_len=hf.get("max_seq_len", 2048),
+                       n_heads=hf["n_heads"], n_kv_heads=attn.get("kv_n_heads", 1),
+                       max_seq_len=hf.get("max_seq_len", 2048),
                        moe=moe, clip_qkv=attn.get("clip_qkv"), norm="layernorm", norm_eps=1e-5,
                        rope=rope_from_hf(rope_hf, attn.get("rope_theta", 10000.0)),
                        tie_embeddings=hf.get("tie_word_embeddings", False))
@@ -323,9 +329,11 @@ def dbrx_to_hf(cfg: ModelConfig) -> dict:
                 max_seq_len=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings, **rope_to_hf(cfg.rope),
                 # rope_theta in attn_config too: transformers 5.23's DbrxAttention reads it from there
                 attn_config={"kv_n_heads": cfg.kv_heads, "clip_qkv": cfg.clip_qkv, "rope_theta": theta},
-                ffn_config={"ffn_hidden_size": moe.d_ff, "moe_num_experts": moe.num_experts, "moe_top_k": moe.top_k,
+                ffn_config={"ffn_hidden_size": moe.d_ff, "moe_num_experts": moe.num_experts,
+                            "moe_top_k": moe.top_k,
                             "moe_normalize_expert_weights": 1.0 if moe.normalize_topk else None,
-                            "moe_jitter_eps": moe.jitter_eps or None, "moe_loss_weight": moe.load_balance_coef,
+                            "moe_jitter_eps": moe.jitter_eps or None,
+                            "moe_loss_weight": moe.load_balance_coef,
                             "ffn_act_fn": {"name": "silu"}})
 
 
@@ -364,7 +372,8 @@ def gpt_oss_to_moekit(hf: dict) -> ModelConfig:
                     softmax_after_topk=True, router_bias=True, activation="clamped_swiglu",
                     expert_mlp_bias=True, load_balance_coef=hf.get("router_aux_loss_coef", 0.9))
     L = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    types = hf.get("layer_types") or default
     bias = hf.get("attention_bias", True)
     return ModelConfig(**_common(hf, "gpt_oss"), d_ff=hf["intermediate_size"], moe=moe, qkv_bias=bias,
                        o_bias=bias, attn_sinks=True, sliding_window=hf.get("sliding_window"),
@@ -378,7 +387,8 @@ def gpt_oss_to_hf(cfg: ModelConfig) -> dict:
     return dict(_common_to_hf(cfg), intermediate_size=moe.d_ff, num_local_experts=moe.num_experts,
                 num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.load_balance_coef,
                 attention_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window,
-                layer_types=["sliding_attention" if i in sliding else "full_attention" for i in range(cfg.n_layers)],
+                layer_types=["sliding_attention" if i in sliding else "full_attention"
+                             for i in range(cfg.n_layers)],
                 swiglu_limit=7.0, swiglu_alpha=1.702)
 
 
@@ -386,7 +396,8 @@ def gpt_oss_to_hf(cfg: ModelConfig) -> dict:
 def jamba_to_moekit(hf: dict) -> ModelConfig:
     # Jamba router: softmax, top-k, weights left unnormalised.
     moe = MoEConfig(d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], num_experts=hf["num_experts"],
-                    top_k=hf.get("num_experts_per_tok", 2), normalize_topk=False, activation=_act(hf, "jamba"),
+                    top_k=hf.get("num_experts_per_tok", 2), normalize_topk=False,
+                    activation=_act(hf, "jamba"),
                     load_balance_coef=hf.get("router_aux_loss_coef", 0.001))
     mamba = MambaConfig(d_model=hf["hidden_size"], d_state=hf.get("mamba_d_state", 16),
                         d_conv=hf.get("mamba_d_conv", 4), expand=hf.get("mamba_expand", 2),
@@ -404,7 +415,8 @@ def _period(spec, n_layers: int, name: str) -> tuple[int, int]:
     if isinstance(spec, str) and spec.startswith("every:"):
         nums = [int(x) for x in spec.split(":")[1:]]
         return (nums[0], nums[1] if len(nums) == 2 else nums[0] - 1)
-    raise ValueError(f"{name}={spec!r} (layers {ids}) cannot be written as Jamba's period/offset; use 'every:N:O'")
+    raise ValueError(f"{name}={spec!r} (layers {ids}) cannot be written as Jamba's period/offset; "
+                     f"use 'every:N:O'")
 
 
 def jamba_to_hf(cfg: ModelConfig) -> dict:
@@ -417,7 +429,8 @@ def jamba_to_hf(cfg: ModelConfig) -> dict:
     out.pop("rope_parameters", None)
     return dict(out, intermediate_size=moe.d_ff, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                 router_aux_loss_coef=moe.load_balance_coef, expert_layer_period=expert_period,
-                expert_layer_offset=expert_offset, attn_layer_period=attn_period, attn_layer_offset=attn_offset,
+                expert_layer_offset=expert_offset, attn_layer_period=attn_period,
+                attn_layer_offset=attn_offset,
                 mamba_d_state=mamba.d_state, mamba_d_conv=mamba.d_conv, mamba_expand=mamba.expand,
                 mamba_dt_rank=mamba.dt_rank if mamba.dt_rank is not None else "auto",
                 mamba_conv_bias=mamba.conv_bias, mamba_proj_bias=mamba.bias)
@@ -448,8 +461,10 @@ def switch_to_hf(cfg: SwitchConfig) -> dict:
               "decoder_start_token_id")
     out: dict[str, Any] = {f: getattr(cfg, f) for f in fields}
     return dict(out, num_decoder_layers=cfg.decoder_layers, is_encoder_decoder=True,
-                num_sparse_encoder_layers=n_sparse(cfg.num_layers, cfg.encoder_sparse_step, "encoder_sparse_step"),
-                num_sparse_decoder_layers=n_sparse(cfg.decoder_layers, cfg.decoder_sparse_step, "decoder_sparse_step"))
+                num_sparse_encoder_layers=n_sparse(cfg.num_layers, cfg.encoder_sparse_step,
+                                                   "encoder_sparse_step"),
+                num_sparse_decoder_layers=n_sparse(cfg.decoder_layers, cfg.decoder_sparse_step,
+                                                   "decoder_sparse_step"))
 
 
 TO_MOEKIT: dict[str, Callable[[dict], ModelConfig | SwitchConfig]] = {

@@ -8,6 +8,7 @@ transformers). Each family has a `split` layout (what transformers' `save_pretra
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,7 +97,8 @@ _GRANITE_FUSED = (
 
 # gpt-oss stores experts (E, in, out) already, gate and up interleaved along the last dim.
 _GPT_OSS = (
-    *renames({MOE + "router.weight": MOE + "router.gate.weight", MOE + "router.bias": MOE + "router.gate.bias",
+    *renames({MOE + "router.weight": MOE + "router.gate.weight",
+              MOE + "router.bias": MOE + "router.gate.bias",
               MOE + "experts.down_proj": MOE + "experts.w_down_EFD",
               MOE + "experts.down_proj_bias": MOE + "experts.b_down_ED"}),
     Fused(MOE + "experts.gate_up_proj", (MOE + "experts.w_gate_EDF", MOE + "experts.w_up_EDF"), dim=-1,
@@ -114,7 +116,8 @@ _JAMBA_COMMON = renames({
 
 _B = "transformer.blocks.{layer}."
 _DBRX = (
-    *renames({"transformer.wte.weight": "model.embed_tokens.weight", "transformer.norm_f.weight": "model.norm.weight",
+    *renames({"transformer.wte.weight": "model.embed_tokens.weight",
+              "transformer.norm_f.weight": "model.norm.weight",
               _B + "norm_attn_norm.norm_1.weight": L + "input_layernorm.weight",
               _B + "norm_attn_norm.norm_2.weight": L + "post_attention_layernorm.weight",
               _B + "norm_attn_norm.attn.out_proj.weight": L + "self_attn.o_proj.weight",
@@ -156,6 +159,18 @@ FAMILIES: dict[str, Family] = {
         fused=fused_experts(L + "feed_forward.experts.gate_up_proj", L + "feed_forward.experts.down_proj"),
     ),
 }
+
+
+def ignored_keys(model_type: str, hf_config: dict) -> re.Pattern:
+    """Checkpoint keys loading skips, as transformers does: rotary `inv_freq` buffers (derived from
+    the config; older checkpoints store them) and DeepSeek-V3's multi-token-prediction layers
+    (layers num_hidden_layers.. of the checkpoint, which the language model does not use)."""
+    patterns = [r".*\.rotary_emb\.inv_freq"]
+    extra = hf_config.get("num_nextn_predict_layers") or 0
+    if model_type == "deepseek_v3" and extra:
+        L = hf_config["num_hidden_layers"]
+        patterns.append(rf"model\.layers\.({'|'.join(str(L + i) for i in range(extra))})\..*")
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
 def family(model_type: str) -> Family:

@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from moekit.hf.checkpoint import moekit_config
 from moekit.hf.configs import TO_MOEKIT
 from moekit.hf.io import CheckpointReader, read_config
-from moekit.hf.checkpoint import moekit_config
 from moekit.model.config import ModelConfig
 from moekit.model.encoder_decoder import SwitchConfig
 
@@ -23,7 +23,8 @@ _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64"
 
 def _config_summary(cfg: ModelConfig | SwitchConfig) -> dict[str, Any]:
     if isinstance(cfg, SwitchConfig):
-        return {"encoder_layers": cfg.num_layers, "decoder_layers": cfg.decoder_layers, "d_model": cfg.d_model,
+        return {"encoder_layers": cfg.num_layers, "decoder_layers": cfg.decoder_layers,
+                "d_model": cfg.d_model,
                 "heads": cfg.num_heads, "vocab": cfg.vocab_size, "params": cfg.num_params(),
                 "experts": cfg.num_experts, "top_k": 1, "expert_capacity": cfg.expert_capacity}
     moe = cfg.moe

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,7 +36,8 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
     if match is None:
-        raise ValueError(f"max_shard_size={size!r} is invalid: use bytes (int) or e.g. '500MB', '5GB', '2GiB'")
+        raise ValueError(f"max_shard_size={size!r} is invalid: use bytes (int) or e.g. '500MB', '5GB', "
+                         f"'2GiB'")
     value = float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
     if value < 1:
         raise ValueError(f"max_shard_size={size!r} is invalid: must be at least 1 byte")
@@ -130,7 +131,7 @@ class CheckpointReader:
         self._stack.close()
         self._handles = {}
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -243,9 +244,3 @@ def write_checkpoint(
 
 def _contiguous(tensors: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
     return {n: tensors[n].detach().to("cpu").contiguous() for n in names}
-
-
-def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor in checkpoint order; each is read on demand."""
-    for key in reader.keys():
-        yield key, reader.get(key)

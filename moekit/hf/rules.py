@@ -160,8 +160,9 @@ class Fused:
     def to_hf(self, get, layer: int | None) -> dict[str, Tensor]:
         pieces = [_swap(get(fill(m, layer=layer)), self.transpose) for m in self.model]
         if self.interleaved:
-            fused = torch.stack(pieces, dim=self.dim + 1 if self.dim >= 0 else self.dim)
-            fused = fused.flatten(self.dim, self.dim + 1) if self.dim >= 0 else fused.flatten(self.dim - 1, self.dim)
+            # stack a new axis right after `dim`, then merge the two: p0[0], p1[0], p0[1], p1[1], ...
+            d = self.dim if self.dim >= 0 else pieces[0].dim() + self.dim
+            fused = torch.stack(pieces, dim=d + 1).flatten(d, d + 1)
         else:
             fused = torch.cat(pieces, dim=self.dim)
         return {fill(self.hf, layer=layer): fused.contiguous()}

@@ -72,5 +72,6 @@ class SparseMixerRouter(Router):
 
     def weights_for(self, x_TD: Tensor, expert_ids_TK: Tensor) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
-        weights_TK = sparsemixer_weights(logits_TE, expert_ids_TK.clamp_min(0), eps=self.config.sparsemixer_eps)
+        weights_TK = sparsemixer_weights(logits_TE, expert_ids_TK.clamp_min(0),
+                                         eps=self.config.sparsemixer_eps)
         return self._decision(logits_TE, expert_ids_TK, weights_TK * (expert_ids_TK >= 0))

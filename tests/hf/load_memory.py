@@ -78,7 +78,8 @@ def measure(path: Path, mode: str) -> dict:
 
 
 def run_in_subprocess(path: Path, mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "tests.hf.load_memory", "--measure", str(path), "--mode", mode],
+    cmd = [sys.executable, "-m", "tests.hf.load_memory", "--measure", str(path), "--mode", mode]
+    out = subprocess.run(cmd,
                          check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -35,7 +35,8 @@ def _copy(src, dst, *, config_edit=None, tensors_edit=None):
 
 def test_unknown_model_type(mixtral_dir, tmp_path):
     bad = _copy(mixtral_dir, tmp_path / "c", config_edit=lambda c: c.update(model_type="llama"))
-    with pytest.raises(ValueError, match=r"config.json: model_type='llama' is not supported; moekit reads \["):
+    with pytest.raises(ValueError, match=r"config.json: model_type='llama' is not supported; "
+                                         r"moekit reads \["):
         moekit.from_pretrained(bad)
 
 
@@ -57,7 +58,8 @@ def test_truncated_file(mixtral_dir, tmp_path):
     bad = _copy(mixtral_dir, tmp_path / "c")
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) - 100])
-    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file, truncated or corrupted"):
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file, "
+                                         r"truncated or corrupted"):
         moekit.from_pretrained(bad)
 
 
@@ -70,7 +72,8 @@ def test_wrong_shape_names_key_and_file(mixtral_dir, tmp_path):
 
 def test_config_contradicts_weights_experts(mixtral_dir, tmp_path):
     bad = _copy(mixtral_dir, tmp_path / "c", config_edit=lambda c: c.update(num_local_experts=3))
-    with pytest.raises(ValueError, match=r"expert 3 is beyond the config's 3 experts; config.json contradicts"):
+    with pytest.raises(ValueError, match=r"expert 3 is beyond the config's 3 experts; "
+                                         r"config.json contradicts"):
         moekit.from_pretrained(bad)
 
 
@@ -88,7 +91,8 @@ def test_config_contradicts_weights_layers(mixtral_dir, tmp_path):
 
 
 def test_unmapped_checkpoint_key(mixtral_dir, tmp_path):
-    bad = _copy(mixtral_dir, tmp_path / "c", tensors_edit=lambda t: t.update({"model.mystery": torch.zeros(2)}))
+    bad = _copy(mixtral_dir, tmp_path / "c",
+                tensors_edit=lambda t: t.update({"model.mystery": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"map to no model parameter: model.mystery in .*model.safetensors"):
         moekit.from_pretrained(bad)
 
@@ -118,7 +122,8 @@ def test_save_needs_model_type(mixtral_dir, tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param("float16", id="fp16-name")])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param("float16", id="fp16-name")])
 def test_dtype(mixtral_dir, dtype):
     model = moekit.from_pretrained(mixtral_dir, dtype=dtype)
     want = dtype if isinstance(dtype, torch.dtype) else torch.float16
@@ -142,4 +147,28 @@ def test_tied_embeddings(tmp_path):
     bad = _copy(src, tmp_path / "bad", tensors_edit=lambda t: t.update({"lm_head.weight": embed + 1}))
     with pytest.raises(ValueError, match="lm_head.weight in .* differs from model.embed_tokens.weight, but "
                                          "config.json ties them"):
+        moekit.from_pretrained(bad)
+
+
+def test_quantized_checkpoint_is_refused(mixtral_dir, tmp_path):
+    bad = _copy(mixtral_dir, tmp_path / "c",
+                config_edit=lambda c: c.update(quantization_config={"quant_method": "fp8"}))
+    with pytest.raises(ValueError, match=r"quantized checkpoint \(quant_method='fp8'\).*dequantize"):
+        moekit.from_pretrained(bad)
+
+
+def test_keys_transformers_ignores_are_ignored(tmp_path):
+    # rotary inv_freq buffers (older checkpoints) and DeepSeek-V3's multi-token-prediction layer
+    src = tmp_path / "src"
+    save_tiny("deepseek_v3", src, {"num_nextn_predict_layers": 1})
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(2),
+             "model.layers.2.embed_tokens.weight": torch.zeros(64, 32),
+             "model.layers.2.mlp.experts.0.up_proj.weight": torch.zeros(16, 32)}
+    with_extra = _copy(src, tmp_path / "extra", tensors_edit=lambda t: t.update(extra))
+    a, b = moekit.from_pretrained(src), moekit.from_pretrained(with_extra)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    # without the MTP setting in config.json, a layer beyond num_hidden_layers is an error
+    bad = _copy(with_extra, tmp_path / "bad", config_edit=lambda c: c.update(num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="map to no model parameter: model.layers.2."):
         moekit.from_pretrained(bad)

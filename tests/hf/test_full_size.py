@@ -20,7 +20,8 @@ TYPES = [*MODEL_TYPES, "switch_transformers"]
 def _hf_default(model_type: str) -> transformers.PretrainedConfig:
     if model_type == "dbrx":  # transformers 5.23's DbrxAttention reads rope_theta from attn_config
         return transformers.DbrxConfig(attn_config={"rope_theta": 500000.0, "kv_n_heads": 8, "clip_qkv": 8.0},
-                                       ffn_config={"moe_num_experts": 16, "moe_top_k": 4, "ffn_hidden_size": 10752},
+                                       ffn_config={"moe_num_experts": 16, "moe_top_k": 4,
+                                                   "ffn_hidden_size": 10752},
                                        d_model=6144, n_heads=48, n_layers=40, vocab_size=100352)
     if model_type == "deepseek_v2":  # DeepSeek-V2's router picks 6 of 160 (the default leaves k unset)
         return transformers.AutoConfig.for_model(model_type, num_experts_per_tok=6, n_routed_experts=160)

@@ -12,7 +12,8 @@ from moekit.hf.inspect import checkpoint_summary
 from tests.hf.tiny import save_tiny
 
 
-@pytest.mark.parametrize("model_type", [pytest.param("qwen2_moe", id="qwen2_moe"), pytest.param("jamba", id="jamba")])
+@pytest.mark.parametrize("model_type", [pytest.param("qwen2_moe", id="qwen2_moe"),
+                                        pytest.param("jamba", id="jamba")])
 def test_summary_matches_transformers(tmp_path, model_type):
     hf_model = save_tiny(model_type, tmp_path, max_shard_size="20KB")
     s = checkpoint_summary(tmp_path)

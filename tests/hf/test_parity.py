@@ -103,7 +103,7 @@ def test_save_round_trip(pair, tmp_path):
 
 
 def test_fused_layout_loads(base_pair, tmp_path):
-    model_type, _, hf_model, model = base_pair
+    _, _, hf_model, model = base_pair
     save_pretrained(model, tmp_path, layout="fused")
     fused = moekit.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), fused.state_dict().items()):
@@ -116,7 +116,7 @@ def test_fused_layout_loads(base_pair, tmp_path):
 
 
 def test_sharded_checkpoint_both_ways(base_pair, tmp_path):
-    model_type, path, hf_model, model = base_pair
+    _, path, hf_model, model = base_pair
     hf_dir, ours_dir = tmp_path / "hf", tmp_path / "ours"
     hf_model.save_pretrained(hf_dir, max_shard_size="20KB")
     assert (hf_dir / "model.safetensors.index.json").is_file()

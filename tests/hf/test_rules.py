@@ -41,14 +41,17 @@ SPLIT = (
 )
 FUSED = (
     Fused("layers.{layer}.moe.experts.gate_up_proj",
-          ("layers.{layer}.mlp.experts.w_gate_EDF", "layers.{layer}.mlp.experts.w_up_EDF"), dim=1, transpose=True),
+          ("layers.{layer}.mlp.experts.w_gate_EDF", "layers.{layer}.mlp.experts.w_up_EDF"),
+          dim=1, transpose=True),
     Rename("layers.{layer}.moe.experts.down_proj", "layers.{layer}.mlp.experts.w_down_EFD", transpose=True),
 )
 COMMON = (Rename("layers.{layer}.moe.gate.weight", "layers.{layer}.mlp.router.gate.weight"),)
 SHAPES = {"embed.weight": (7, D)}
 for _l in range(2):
-    SHAPES.update({f"layers.{_l}.mlp.experts.w_gate_EDF": (E, D, F), f"layers.{_l}.mlp.experts.w_up_EDF": (E, D, F),
-                   f"layers.{_l}.mlp.experts.w_down_EFD": (E, F, D), f"layers.{_l}.mlp.router.gate.weight": (E, D)})
+    SHAPES.update({f"layers.{_l}.mlp.experts.w_gate_EDF": (E, D, F),
+                   f"layers.{_l}.mlp.experts.w_up_EDF": (E, D, F),
+                   f"layers.{_l}.mlp.experts.w_down_EFD": (E, F, D),
+                   f"layers.{_l}.mlp.router.gate.weight": (E, D)})
 
 
 def _load(rules, ckpt, shapes=SHAPES):
@@ -62,8 +65,10 @@ def test_split_layout_stacks_and_transposes():
     x = torch.randn(2, D)
     w1 = ckpt["layers.1.moe.experts.2.w1.weight"]
     assert torch.equal(model["layers.1.mlp.experts.w_gate_EDF"][2], w1.T)
-    torch.testing.assert_close(x @ model["layers.1.mlp.experts.w_gate_EDF"][2], torch.nn.functional.linear(x, w1))
-    assert torch.equal(model["layers.0.mlp.experts.w_down_EFD"][1], ckpt["layers.0.moe.experts.1.w2.weight"].T)
+    torch.testing.assert_close(x @ model["layers.1.mlp.experts.w_gate_EDF"][2],
+                               torch.nn.functional.linear(x, w1))
+    assert torch.equal(model["layers.0.mlp.experts.w_down_EFD"][1],
+                       ckpt["layers.0.moe.experts.1.w2.weight"].T)
     assert torch.equal(model["embed.weight"], ckpt["embed.weight"])
 
 
@@ -100,13 +105,15 @@ def test_unequal_pieces_take_sizes_from_the_model():
     shapes = {"q": (4, 3), "k": (2, 3), "v": (2, 3)}
     w = torch.randn(8, 3)
     pieces = rule.to_model({"Wqkv": w}.__getitem__, shapes, None)
-    assert torch.equal(pieces["q"], w[:4]) and torch.equal(pieces["k"], w[4:6]) and torch.equal(pieces["v"], w[6:])
+    assert torch.equal(pieces["q"], w[:4]) and torch.equal(pieces["k"], w[4:6])
+    assert torch.equal(pieces["v"], w[6:])
     assert torch.equal(rule.to_hf(pieces.__getitem__, None)["Wqkv"], w)
     with pytest.raises(ValueError, match="Wqkv: dim 0 has size 9, expected 8 = 4 \\+ 2 \\+ 2"):
         rule.to_model({"Wqkv": torch.randn(9, 3)}.__getitem__, shapes, None)
 
 
-@pytest.mark.parametrize("transpose", [pytest.param(True, id="gate-transposed"), pytest.param(False, id="down")])
+@pytest.mark.parametrize("transpose", [pytest.param(True, id="gate-transposed"),
+                                       pytest.param(False, id="down")])
 def test_unflatten(transpose):
     rule = Unflatten("w1", "w_EDF", transpose=transpose)
     flat = torch.randn(3 * 5, 4)  # 3 experts, F=5, D=4: rows of expert e are flat[5e:5e+5]

@@ -20,7 +20,8 @@ ATOL = 1e-4
 def _hf_model(expert_capacity: int) -> transformers.PreTrainedModel:
     cfg = transformers.SwitchTransformersConfig(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-        num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=1, expert_capacity=expert_capacity,
+        num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=1,
+        expert_capacity=expert_capacity,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0)
     torch.manual_seed(0)
     model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
@@ -49,7 +50,8 @@ def _hf_routing(hf_model, enc, dec) -> list[torch.Tensor]:
         one_hot = out[0].reshape(-1, out[0].shape[-1])  # (T, E), all zero where capacity dropped the token
         found.append(torch.where(one_hot.sum(-1) > 0, one_hot.argmax(-1), -1)[:, None])
 
-    hooks = [m.register_forward_hook(hook) for m in hf_model.modules() if type(m).__name__.endswith("Top1Router")]
+    hooks = [m.register_forward_hook(hook) for m in hf_model.modules()
+             if type(m).__name__.endswith("Top1Router")]
     with torch.no_grad():
         hf_model(input_ids=enc, decoder_input_ids=dec)
     for h in hooks:
@@ -104,13 +106,15 @@ def test_save_round_trip(pair, tmp_path):
     reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
     enc, dec = _ids(5, 6), _ids(6, 4)
     with torch.no_grad():
-        assert (reloaded(input_ids=enc, decoder_input_ids=dec).logits - model(enc, dec).logits).abs().max() <= ATOL
+        want = reloaded(input_ids=enc, decoder_input_ids=dec).logits
+        assert (want - model(enc, dec).logits).abs().max() <= ATOL
 
 
 def test_inspect_and_convert(pair, tmp_path):
     path, hf_model, model = pair
     summary = checkpoint_summary(path)
-    assert summary["model_type"] == "switch_transformers" and summary["expert_layout"] == "split (per-expert 2-D)"
+    assert summary["model_type"] == "switch_transformers"
+    assert summary["expert_layout"] == "split (per-expert 2-D)"
     assert summary["config"]["params"] == hf_model.num_parameters()
     save_moekit(model, tmp_path / "mk")
     again = load_moekit(tmp_path / "mk")

@@ -13,8 +13,8 @@ import torch
 import transformers
 
 VOCAB = 64
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
            moe_intermediate_size=16, first_k_dense_replace=1, n_shared_experts=1)
 CONFIGS: dict[str, dict] = {
@@ -24,8 +24,8 @@ CONFIGS: dict[str, dict] = {
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                       shared_expert_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[0]),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.5, eos_token_id=1, pad_token_id=0),
-    "deepseek_v3": dict(MLA, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=24,
-                        routed_scaling_factor=2.5),
+    "deepseek_v3": dict(MLA, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                        q_lora_rank=24, routed_scaling_factor=2.5),
     "deepseek_v2": dict(MLA, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
                         topk_method="group_limited_greedy", q_lora_rank=None, routed_scaling_factor=1.5),
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
@@ -35,8 +35,8 @@ CONFIGS: dict[str, dict] = {
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"]),
     "jamba": dict(num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
-                  expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4,
-                  num_hidden_layers=4),
+                  expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2,
+                  mamba_dt_rank=4, num_hidden_layers=4),
 }
 # DBRX names its fields differently; rope_theta in attn_config because transformers 5.23's
 # DbrxAttention reads it from there.
@@ -51,7 +51,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))),
     "phimoe-longrope": ("phimoe", dict(rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
-        short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.5, 2.0, 3.0, 4.0], short_mscale=1.1, long_mscale=1.3))),
+        short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.5, 2.0, 3.0, 4.0], short_mscale=1.1,
+        long_mscale=1.3))),
     "qwen3_moe-tied": ("qwen3_moe", dict(tie_word_embeddings=True)),
     "mixtral-sliding": ("mixtral", dict(sliding_window=3)),
 }
@@ -81,7 +82,8 @@ def tiny_hf_model(model_type: str, seed: int = 0, **overrides) -> transformers.P
 
 
 def _is_router(name: str) -> bool:
-    return any(s in name for s in (".gate.weight", ".router.weight", ".router.layer.weight")) and "experts" not in name
+    routers = (".gate.weight", ".router.weight", ".router.layer.weight")
+    return any(s in name for s in routers) and "experts" not in name
 
 
 def _ids(out, top_k: int) -> torch.Tensor:
@@ -91,7 +93,8 @@ def _ids(out, top_k: int) -> torch.Tensor:
     return out[2]
 
 
-def save_tiny(model_type: str, path: Path, overrides: dict | None = None, **save_kwargs) -> transformers.PreTrainedModel:
+def save_tiny(model_type: str, path: Path, overrides: dict | None = None,
+              **save_kwargs) -> transformers.PreTrainedModel:
     model = tiny_hf_model(model_type, **(overrides or {}))
     model.save_pretrained(path, **save_kwargs)
     return model
@@ -107,7 +110,8 @@ def hf_router_ids(model: transformers.PreTrainedModel, tokens_BS: torch.Tensor) 
         ids = _ids(out, top_k)
         found.append(ids.reshape(-1, ids.shape[-1]))
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.lower().endswith("router")]
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if type(m).__name__.lower().endswith("router")]
     assert hooks, f"no router modules found in {type(model).__name__}"
     try:
         with torch.no_grad():
