@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import moekit
 from moekit.cli import main
 from moekit.hf.checkpoint import load_moekit
-from tests.hf.tiny import save_tiny
+from tests.hf.tiny import save_tiny, tiny_hf_model
 
 
 @pytest.mark.parametrize("model_type", [pytest.param(t, id=t) for t in ("mixtral", "deepseek_v3", "jamba")])
@@ -47,3 +47,15 @@ def test_dtype_and_fused_layout(tmp_path):
 def test_errors_are_reported(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_bf16_checkpoint_round_trip_is_bit_exact(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tiny_hf_model("olmoe").to(torch.bfloat16).save_pretrained(src)
+    model = moekit.from_pretrained(src)  # dtype from config.json
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model.save_pretrained(dst)
+    original, again = load_file(src / "model.safetensors"), load_file(dst / "model.safetensors")
+    assert sorted(original) == sorted(again)
+    for key, tensor in original.items():
+        assert again[key].dtype == torch.bfloat16 and torch.equal(again[key], tensor), key
