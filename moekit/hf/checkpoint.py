@@ -17,6 +17,7 @@ import torch
 
 from moekit.hf.configs import TO_HF, TO_MOEKIT
 from moekit.hf.convert import checkpoint_to_model, model_to_checkpoint
+from moekit.hf.expressible import differences
 from moekit.hf.families import FAMILIES, Layout, family, ignored_keys
 from moekit.hf.io import CONFIG_FILE, CheckpointReader, read_config, write_checkpoint
 from moekit.hf.rules import Rule
@@ -176,6 +177,7 @@ def hf_config_for(model: Model, model_type: str) -> dict[str, Any]:
     if base.get("model_type", model_type) != model_type:
         base = {}
     dtype = next(model.parameters()).dtype
+    base.pop("torch_dtype", None)  # the older name of "dtype"
     out = {**base, **TO_HF[model_type](model.config), "model_type": model_type,
            "dtype": str(dtype).removeprefix("torch.")}
     out.setdefault("architectures", [ARCHITECTURES[model_type]])
@@ -210,6 +212,11 @@ def save_pretrained(
     state = {k: v.detach() for k, v in model.state_dict().items() if k not in copies}
     tensors = model_to_checkpoint(family(model_type).save_rules(layout), state)
     config = hf_config_for(model, model_type)
+    if isinstance(model.config, ModelConfig):
+        diffs = differences(model.config, TO_MOEKIT[model_type](config))  # type: ignore[arg-type]
+        if diffs:
+            raise ValueError(f"this model cannot be written as model_type={model_type!r}; its config.json "
+                             f"would describe a different model: {'; '.join(diffs)}")
     out = Path(path)
     files = write_checkpoint(out, tensors, max_shard_size=max_shard_size)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -172,3 +173,19 @@ def test_keys_transformers_ignores_are_ignored(tmp_path):
     bad = _copy(with_extra, tmp_path / "bad", config_edit=lambda c: c.update(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="map to no model parameter: model.layers.2."):
         moekit.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("change, field", [
+    pytest.param({"qk_norm": "head"}, "qk_norm='head' (loads back as 'none')", id="qk-norm"),
+    pytest.param({"moe": moekit.MoEConfig(d_model=32, d_ff=48, num_experts=4, top_k=2, normalize_topk=False)},
+                 "moe.normalize_topk=False (loads back as True)", id="no-renormalise"),
+    pytest.param({"norm": "layernorm"}, "norm='layernorm' (loads back as 'rmsnorm')", id="layernorm"),
+])
+def test_save_refuses_a_config_the_model_type_cannot_express(mixtral_dir, tmp_path, change, field):
+    original = moekit.from_pretrained(mixtral_dir).config
+    model = moekit.MoETransformer(original.replace(**change))
+    with pytest.raises(ValueError, match=r"cannot be written as model_type='mixtral'.*" + re.escape(field)):
+        save_pretrained(model, tmp_path, model_type="mixtral")
+    # training-only settings need not be expressible
+    ok = original.replace(moe=moekit.MoEConfig(d_model=32, d_ff=48, num_experts=4, top_k=2, z_loss_coef=0.1))
+    save_pretrained(moekit.MoETransformer(ok), tmp_path / "ok", model_type="mixtral")
