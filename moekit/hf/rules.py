@@ -93,10 +93,14 @@ class StackExperts:
         # held besides the result: loading stays near one copy of the weights.
         out = None
         for e in range(num_experts):
-            part = get(fill(self.hf, layer=layer, expert=e))
+            key = fill(self.hf, layer=layer, expert=e)
+            part = get(key)
             part = part.transpose(-1, -2) if self.transpose else part
             if out is None:
                 out = part.new_empty((num_experts, *part.shape))
+            elif part.shape != out.shape[1:]:
+                raise ValueError(f"{key}: expert {e} has shape {tuple(get(key).shape)}, unlike expert 0's; "
+                                 f"the checkpoint is inconsistent")
             out[e].copy_(part)
         assert out is not None, "StackExperts needs num_experts >= 1"
         return {fill(self.model, layer=layer): out}

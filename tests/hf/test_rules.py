@@ -168,3 +168,10 @@ def test_both_layouts_at_once_is_an_error():
     ckpt["layers.0.moe.experts.gate_up_proj"] = fused["layers.0.moe.experts.gate_up_proj"]
     with pytest.raises(ValueError, match="filled twice"):
         _load(COMMON + SPLIT + FUSED, ckpt)
+
+
+def test_inconsistent_expert_shape():
+    ckpt = _split_checkpoint()
+    ckpt["layers.0.moe.experts.2.w3.weight"] = torch.zeros(F + 1, D)
+    with pytest.raises(ValueError, match=r"layers.0.moe.experts.2.w3.weight: expert 2 has shape \(6, 4\)"):
+        _load(COMMON + SPLIT, ckpt)
