@@ -92,9 +92,7 @@ class DecoderLayer(nn.Module):
                 if cache.layers[self.layer_idx] is None:
                     cache.layers[self.layer_idx] = self.mamba.new_cache(x_BSD.shape[0])
                 state = cache.layers[self.layer_idx]
-            if mask_BS is not None:
-                h_BSD = h_BSD * mask_BS[..., None].to(h_BSD.dtype)  # padding must not enter the state
-            h_BSD = self.mamba(h_BSD, cache=state)
+            h_BSD = self.mamba(h_BSD, cache=state, mask_BS=mask_BS)
         if cfg.post_norms:
             h_BSD = self.attn_out_norm(h_BSD)
         x_BSD = x_BSD + h_BSD * cfg.residual_multiplier

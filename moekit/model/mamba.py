@@ -241,12 +241,17 @@ class MambaMixer(nn.Module):
         w = self.in_proj.weight
         return MambaCache.zeros(self.config, batch_size, device=w.device, dtype=w.dtype)
 
-    def forward(self, x_BSD: Tensor, cache: MambaCache | None = None) -> Tensor:
+    def forward(
+        self, x_BSD: Tensor, cache: MambaCache | None = None, mask_BS: Tensor | None = None
+    ) -> Tensor:
         """Mix a sequence (causally).
 
         Args:
             x_BSD: input, any float dtype. cache: the layer's states, read and then overwritten
                 (detached) with the states after the last token; None starts from zeros.
+            mask_BS: bool, False at padding. Padded positions are zeroed at the input and after the
+                causal conv (as transformers' Jamba does), so a padded prefix leaves the SSM
+                state as if it were absent.
         Returns:
             y_BSD in x's dtype (the scan itself runs in fp32, or fp64 for fp64 input).
         """
@@ -261,11 +266,15 @@ class MambaMixer(nn.Module):
             cfg, B, device=x_BSD.device, dtype=x_BSD.dtype)
         N, R = cfg.d_state, cfg.rank
 
-        xz_BS2I = self.in_proj(x_BSD)
+        keep_BS1 = None if mask_BS is None else mask_BS[..., None].to(x_BSD.dtype)
+        xz_BS2I = self.in_proj(x_BSD if keep_BS1 is None else x_BSD * keep_BS1)
         x_BIS, z_BIS = xz_BS2I.transpose(1, 2).chunk(2, dim=1)
         x_BIS, conv_state_BIW = causal_conv(x_BIS, state.conv_state_BIW, self.conv1d.weight.squeeze(1),
                                             self.conv1d.bias)
-        x_BSI = F.silu(x_BIS).transpose(1, 2)
+        x_BIS = F.silu(x_BIS)
+        if keep_BS1 is not None:
+            x_BIS = x_BIS * keep_BS1.transpose(1, 2)  # the conv bias must not reach the state
+        x_BSI = x_BIS.transpose(1, 2)
 
         dt_BSR, B_BSN, C_BSN = torch.split(self.x_proj(x_BSI), [R, N, N], dim=-1)
         if cfg.dt_layernorm:

@@ -123,6 +123,10 @@ def test_matches_transformers_jamba_mixer(B, S, chunk):
     x = torch.randn(B, S, 16)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
+        mask_BS = torch.ones(B, S, dtype=torch.bool)
+        mask_BS[0, :2] = False  # a left-padded first sequence
+        torch.testing.assert_close(ours(x, mask_BS=mask_BS), hf(x, attention_mask=mask_BS),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [
