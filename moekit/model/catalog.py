@@ -522,9 +522,10 @@ def _presets() -> list[Preset]:
             vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=131072,
             norm="layernorm", norm_bias=True, qkv_bias=True, o_bias=True, lm_head_bias=True,
             rope=RopeConfig(theta=10000.0),
-            moe=_moe(4096, 6400, 16, 2, jitter_eps=0.01, load_balance_coef=0.0)),
+            moe=_moe(4096, 6400, 16, 2, router="sparsemixer", load_balance_coef=0.0)),
           ("phi-3.5-moe", "phimoe"), "microsoft/Phi-3.5-MoE-instruct",
-          "LongRoPE tables not included (plain RoPE); SparseMixer router approximated by softmax top-2."),
+          "LongRoPE tables not included (plain RoPE); SparseMixer router with its inference-time "
+          "routing (training uses the same forward, not Gumbel sampling)."),
         P("JetMoE-8B", ModelConfig(
             vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=16, head_dim=128,
             max_seq_len=4096, tie_embeddings=True, rope=RopeConfig(theta=10000.0),
