@@ -224,6 +224,7 @@ def rng_tensors() -> dict[str, Tensor]:
 
 def set_rng_tensors(tensors: dict[str, Tensor]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    cuda_keys = sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[len("cuda_"):]))
+    cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

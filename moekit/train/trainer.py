@@ -334,7 +334,8 @@ class Trainer:
         else:
             self.ensure_fresh()
             self.metrics.truncate_after(0)
-        progress = Progress(cfg.steps, start=self.step, label=self.label, enabled=self.progress)
+        progress = Progress(cfg.steps, start=self.step, label=self.label, enabled=self.progress,
+                            every=max(1, cfg.steps // 20))
         last_ckpt: Path | None = None
         val_loss: float | None = None
         try:
