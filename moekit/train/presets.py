@@ -33,6 +33,13 @@ def _tiny_model(vocab_size: int) -> ModelConfig:
     )
 
 
+def _tiny_dense_model(vocab_size: int) -> ModelConfig:
+    """`tiny` with dense MLPs as wide as one of its experts: the parent for sparse upcycling."""
+    moe_config = _tiny_model(vocab_size)
+    assert moe_config.moe is not None
+    return moe_config.replace(moe=None, moe_layers="none", d_ff=moe_config.moe.d_ff)
+
+
 def _small_model(vocab_size: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size, d_model=128, n_layers=4, n_heads=4, max_seq_len=128, d_ff=512,
@@ -40,11 +47,13 @@ def _small_model(vocab_size: int) -> ModelConfig:
     )
 
 
+_TINY_TRAIN = TrainConfig(steps=300, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=20,
+                          eval_every=50, checkpoint_every=100)
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "2 layers, d_model 64, 4 experts top-2; ~1 minute on 2 CPU cores",
-                   _tiny_model, TrainConfig(steps=300, batch_size=16, seq_len=64, lr=3e-3,
-                                            warmup_steps=20, eval_every=50, checkpoint_every=100),
-                   vocab_size=1024, hf_model_type="mixtral"),
+                   _tiny_model, _TINY_TRAIN, vocab_size=1024, hf_model_type="mixtral"),
+    "tiny-dense": Preset("tiny-dense", "tiny with dense MLPs of one expert's width (an upcycling parent)",
+                         _tiny_dense_model, _TINY_TRAIN, vocab_size=1024, hf_model_type=None),
     "small": Preset("small", "4 layers, d_model 128, 8 experts top-2; ~10 minutes on 2 CPU cores",
                     _small_model, TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=2e-3,
                                               warmup_steps=50, eval_every=100, checkpoint_every=200),

@@ -68,8 +68,20 @@ def test_data_fetch_from_a_local_tarball_with_the_wrong_checksum(tmp_path, capsy
 def test_presets_build():
     for name, preset in PRESETS.items():
         config = preset.model(preset.vocab_size)
-        assert config.moe is not None, name
+        assert (config.moe is None) == (name == "tiny-dense"), name
     assert get_preset("catalog:mixtral-8x7b").model(512).moe.num_experts == 8
+
+
+def test_upcycle_on_the_command_line(tmp_path, capsys):
+    dense, moe, again = tmp_path / "dense", tmp_path / "moe", tmp_path / "again"
+    assert main(["train", "--preset", "tiny-dense", "--steps", "1", "--out", str(dense), *FAST]) == 0
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--out", str(moe), "--init-from", str(dense),
+                 *FAST]) == 0
+    # The MoE run's experts have no place in the dense model: a clear error, no run folder started.
+    assert main(["train", "--preset", "tiny-dense", "--steps", "1", "--out", str(again), "--init-from",
+                 str(moe), *FAST]) == 2
+    assert "not a dense parent" in capsys.readouterr().err
+    assert not again.exists()
 
 
 @pytest.mark.parametrize("model_type", [pytest.param("mixtral", id="hf-layout"), pytest.param(None, id="native")])
