@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.experts.dense import DenseMLP
 from moekit.experts.grouped import Experts
 from moekit.layer import MoELayer
 
@@ -92,16 +93,14 @@ def hf_block(layer: MoELayer, impl: str) -> nn.Module:
     ex = layer.experts
     dtype = ex.w_down_EFD.dtype
     with torch.no_grad():
-        block.gate.weight.data = layer.router.gate.weight.detach().float().clone()
+        block.gate.weight.data = layer.router.gate.weight.detach().clone()
         # transformers stores (E, 2F, D) = [gate; up] rows and (E, D, F); ours are (E, D, F), (E, F, D).
         gate_up = torch.cat([ex.w_gate_EDF, ex.w_up_EDF], dim=-1).transpose(1, 2)
         block.experts.gate_up_proj.data = gate_up.contiguous()
         block.experts.down_proj.data = ex.w_down_EFD.transpose(1, 2).contiguous()
         if cfg.num_shared_experts:
             block.shared_experts.load_state_dict(layer.shared_experts.state_dict())
-    block = block.to(dtype)
-    block.gate.weight.data = block.gate.weight.data.to(dtype)
-    return block
+    return block.to(dtype)
 
 
 class DenseLimit(nn.Module):
@@ -117,10 +116,9 @@ class DenseLimit(nn.Module):
         self.top_k = shape.top_k
         self.shared = None
         if shape.num_shared:
-            from moekit.experts.dense import DenseMLP
             self.shared = DenseMLP(D, shape.num_shared * Fd).to(dtype)
 
-    def forward(self, x_RD: Tensor, x_TD: Tensor) -> Tensor:
+    def forward(self, x_RD: Tensor, x_TD: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         y_RD = (F.silu(x_RD @ self.w_gate_DF) * (x_RD @ self.w_up_DF)) @ self.w_down_FD
         return y_RD if self.shared is None else (y_RD, self.shared(x_TD))
 
