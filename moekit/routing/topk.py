@@ -21,14 +21,29 @@ from moekit.types import RoutingDecision
 def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k along the last dim with ties broken towards the lower index, on every device.
 
-    `torch.topk` does not promise an order among equal values; a stable descending sort does.
+    `torch.topk` promises no order among equal values. Rather than a full stable sort (2-3x slower
+    at E >= 64), fp32 scores become unique int64 keys: the float's bits mapped to an integer of the
+    same order, shifted up, with (E - 1 - index) in the low bits; `topk` on the keys is then exact.
     """
     if k == 1:
         # argmax returns the first maximal index.
         ids_T1 = scores_TE.argmax(dim=-1, keepdim=True)
         return scores_TE.gather(-1, ids_T1), ids_T1
-    values_TE, ids_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-    return values_TE[:, :k], ids_TE[:, :k]
+    E = scores_TE.shape[-1]
+    if scores_TE.dtype == torch.float64 or E > _MAX_KEY_EXPERTS:
+        values_TE, ids_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+        return values_TE[..., :k], ids_TE[..., :k]
+    scores32_TE = scores_TE.float()
+    scores32_TE = torch.where(scores32_TE == 0, 0.0, scores32_TE)  # -0.0 ties with +0.0, as in sort
+    bits = scores32_TE.contiguous().view(torch.int32)
+    # Two's-complement bits order negative floats backwards: flip their magnitude bits.
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    rank_E = (_MAX_KEY_EXPERTS - 1) - torch.arange(E, device=scores_TE.device)
+    ids_TK = (ordered * _MAX_KEY_EXPERTS + rank_E).topk(k, dim=-1).indices
+    return scores_TE.gather(-1, ids_TK), ids_TK
+
+
+_MAX_KEY_EXPERTS = 1 << 16  # index bits of the int64 keys in stable_topk
 
 
 def expert_scores(logits_TE: Tensor, score_func: str) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.config import MoEConfig
-from moekit.routing.topk import TopKRouter, topk_route
+from moekit.routing.topk import TopKRouter, stable_topk, topk_route
 from tests.reference.topk import reference_topk
 
 CASES = [
@@ -127,3 +127,18 @@ def test_record_and_replay_reproduce_routing() -> None:
     with pytest.raises(ValueError, match="covers 20 tokens"):
         router.replay = list(recorded)
         router(x_TD[:5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("E,k", [(8, 2), (64, 6), (300, 8)])
+def test_stable_topk_equals_stable_sort(dtype: torch.dtype, E: int, k: int) -> None:
+    g = torch.Generator().manual_seed(E)
+    scores_TE = torch.randn(50, E, generator=g).to(dtype)
+    scores_TE[:, : E // 2] = scores_TE[:, :1]  # many exact ties, including negative values
+    scores_TE[0, 3] = float("-inf")
+    scores_TE[1, :] = 0.0
+    scores_TE[1, 5] = -0.0
+    values, ids = stable_topk(scores_TE, k)
+    ref_values, ref_ids = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+    assert torch.equal(ids, ref_ids[:, :k])
+    assert torch.equal(values, ref_values[:, :k])
