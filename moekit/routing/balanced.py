@@ -9,12 +9,11 @@ balanced matrix. The combine weights come from the plain router scores; evaluati
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.routing.base import Router, counts_from_ids
-from moekit.routing.topk import expert_scores, stable_topk
+from moekit.routing.base import Router, counts_from_ids, gate_logits
+from moekit.routing.topk import balance_probs, chosen_weights, expert_scores, stable_topk
 from moekit.types import RoutingDecision
 
 
@@ -62,12 +61,9 @@ def sinkhorn_route(
     scores_TE = expert_scores(logits_TE, score_func)
     select_TE = sinkhorn_log(logits_TE, iters=iters, mask_T=mask_T) if balanced else scores_TE.detach()
     _, ids_TK = stable_topk(select_TE, top_k)
-    weights_TK = scores_TE.gather(1, ids_TK)
-    if normalize_topk:
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    weights_TK = weights_TK * routed_scaling_factor
-    probs_TE = scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-    return ids_TK, weights_TK, probs_TE
+    weights_TK = chosen_weights(logits_TE, scores_TE, ids_TK, normalize_topk=normalize_topk,
+                                routed_scaling_factor=routed_scaling_factor)
+    return ids_TK, weights_TK, balance_probs(scores_TE, score_func)
 
 
 class SinkhornRouter(Router):
@@ -82,8 +78,7 @@ class SinkhornRouter(Router):
         self.gate = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        bias = None if self.gate.bias is None else self.gate.bias.float()
-        return F.linear(x_TD.float(), self.gate.weight.float(), bias)
+        return gate_logits(self.gate, x_TD)
 
     def route(
         self, x_TD: Tensor, *, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None
@@ -108,10 +103,7 @@ class SinkhornRouter(Router):
         cfg = self.config
         logits_TE = self.logits(x_TD)
         scores_TE = expert_scores(logits_TE, cfg.score_func)
-        weights_TK = scores_TE.gather(1, expert_ids_TK.clamp_min(0)) * (expert_ids_TK >= 0)
-        if cfg.normalize_topk:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        weights_TK = weights_TK * cfg.routed_scaling_factor
-        probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-        return RoutingDecision(expert_ids_TK, weights_TK, logits_TE, probs_TE,
+        weights_TK = chosen_weights(logits_TE, scores_TE, expert_ids_TK, normalize_topk=cfg.normalize_topk,
+                                    routed_scaling_factor=cfg.routed_scaling_factor)
+        return RoutingDecision(expert_ids_TK, weights_TK, logits_TE, balance_probs(scores_TE, cfg.score_func),
                                counts_from_ids(expert_ids_TK, cfg.num_experts))

@@ -7,10 +7,17 @@ A router maps tokens to experts and returns a `RoutingDecision`. It has no side 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.types import RoutingDecision
+
+
+def gate_logits(gate: nn.Linear, x_TD: Tensor) -> Tensor:
+    """Router logits of a linear gate, computed in fp32 whatever the activation dtype."""
+    bias = None if gate.bias is None else gate.bias.float()
+    return F.linear(x_TD.float(), gate.weight.float(), bias)
 
 
 def counts_from_ids(expert_ids_TK: Tensor, num_experts: int) -> Tensor:

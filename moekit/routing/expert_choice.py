@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.routing.base import Router, counts_from_ids
+from moekit.routing.base import Router, counts_from_ids, gate_logits
 from moekit.types import RoutingDecision
 
 
@@ -70,8 +69,7 @@ class ExpertChoiceRouter(Router):
         self.gate = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        bias = None if self.gate.bias is None else self.gate.bias.float()
-        return F.linear(x_TD.float(), self.gate.weight.float(), bias)
+        return gate_logits(self.gate, x_TD)
 
     def route(
         self, x_TD: Tensor, *, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None

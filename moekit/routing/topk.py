@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.losses import expert_bias_update
-from moekit.routing.base import Router, counts_from_ids
+from moekit.routing.base import Router, counts_from_ids, gate_logits
 from moekit.types import RoutingDecision
 
 
@@ -50,6 +50,37 @@ def expert_scores(logits_TE: Tensor, score_func: str) -> Tensor:
     """Per-expert scores in fp32: softmax over experts, or independent sigmoids."""
     logits_TE = logits_TE.float()
     return logits_TE.softmax(-1) if score_func == "softmax" else logits_TE.sigmoid()
+
+
+def balance_probs(scores_TE: Tensor, score_func: str) -> Tensor:
+    """Scores the balance loss uses: softmax as is; sigmoid normalised per token (DeepSeek-V3 eq. 18)."""
+    return scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+
+
+def chosen_weights(
+    logits_TE: Tensor,
+    scores_TE: Tensor,
+    expert_ids_TK: Tensor,
+    *,
+    softmax_after_topk: bool = False,
+    normalize_topk: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> Tensor:
+    """Combine weights (fp32) of the chosen experts; slots with id -1 get weight 0.
+
+    softmax_after_topk: softmax over the chosen logits only (Mixtral); otherwise the chosen scores,
+    renormalised to sum to 1 when `normalize_topk`. Then times `routed_scaling_factor`.
+    """
+    used_TK = expert_ids_TK >= 0
+    safe_TK = expert_ids_TK.clamp_min(0)
+    if softmax_after_topk:
+        weights_TK = logits_TE.gather(1, safe_TK).masked_fill(~used_TK, float("-inf")).softmax(-1)
+        weights_TK = weights_TK.nan_to_num(0.0)  # a token with no slot at all
+    else:
+        weights_TK = scores_TE.gather(1, safe_TK) * used_TK
+        if normalize_topk:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    return weights_TK * routed_scaling_factor
 
 
 def group_limited_mask(
@@ -103,15 +134,9 @@ def topk_route(
         )
         select_TE = select_TE.masked_fill(~keep_TE, float("-inf"))
     _, ids_TK = stable_topk(select_TE, top_k)
-    if softmax_after_topk:
-        weights_TK = logits_TE.gather(1, ids_TK).softmax(-1)
-    else:
-        weights_TK = scores_TE.gather(1, ids_TK)
-        if normalize_topk:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    weights_TK = weights_TK * routed_scaling_factor
-    probs_TE = scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-    return ids_TK, weights_TK, probs_TE
+    weights_TK = chosen_weights(logits_TE, scores_TE, ids_TK, softmax_after_topk=softmax_after_topk,
+                                normalize_topk=normalize_topk, routed_scaling_factor=routed_scaling_factor)
+    return ids_TK, weights_TK, balance_probs(scores_TE, score_func)
 
 
 class TopKRouter(Router):
@@ -135,8 +160,7 @@ class TopKRouter(Router):
         if self.training and cfg.jitter_eps > 0:
             # Switch Transformer: multiplicative jitter on the router input.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float(),
-                             None if self.gate.bias is None else self.gate.bias.float())
+        logits_TE = gate_logits(self.gate, x_TD)
         if self.training and self.noise_gate is not None:
             # Shazeer et al. 2017 eq. 4: H(x) = x W_g + N(0,1) * softplus(x W_noise).
             noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_gate.weight.float()))
@@ -167,17 +191,11 @@ class TopKRouter(Router):
         cfg = self.config
         logits_TE = self.logits(x_TD)
         scores_TE = expert_scores(logits_TE, cfg.score_func)
-        safe_TK = expert_ids_TK.clamp_min(0)
-        if cfg.softmax_after_topk:
-            weights_TK = logits_TE.gather(1, safe_TK).masked_fill(expert_ids_TK < 0, float("-inf"))
-            weights_TK = weights_TK.softmax(-1)
-        else:
-            weights_TK = scores_TE.gather(1, safe_TK) * (expert_ids_TK >= 0)
-            if cfg.normalize_topk:
-                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        weights_TK = (weights_TK * cfg.routed_scaling_factor).nan_to_num(0.0)
-        probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-        return RoutingDecision(expert_ids_TK, weights_TK, logits_TE, probs_TE,
+        weights_TK = chosen_weights(logits_TE, scores_TE, expert_ids_TK,
+                                    softmax_after_topk=cfg.softmax_after_topk,
+                                    normalize_topk=cfg.normalize_topk,
+                                    routed_scaling_factor=cfg.routed_scaling_factor)
+        return RoutingDecision(expert_ids_TK, weights_TK, logits_TE, balance_probs(scores_TE, cfg.score_func),
                                counts_from_ids(expert_ids_TK, cfg.num_experts))
 
     @torch.no_grad()
