@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import check
+from moekit.routing.base import detach_decision
 from moekit.train import checkpoint as ckpt
 from moekit.train.batches import PackedSequences, batch_indices, eval_indices
 from moekit.train.metrics import MetricsLog, Progress, summarize_routing
@@ -276,7 +277,7 @@ class Trainer:
             aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.item() / cfg.grad_accum
             moe_decisions = [d for d in out.routing if d is not None]
             for i, (layer, decision) in enumerate(zip(layers, moe_decisions)):
-                decisions[i].append(decision)
+                decisions[i].append(detach_decision(decision))  # stats only: free the graph
                 with torch.no_grad():
                     for name, value in layer.aux_losses(decision, None, cfg.batch_size).items():
                         aux_named[name] = aux_named.get(name, 0.0) + float(value) / cfg.grad_accum
