@@ -209,6 +209,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         # Adam's first step is ~lr * sign(g): fp noise in near-zero gradients shows at ~1e-6.
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert _losses(tmp_path / "a")[0][1] == pytest.approx(_losses(tmp_path / "b")[0][1], rel=1e-6)
+    # Adam hides a gradient scale error; the logged (pre-clip) gradient norm does not.
+    norms = [read_metrics(tmp_path / d / "metrics.jsonl")[0]["grad_norm"] for d in ("a", "b")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
 
 
 def test_bf16_autocast_trains(tmp_path):
