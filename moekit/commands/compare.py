@@ -42,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
                 fetch_shakespeare(cache)
             except RuntimeError as err:
                 raise ValueError(str(err)) from err
-    report = run_compare(config, variants=args.variants, out_dir=args.out, corpus=args.corpus,
-                         cache_dir=args.cache_dir, progress=not args.quiet)
+    try:
+        report = run_compare(config, variants=args.variants, out_dir=args.out, corpus=args.corpus,
+                             cache_dir=args.cache_dir, progress=not args.quiet)
+    except KeyboardInterrupt as stop:
+        print(f"\n{stop or 'interrupted'}")
+        return 130
     print((report / "summary.md").read_text())
     print(f"report: {report / 'summary.md'} (plots beside it)")
     return 0
