@@ -40,8 +40,8 @@ class CompareConfig:
     n_layers: int = 4
     n_heads: int = 4
     active_d_ff: int = 256
-    num_experts: int = 16
-    top_k: int = 2
+    num_experts: int = 32
+    top_k: int = 4
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 128
@@ -50,7 +50,7 @@ class CompareConfig:
     eval_every: int = 50
     eval_sequences: int = 64
     seed: int = 0
-    bias_update_rate: float = 1e-2
+    bias_update_rate: float = 3e-3
     load_balance_coef: float = 1e-2
 
     def __post_init__(self) -> None:
