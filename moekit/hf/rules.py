@@ -173,24 +173,13 @@ class Fused:
 
 
 @dataclass(frozen=True)
-class Unflatten:
+class Unflatten(Rename):
     """A checkpoint tensor (E * F, D) of experts stacked along rows <-> a model tensor (E, ...).
 
     DBRX stores `experts.mlp.w1` as (E * F, D); with `transpose` it becomes w_gate_EDF (E, D, F),
-    without (w2, already (F, D) per expert) w_down_EFD (E, F, D).
+    without (w2, already (F, D) per expert) w_down_EFD (E, F, D). Same fields and patterns as
+    `Rename`; only the tensor's shape changes on the way.
     """
-
-    hf: str
-    model: str
-    transpose: bool = False
-
-    @property
-    def hf_patterns(self) -> tuple[str, ...]:
-        return (self.hf,)
-
-    @property
-    def model_patterns(self) -> tuple[str, ...]:
-        return (self.model,)
 
     def to_model(self, get, shapes: Shapes, layer: int | None) -> dict[str, Tensor]:
         key = fill(self.hf, layer=layer)
