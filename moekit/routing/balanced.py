@@ -9,10 +9,9 @@ balanced matrix. The combine weights come from the plain router scores; evaluati
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moekit.config import MoEConfig
-from moekit.routing.base import Router, counts_from_ids, gate_logits
+from moekit.routing.base import LinearGateRouter, counts_from_ids
 from moekit.routing.topk import balance_probs, chosen_weights, expert_scores, stable_topk
 from moekit.types import RoutingDecision
 
@@ -66,19 +65,12 @@ def sinkhorn_route(
     return ids_TK, weights_TK, balance_probs(scores_TE, score_func)
 
 
-class SinkhornRouter(Router):
+class SinkhornRouter(LinearGateRouter):
     """Linear gate + `sinkhorn_route`: balanced selection in training, plain top-k in eval.
 
     With top_k = 1 and normalize_topk = True every weight is exactly 1 and the gate gets no
     gradient; use score_func="sigmoid" with normalize_topk=False as Megatron-LM does.
     """
-
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__(config)
-        self.gate = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
-
-    def logits(self, x_TD: Tensor) -> Tensor:
-        return gate_logits(self.gate, x_TD)
 
     def route(
         self, x_TD: Tensor, *, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None

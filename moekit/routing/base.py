@@ -99,3 +99,15 @@ def detach_decision(d: RoutingDecision) -> RoutingDecision:
         dropped_TK=det(d.dropped_TK),
         selected_TK=det(d.selected_TK),
     )
+
+
+class LinearGateRouter(Router):
+    """A router scoring experts with a linear gate `gate` (D -> E, bias per `router_bias`)."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.gate = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits in fp32."""
+        return gate_logits(self.gate, x_TD)

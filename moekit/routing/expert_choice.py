@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moekit.config import MoEConfig
-from moekit.routing.base import Router, counts_from_ids, gate_logits
+from moekit.routing.base import LinearGateRouter, counts_from_ids
 from moekit.types import RoutingDecision
 
 
@@ -57,19 +56,12 @@ def expert_choice_route(
     return ids_TE, weights_TE, scores_TE
 
 
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LinearGateRouter):
     """Linear gate + `expert_choice_route`; fills a RoutingDecision with K = E slots per token.
 
     `expert_ids_TK[t, e]` is e if expert e chose token t and -1 otherwise; `weights_TK[t, e]` is the
     gating score there. `counts_E` is C for every expert (fewer only if there are fewer real tokens).
     """
-
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__(config)
-        self.gate = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
-
-    def logits(self, x_TD: Tensor) -> Tensor:
-        return gate_logits(self.gate, x_TD)
 
     def route(
         self, x_TD: Tensor, *, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None

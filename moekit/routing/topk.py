@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.losses import expert_bias_update
-from moekit.routing.base import Router, counts_from_ids, gate_logits
+from moekit.routing.base import LinearGateRouter, counts_from_ids, gate_logits
 from moekit.types import RoutingDecision
 
 
@@ -139,13 +139,12 @@ def topk_route(
     return ids_TK, weights_TK, balance_probs(scores_TE, score_func)
 
 
-class TopKRouter(Router):
+class TopKRouter(LinearGateRouter):
     """Linear gate + `topk_route`. Holds the gate, the optional noise gate and selection bias."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         D, E = config.d_model, config.num_experts
-        self.gate = nn.Linear(D, E, bias=config.router_bias)
         self.noise_gate = nn.Linear(D, E, bias=False) if config.noisy_gating else None
         if config.noisy_gating:
             nn.init.zeros_(self.noise_gate.weight)  # type: ignore[union-attr]
