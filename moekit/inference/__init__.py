@@ -1,1 +1,0 @@
-"""moekit.inference."""
