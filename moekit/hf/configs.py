@@ -138,15 +138,20 @@ def qwen2_moe_to_moekit(hf: dict) -> ModelConfig:
                        rope=rope_from_hf(hf))
 
 
-def qwen2_moe_to_hf(cfg: ModelConfig) -> dict:
+def _qwen_moe_to_hf(cfg: ModelConfig) -> dict:
+    """The fields qwen2_moe and qwen3_moe configs share: widths, routing, which layers are sparse."""
     moe = _moe(cfg)
     moe_ids = layer_ids(cfg.moe_layers, cfg.n_layers)
     return dict(_common_to_hf(cfg), intermediate_size=cfg.d_ff or moe.d_ff, moe_intermediate_size=moe.d_ff,
                 num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-                norm_topk_prob=moe.normalize_topk, shared_expert_intermediate_size=moe.shared_width,
-                router_aux_loss_coef=moe.load_balance_coef, qkv_bias=cfg.qkv_bias,
+                norm_topk_prob=moe.normalize_topk, router_aux_loss_coef=moe.load_balance_coef,
                 decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_ids],
                 use_sliding_window=False)
+
+
+def qwen2_moe_to_hf(cfg: ModelConfig) -> dict:
+    return dict(_qwen_moe_to_hf(cfg), shared_expert_intermediate_size=_moe(cfg).shared_width,
+                qkv_bias=cfg.qkv_bias)
 
 
 def qwen3_moe_to_moekit(hf: dict) -> ModelConfig:
@@ -162,14 +167,7 @@ def qwen3_moe_to_moekit(hf: dict) -> ModelConfig:
 
 
 def qwen3_moe_to_hf(cfg: ModelConfig) -> dict:
-    moe = _moe(cfg)
-    moe_ids = layer_ids(cfg.moe_layers, cfg.n_layers)
-    return dict(_common_to_hf(cfg), intermediate_size=cfg.d_ff or moe.d_ff, moe_intermediate_size=moe.d_ff,
-                num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-                norm_topk_prob=moe.normalize_topk, router_aux_loss_coef=moe.load_balance_coef,
-                attention_bias=cfg.qkv_bias, decoder_sparse_step=1,
-                mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_ids],
-                use_sliding_window=False)
+    return dict(_qwen_moe_to_hf(cfg), attention_bias=cfg.qkv_bias)
 
 
 # ---- olmoe ---------------------------------------------------------------------------------
