@@ -11,10 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from moekit.experts.activations import GATED as GLU_ACTIVATIONS
-
-ROUTER_NAMES = ("topk", "expert_choice", "hash", "sinkhorn", "soft", "sparsemixer")
-ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu", "gelu", "relu", "silu")
+from moekit.traits import ACTIVATIONS, GATED_ACTIVATIONS, ROUTER_NAMES, ROUTER_TRAITS
 
 
 def check(condition: bool, field_name: str, value: Any, allowed: str) -> None:
@@ -25,6 +22,11 @@ def check(condition: bool, field_name: str, value: Any, allowed: str) -> None:
 
 def check_choice(value: Any, field_name: str, choices: tuple) -> None:
     check(value in choices, field_name, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def _routers(trait: str) -> str:
+    """The routers that have a (truthy) trait, for error messages."""
+    return ", ".join(repr(n) for n, t in ROUTER_TRAITS.items() if getattr(t, trait))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +82,7 @@ class MoEConfig:
     d_ff: int
     num_experts: int
     top_k: int = 2
+    # The router names are ROUTER_TRAITS' keys (moekit/traits.py); a test keeps this Literal in step.
     router: Literal["topk", "expert_choice", "hash", "sinkhorn", "soft", "sparsemixer"] = "topk"
     # token-choice scoring
     score_func: Literal["softmax", "sigmoid"] = "softmax"
@@ -177,8 +180,8 @@ class MoEConfig:
         check(self.num_groups is not None and self.topk_groups is not None, "num_groups",
               self.num_groups, "num_groups and topk_groups must be set together")
         assert self.num_groups is not None and self.topk_groups is not None
-        check(self.router == "topk", "router", self.router,
-              "group-limited routing (num_groups) needs router='topk'")
+        check(ROUTER_TRAITS[self.router].token_choice, "router", self.router,
+              f"group-limited routing (num_groups) needs a token-choice router ({_routers('token_choice')})")
         check(self.num_groups >= 1 and self.num_experts % self.num_groups == 0, "num_groups",
               self.num_groups, f"must be >= 1 and divide num_experts ({self.num_experts})")
         check(1 <= self.topk_groups <= self.num_groups, "topk_groups", self.topk_groups,
@@ -192,40 +195,38 @@ class MoEConfig:
                   "'top2_sum' needs at least 2 experts per group")
 
     def _check_router_specific(self) -> None:
-        token_choice_only = {
-            "noisy_gating": self.noisy_gating,
-            "expert_bias": self.expert_bias,
-            "softmax_after_topk": self.softmax_after_topk,
-            "jitter_eps": self.jitter_eps,
-        }
-        if self.router != "topk":
-            for name, value in token_choice_only.items():
-                check(not value, name, value, f"is only supported with router='topk', "
-                      f"not router={self.router!r}")
-            check(self.score_func == "softmax" or self.router == "sinkhorn", "score_func",
-                  self.score_func, f"router={self.router!r} supports only 'softmax'")
+        traits = ROUTER_TRAITS[self.router]
+        name = f"router={self.router!r}"
+        if not traits.token_choice:
+            for field_name in ("noisy_gating", "expert_bias", "softmax_after_topk"):
+                value = getattr(self, field_name)
+                check(not value, field_name, value, f"is a token-choice option ({_routers('token_choice')}), "
+                      f"not supported with {name}")
+        if not traits.jitter:
+            check(not self.jitter_eps, "jitter_eps", self.jitter_eps,
+                  f"is supported with {_routers('jitter')}, not {name}")
+        check(self.score_func in traits.score_funcs, "score_func", self.score_func,
+              f"{name} supports only {', '.join(map(repr, traits.score_funcs))}")
         if self.softmax_after_topk:
-            check(self.score_func == "softmax", "softmax_after_topk", True,
-                  "needs score_func='softmax'")
+            check(self.score_func == "softmax", "softmax_after_topk", True, "needs score_func='softmax'")
         if self.router == "hash":
             check(self.hash_vocab_size is not None, "hash_vocab_size", None,
                   "router='hash' needs hash_vocab_size (the tokenizer's vocabulary size)")
-        if self.router in ("hash", "soft"):
+        if traits.gate != "linear":
             check(not self.router_bias, "router_bias", self.router_bias,
-                  f"router={self.router!r} has no linear gate to put a bias in")
-        if self.router in ("expert_choice", "hash", "soft"):
+                  f"{name} has no linear gate to put a bias in")
+        if not traits.scales_weights:
             check(self.routed_scaling_factor == 1.0, "routed_scaling_factor", self.routed_scaling_factor,
-                  f"must be 1.0 with router={self.router!r} (only 'topk' and 'sinkhorn' scale weights)")
-        if self.router in ("expert_choice", "soft"):
-            check(self.capacity_factor is None, "capacity_factor", self.capacity_factor,
-                  f"router={self.router!r} sets expert capacity itself; leave capacity_factor None")
-            check(self.expert_capacity is None, "expert_capacity", self.expert_capacity,
-                  f"router={self.router!r} sets expert capacity itself; leave expert_capacity None")
+                  f"must be 1.0 with {name} (only {_routers('scales_weights')} scale weights)")
+        if traits.own_capacity:
+            for field_name in ("capacity_factor", "expert_capacity"):
+                check(getattr(self, field_name) is None, field_name, getattr(self, field_name),
+                      f"{name} sets expert capacity itself; leave {field_name} None")
 
     # ---- derived facts -------------------------------------------------------------------
     @property
     def gated(self) -> bool:
-        return self.activation in GLU_ACTIVATIONS
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def shared_width(self) -> int:

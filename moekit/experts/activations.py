@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GATED = ("swiglu", "geglu", "clamped_swiglu")
+from moekit.traits import GATED_ACTIVATIONS as GATED
+
 # gpt-oss clamped SwiGLU constants (openai/gpt-oss, swiglu_limit and alpha of its MLP).
 CLAMP_LIMIT = 7.0
 CLAMP_ALPHA = 1.702

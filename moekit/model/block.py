@@ -106,7 +106,7 @@ class DecoderLayer(nn.Module):
             h_BSD = self.post_attention_layernorm(x_BSD)
         decision = None
         if isinstance(self.mlp, MoELayer):
-            out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS)
+            out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS, causal=True)
             h_BSD, decision = out.y, out.decision
             ffn_aux = self.mlp.aux_loss(out.aux_losses)
             aux_loss = ffn_aux if aux_loss is None else aux_loss + ffn_aux

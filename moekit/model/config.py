@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moekit.config import MoEConfig, check, check_choice
-from moekit.experts.activations import GATED
 from moekit.model.mamba import MambaConfig
+from moekit.traits import ACTIVATIONS, GATED_ACTIVATIONS, decoder_router_error
 
 # Which layers a per-layer choice applies to: "all", "none", "every:N" (layers N-1, 2N-1, ...: the
 # transformers `sparse_step` / `interleave_step` convention), "every:N:O" (layers i with i % N == O,
@@ -23,7 +23,7 @@ LayerSpec = str | tuple[int, ...]
 ROPE_SCALINGS = ("none", "linear", "dynamic", "ntk_alpha", "yarn", "llama3", "longrope")
 NORMS = ("rmsnorm", "layernorm")
 QK_NORMS = ("none", "head", "head_after_rope", "full", "l2")
-FFN_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu", "gelu", "relu", "silu")
+FFN_ACTIVATIONS = ACTIVATIONS
 
 
 def layer_ids(spec: LayerSpec, n_layers: int, field_name: str = "layers") -> tuple[int, ...]:
@@ -299,6 +299,8 @@ class ModelConfig:
         else:
             check(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model,
                   f"must equal d_model={self.d_model}")
+            not_causal = decoder_router_error(self.moe.router)
+            check(not_causal is None, "moe.router", self.moe.router, str(not_causal))
         if self.moe_parallel:
             check(self.moe is not None and self.d_ff is not None, "moe_parallel", True,
                   "needs moe (the parallel MoE) and d_ff (the width of the dense residual MLP)")
@@ -393,7 +395,7 @@ class ModelConfig:
 
     def dense_ffn_params(self) -> int:
         assert self.d_ff is not None
-        mats = 3 if self.ffn_activation in GATED else 2
+        mats = 3 if self.ffn_activation in GATED_ACTIVATIONS else 2
         bias = (mats - 1) * self.d_ff + self.d_model if self.mlp_bias else 0
         return mats * self.d_model * self.d_ff + bias
 

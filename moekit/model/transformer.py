@@ -7,6 +7,8 @@ Parameter names follow transformers (model.embed_tokens, model.layers.{i}..., mo
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ from moekit.model.config import ModelConfig
 from moekit.model.mamba import MambaMixer
 from moekit.model.norm import make_norm
 from moekit.model.rope import rope_cos_sin
+from moekit.traits import ROUTER_TRAITS, batch_ranked_warning
 from moekit.types import ModelOutput, RoutingDecision
 
 IGNORE_INDEX = -100
@@ -49,6 +52,8 @@ class MoETransformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        if config.moe is not None and ROUTER_TRAITS[config.moe.router].causal == "batch":
+            warnings.warn(batch_ranked_warning(config.moe.router), stacklevel=2)
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
@@ -156,6 +161,7 @@ class MoETransformer(nn.Module):
 
     def _check_inputs(self, tokens_BS: Tensor, targets_BS: Tensor | None, mask_BS: Tensor | None,
                       cache: KVCache | None) -> None:
+        cfg = self.config
         if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"tokens_BS must be an integer tensor (batch, seq); got "
                              f"{tuple(tokens_BS.shape)} {tokens_BS.dtype}")
@@ -165,6 +171,8 @@ class MoETransformer(nn.Module):
                                  "like tokens_BS")
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache (from model.new_cache()), not {type(cache).__name__}")
+        if cache is not None and cfg.moe is not None and ROUTER_TRAITS[cfg.moe.router].causal == "batch":
+            raise ValueError(batch_ranked_warning(cfg.moe.router) + "; choose a causal router to generate")
         if cache is not None and len(cache.layers) != self.config.n_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers; this model has {self.config.n_layers}")
         if cache is not None and cache.batch_size not in (None, tokens_BS.shape[0]):
