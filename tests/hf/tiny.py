@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
         short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.5, 2.0, 3.0, 4.0], short_mscale=1.1,
         long_mscale=1.3))),
+    # Phi-3.5-MoE as published sets input_jitter_noise=0.01 (the router's training-time jitter).
+    "phimoe-input-jitter": ("phimoe", dict(input_jitter_noise=0.01)),
     "qwen3_moe-tied": ("qwen3_moe", dict(tie_word_embeddings=True)),
     "mixtral-sliding": ("mixtral", dict(sliding_window=3)),
 }

@@ -50,3 +50,16 @@ def test_router_and_config():
     assert all(len(set(row)) == 3 for row in ids.tolist())
     with pytest.raises(ValueError, match="sparsemixer_eps=-1"):
         MoEConfig(d_model=8, d_ff=16, num_experts=4, router="sparsemixer", sparsemixer_eps=-1)
+
+
+def test_input_jitter_applies_in_training_only():
+    """PhiMoE's input_jitter_noise is the sparsemixer router's jitter_eps (Phi-3.5-MoE sets 0.01)."""
+    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, router="sparsemixer", jitter_eps=0.01)
+    router = SparseMixerRouter(cfg)
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(router.eval()(x).logits_TE, router.logits(x), rtol=0, atol=0)
+    torch.manual_seed(0)
+    jittered = router.train()(x).logits_TE
+    plain = torch.nn.functional.linear(x, router.gate.weight)
+    assert not torch.equal(jittered, plain)
+    assert (jittered - plain).abs().max() < 0.01 * 8 * x.abs().max() * router.gate.weight.abs().max()
