@@ -21,10 +21,71 @@ from moekit.experts.dense import DenseMLP
 from moekit.experts.grouped import Experts
 from moekit.routing import ROUTERS, Router
 from moekit.routing.soft import SoftRouter, soft_moe_layer
+from moekit.traits import ROUTER_TRAITS
 from moekit.types import MoEOutput, RoutingDecision
 
 
-class MoELayer(nn.Module):
+class RoutedLayer(nn.Module):
+    """What every routed layer shares (MoELayer; the mixture-of-attention of model/moa.py): a
+    router, the expert loads counted for aux-loss-free balancing, and the aux losses by name."""
+
+    def __init__(self, config: MoEConfig, router: Router | None = None) -> None:
+        super().__init__()
+        if config.router not in ROUTERS:
+            raise ValueError(f"router={config.router!r} is not available; have {sorted(ROUTERS)}")
+        self.config = config
+        self.router = router if router is not None else ROUTERS[config.router](config)
+        # Tokens routed to each expert since the last `update_expert_bias` (training only).
+        self.register_buffer("load_counts_E", torch.zeros(config.num_experts), persistent=False)
+
+    def count_loads(self, decision: RoutingDecision) -> None:
+        """Add a training forward's expert loads to `load_counts_E` (for `update_expert_bias`)."""
+        if self.training:
+            with torch.no_grad():
+                self.load_counts_E += decision.counts_E.to(self.load_counts_E.dtype)
+
+    def aux_losses(
+        self, decision: RoutingDecision, mask_T: Tensor | None, num_sequences: int
+    ) -> dict[str, Tensor]:
+        """The unweighted aux losses the router's traits name (moekit/traits.py) whose coefficient is > 0.
+
+        Expert choice and Soft MoE are balanced by construction (every expert takes the same number
+        of tokens or slots), and hash routing has no learned gate for a loss to train.
+        """
+        cfg = self.config
+        applies = ROUTER_TRAITS[cfg.router].aux_losses
+        out: dict[str, Tensor] = {}
+        if cfg.load_balance_coef > 0 and "load_balance" in applies:
+            out["load_balance"] = losses.load_balance_loss(
+                probs_TE=decision.probs_TE,
+                selected_TK=decision.selection_TK,
+                mask_T=mask_T,
+                num_sequences=num_sequences,
+                granularity=cfg.load_balance_granularity,
+            )
+        if cfg.z_loss_coef > 0 and "z" in applies:
+            out["z"] = losses.z_loss(logits_TE=decision.logits_TE, mask_T=mask_T)
+        return out
+
+    def aux_loss(self, aux_losses: dict[str, Tensor]) -> Tensor:
+        """The aux losses summed with this layer's coefficients."""
+        coefs = {"load_balance": self.config.load_balance_coef, "z": self.config.z_loss_coef}
+        total = torch.zeros((), dtype=torch.float32)
+        for name, value in aux_losses.items():
+            total = total.to(value.device) + coefs.get(name, 1.0) * value
+        return total
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step from the loads counted since the last call; resets them."""
+        update = getattr(self.router, "update_bias", None)
+        if update is None or getattr(self.router, "expert_bias", None) is None:
+            raise ValueError("update_expert_bias needs MoEConfig(router='topk', expert_bias=True)")
+        update(self.load_counts_E)
+        self.load_counts_E.zero_()
+
+
+class MoELayer(RoutedLayer):
     """A Mixture-of-Experts feed-forward layer.
 
     Args:
@@ -46,11 +107,7 @@ class MoELayer(nn.Module):
         experts: nn.Module | None = None,
         dispatcher: SortDispatcher | None = None,
     ) -> None:
-        super().__init__()
-        if config.router not in ROUTERS:
-            raise ValueError(f"router={config.router!r} is not available; have {sorted(ROUTERS)}")
-        self.config = config
-        self.router = router if router is not None else ROUTERS[config.router](config)
+        super().__init__(config, router)
         self.experts = experts if experts is not None else Experts(config)
         self.dispatcher = dispatcher if dispatcher is not None else SortDispatcher()
         self.shared_experts = (
@@ -64,8 +121,6 @@ class MoELayer(nn.Module):
             DenseMLP(config.d_model, config.dense_residual_d_ff, config.activation)
             if config.dense_residual_d_ff else None
         )
-        # Tokens routed to each expert since the last `update_expert_bias` (training only).
-        self.register_buffer("load_counts_E", torch.zeros(config.num_experts), persistent=False)
 
     def forward(
         self,
@@ -95,9 +150,7 @@ class MoELayer(nn.Module):
             y_TD = self.dispatcher.combine(y_RD, plan)
         y_TD = y_TD + self.dense_parts(x_TD)
 
-        if self.training:
-            with torch.no_grad():
-                self.load_counts_E += decision.counts_E.to(self.load_counts_E.dtype)
+        self.count_loads(decision)
         aux = self.aux_losses(decision, mask_T, num_sequences)
         return MoEOutput(y=y_TD.reshape(x.shape), aux_losses=aux, decision=decision)
 
@@ -136,42 +189,6 @@ class MoELayer(nn.Module):
         if self.dense_residual is not None:
             out = out + self.dense_residual(x_TD)
         return out
-
-    def aux_losses(
-        self, decision: RoutingDecision, mask_T: Tensor | None, num_sequences: int
-    ) -> dict[str, Tensor]:
-        cfg = self.config
-        out: dict[str, Tensor] = {}
-        # Expert choice and Soft MoE are balanced by construction (every expert takes the same
-        # number of tokens or slots); hash routing has no learned gate for a loss to train.
-        if cfg.load_balance_coef > 0 and cfg.router not in ("expert_choice", "soft", "hash"):
-            out["load_balance"] = losses.load_balance_loss(
-                probs_TE=decision.probs_TE,
-                selected_TK=decision.selection_TK,
-                mask_T=mask_T,
-                num_sequences=num_sequences,
-                granularity=cfg.load_balance_granularity,
-            )
-        if cfg.z_loss_coef > 0 and cfg.router != "hash":
-            out["z"] = losses.z_loss(logits_TE=decision.logits_TE, mask_T=mask_T)
-        return out
-
-    def aux_loss(self, aux_losses: dict[str, Tensor]) -> Tensor:
-        """The aux losses summed with this layer's coefficients."""
-        coefs = {"load_balance": self.config.load_balance_coef, "z": self.config.z_loss_coef}
-        total = torch.zeros((), dtype=torch.float32)
-        for name, value in aux_losses.items():
-            total = total.to(value.device) + coefs.get(name, 1.0) * value
-        return total
-
-    @torch.no_grad()
-    def update_expert_bias(self) -> None:
-        """Aux-loss-free balancing step from the loads counted since the last call; resets them."""
-        update = getattr(self.router, "update_bias", None)
-        if update is None or getattr(self.router, "expert_bias", None) is None:
-            raise ValueError("update_expert_bias needs MoEConfig(router='topk', expert_bias=True)")
-        update(self.load_counts_E)
-        self.load_counts_E.zero_()
 
     @staticmethod
     def _flat(t: Tensor | None, lead: torch.Size, name: str) -> Tensor | None:

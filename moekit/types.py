@@ -56,11 +56,14 @@ class DispatchPlan:
         token_index_R: long. Source token of each routed row (rows sorted by expert).
         weights_R: float32. Combine weight of each routed row.
         num_tokens: T, the number of output rows of `combine`.
+        slot_index_R: long or None. Source (token, slot) of each routed row, as t * K + k (the sort
+            dispatcher sets it; layers whose rows live per slot, like mixture of attention, use it).
     """
 
     token_index_R: Tensor
     weights_R: Tensor
     num_tokens: int
+    slot_index_R: Tensor | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -74,11 +77,45 @@ class MoEOutput:
 
 
 @dataclass(frozen=True)
+class LayerOutput:
+    """Result of one decoder block.
+
+    Attributes:
+        x: the block's output (B, S, D).
+        decision: the feed-forward MoE's routing, or None for a dense feed-forward.
+        attention_decision: the mixture-of-attention's routing, or None.
+        aux_losses: unweighted aux losses by name (mixture-of-attention ones prefixed "moa/").
+        aux_loss: their sum weighted by each layer's coefficients, or None when there are none.
+        kv: the attention's keys and values (for cross-layer sharing), or None.
+    """
+
+    x: Tensor
+    decision: RoutingDecision | None = None
+    attention_decision: RoutingDecision | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+    kv: tuple[Tensor, Tensor] | None = None
+
+
+@dataclass(frozen=True)
 class ModelOutput:
-    """Result of a model forward: logits (B, S, V), LM loss, the weighted aux-loss sum, routing."""
+    """Result of a model forward.
+
+    Attributes:
+        logits: (B, S, V). loss: the LM loss, or None without targets.
+        aux_loss: the aux losses weighted by their coefficients and summed (None without routing).
+        routing: one feed-forward RoutingDecision per layer (None for dense layers).
+        cache: the KV cache, when one was passed.
+        aux_losses: the unweighted aux losses by name, summed over layers (as computed in the
+            forward, with its padding mask); mixture-of-attention ones are prefixed "moa/".
+        attention_routing: one mixture-of-attention RoutingDecision per layer (None for layers
+            without it; models other than MoETransformer may leave the list empty).
+    """
 
     logits: Tensor
     loss: Tensor | None
     aux_loss: Tensor | None
     routing: list[RoutingDecision | None]
     cache: object | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    attention_routing: list[RoutingDecision | None] = field(default_factory=list)

@@ -27,6 +27,7 @@ def sort_plan(expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int) -> tu
         token_index_R=order_R // K,
         weights_R=weights_TK.reshape(-1)[order_R],
         num_tokens=T,
+        slot_index_R=order_R,
     )
     return plan, counts_E
 

@@ -30,8 +30,7 @@ def inactive_expert_params(module: nn.Module) -> int:
             E, k = layer.config.num_experts, layer.config.top_k
             total += count_params(layer.experts) * (E - k) // E
         elif isinstance(layer, MixtureOfAttention):
-            assert layer.config.moa is not None
-            E, k = layer.config.moa.num_experts, layer.config.moa.top_k
+            E, k = layer.config.num_experts, layer.config.top_k
             total += (layer.w_q_EDA.numel() + layer.w_o_EAD.numel()) * (E - k) // E
     return total
 

@@ -22,11 +22,11 @@ from moekit.model.mamba import MambaMixer
 from moekit.model.mla import MLAttention
 from moekit.model.moa import MixtureOfAttention
 from moekit.model.norm import make_norm
-from moekit.types import RoutingDecision
+from moekit.types import LayerOutput
 
 
 class DecoderLayer(nn.Module):
-    """Block `layer_idx` of a ModelConfig. Forward returns (y_BSD, routing decision or None, aux losses)."""
+    """Block `layer_idx` of a ModelConfig. Forward returns a LayerOutput (output, routing, aux losses, K/V)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -72,17 +72,20 @@ class DecoderLayer(nn.Module):
         token_ids_BS: Tensor | None = None,
         cache: KVCache | None = None,
         shared_kv: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, RoutingDecision | None, Tensor | None, tuple[Tensor, Tensor] | None]:
-        """Returns (y_BSD, feed-forward routing or None, the weighted aux loss or None, K/V or None)."""
+    ) -> LayerOutput:
         cfg = self.config
-        kv, aux_loss = None, None
+        kv, attention_decision = None, None
+        aux_losses: dict[str, Tensor] = {}
+        aux_loss: Tensor | None = None
         block_in_BSD = x_BSD
         h_BSD = self.input_layernorm(x_BSD)
         if self.is_attention:
             assert mask_B1ST is not None
             if isinstance(self.self_attn, MixtureOfAttention):
-                h_BSD, kv, aux_loss = self.self_attn(h_BSD, cos_sin=cos_sin, mask_B1ST=mask_B1ST, cache=cache,
-                                                     mask_BS=mask_BS)
+                h_BSD, kv, attention_decision, moa_aux = self.self_attn(
+                    h_BSD, cos_sin=cos_sin, mask_B1ST=mask_B1ST, cache=cache, mask_BS=mask_BS)
+                aux_losses.update({f"moa/{name}": value for name, value in moa_aux.items()})
+                aux_loss = self.self_attn.aux_loss(moa_aux) if moa_aux else None
             else:
                 h_BSD, kv = self.self_attn(h_BSD, cos_sin=cos_sin, mask_B1ST=mask_B1ST, cache=cache,
                                            shared_kv=shared_kv)
@@ -106,8 +109,10 @@ class DecoderLayer(nn.Module):
             h_BSD = self.post_attention_layernorm(x_BSD)
         decision = None
         if isinstance(self.mlp, MoELayer):
+            # A decoder: no token may depend on later ones (the config already refused soft MoE).
             out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS, causal=True)
             h_BSD, decision = out.y, out.decision
+            aux_losses.update(out.aux_losses)
             ffn_aux = self.mlp.aux_loss(out.aux_losses)
             aux_loss = ffn_aux if aux_loss is None else aux_loss + ffn_aux
         else:
@@ -115,4 +120,5 @@ class DecoderLayer(nn.Module):
         if cfg.post_norms:
             h_BSD = self.ffn_out_norm(h_BSD)
         x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
-        return x_BSD, decision, aux_loss, kv
+        return LayerOutput(x=x_BSD, decision=decision, attention_decision=attention_decision,
+                           aux_losses=aux_losses, aux_loss=aux_loss, kv=kv)

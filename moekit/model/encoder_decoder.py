@@ -503,7 +503,12 @@ class SwitchTransformer(nn.Module):
                   zip(list(self.encoder.block) + list(self.decoder.block), moe_outs) if out is not None]
         aux_loss = torch.stack([mlp.aux_loss(out.aux_losses) for mlp, out in layers]).sum() if layers else None
         routing: list[RoutingDecision | None] = [None if o is None else o.decision for o in moe_outs]
-        return ModelOutput(logits=logits_BSV, loss=loss, aux_loss=aux_loss, routing=routing, cache=cache)
+        aux_named: dict[str, Tensor] = {}
+        for _, out in layers:
+            for name, value in out.aux_losses.items():
+                aux_named[name] = value if name not in aux_named else aux_named[name] + value
+        return ModelOutput(logits=logits_BSV, loss=loss, aux_loss=aux_loss, routing=routing, cache=cache,
+                           aux_losses=aux_named)
 
     def _check_ids(self, ids: Tensor, name: str) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):

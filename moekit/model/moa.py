@@ -1,9 +1,11 @@
-"""Mixture of attention heads (MoA; Zhang et al. 2022, as JetMoE uses it).
+"""Mixture of attention heads (MoA; Zhang et al. 2022, as JetMoE uses it), built from MoELayer's parts.
 
 Each token's router picks top_k of E attention experts; expert e owns a query projection
 w_q_EDA[e] (D -> A = n_kv_heads * head_dim) and an output projection w_o_EAD[e]. All experts share
 one K/V projection, so a token has top_k * n_kv_heads query heads over n_kv_heads K/V heads (slot
-j's head h reads K/V head h). Outputs are weighted by the routing weights and summed, plus a bias.
+j's head h reads K/V head h). As in MoELayer, the router's decision is sorted by expert
+(`SortDispatcher`), both projections run as one grouped GEMM each, and `combine` applies the
+routing weights in fp32; the loads, aux losses and bias updates are those of `RoutedLayer`.
 """
 
 from __future__ import annotations
@@ -13,24 +15,28 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moekit import losses
+from moekit.dispatch.sort import SortDispatcher
+from moekit.experts.grouped import grouped_matmul
+from moekit.layer import RoutedLayer
 from moekit.model.attention import attend
 from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
 from moekit.model.rope import apply_rope
-from moekit.routing.topk import TopKRouter
+from moekit.types import RoutingDecision
 
 
-class MixtureOfAttention(nn.Module):
-    """JetMoE's MoA. Forward as `Attention`, plus the weighted aux loss of its router (or None)."""
+class MixtureOfAttention(RoutedLayer):
+    """JetMoE's MoA. `config` is the router's MoEConfig (ModelConfig.moa); `model_config` the model's.
+
+    Forward as `Attention`, returning (y_BSD, (K, V), decision, aux losses by name).
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
         assert config.moa is not None
-        self.config, self.layer_idx = config, layer_idx
-        moa = config.moa
-        D, E, A = config.d_model, moa.num_experts, config.kv_heads * config.dim_head
-        self.router = TopKRouter(moa)
+        super().__init__(config.moa)
+        self.model_config, self.layer_idx = config, layer_idx
+        D, E, A = config.d_model, config.moa.num_experts, config.kv_heads * config.dim_head
+        self.dispatcher = SortDispatcher()
         self.kv_proj = nn.Linear(D, 2 * A, bias=False)
         self.w_q_EDA = nn.Parameter(torch.empty(E, D, A))
         self.w_o_EAD = nn.Parameter(torch.empty(E, A, D))
@@ -46,25 +52,23 @@ class MixtureOfAttention(nn.Module):
         cos_sin: tuple[Tensor, Tensor] | None,
         mask_B1ST: Tensor,
         cache: KVCache | None = None,
-        shared_kv: tuple[Tensor, Tensor] | None = None,
         mask_BS: Tensor | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
-        cfg = self.config
-        assert cfg.moa is not None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], RoutingDecision, dict[str, Tensor]]:
+        cfg = self.model_config
         B, S, D = x_BSD.shape
-        K, hd, k = cfg.kv_heads, cfg.dim_head, cfg.moa.top_k
+        K, hd, k = cfg.kv_heads, cfg.dim_head, self.config.top_k
         A = K * hd
         x_TD = x_BSD.reshape(-1, D)
+        T = x_TD.shape[0]
         mask_T = None if mask_BS is None else mask_BS.reshape(-1)
         decision = self.router(x_TD, mask_T=mask_T)
-        ids_TK, w_TK = decision.expert_ids_TK, decision.weights_TK
 
-        # Queries: slot j of token t goes through expert ids_TK[t, j] (-1: padding, left at zero).
-        q_TKA = x_TD.new_zeros(x_TD.shape[0], k, A)
-        for e in range(cfg.moa.num_experts):
-            t_idx, j_idx = (ids_TK == e).nonzero(as_tuple=True)
-            if t_idx.numel():
-                q_TKA[t_idx, j_idx] = x_TD[t_idx] @ self.w_q_EDA[e]
+        # Queries: rows sorted by expert, one grouped GEMM; slot j of token t lands at row t*k + j
+        # (slots routed nowhere, i.e. padding, stay zero).
+        x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
+        assert plan.slot_index_R is not None
+        q_RA = grouped_matmul(x_RD, self.w_q_EDA, counts_E)
+        q_TKA = x_TD.new_zeros(T * k, A).index_copy(0, plan.slot_index_R, q_RA).view(T, k, A)
         q_BHSd = q_TKA.view(B, S, k * K, hd).transpose(1, 2)
         k_BSA, v_BSA = self.kv_proj(x_BSD).chunk(2, dim=-1)
         k_BKSd = k_BSA.view(B, S, K, hd).transpose(1, 2)
@@ -77,27 +81,8 @@ class MixtureOfAttention(nn.Module):
         # Slot-major heads: head j*K + h reads K/V head h (transformers' `repeat`, not repeat_interleave).
         out_BHSd = attend(q_BHSd, k_BKSd.repeat(1, k, 1, 1), v_BKSd.repeat(1, k, 1, 1), mask_B1ST,
                           scale=self.scale, softcap=cfg.attn_logit_softcap)
-        out_TKA = out_BHSd.transpose(1, 2).reshape(B * S, k, A)
-
-        y_TD = x_TD.new_zeros(x_TD.shape).float()
-        for e in range(cfg.moa.num_experts):
-            t_idx, j_idx = (ids_TK == e).nonzero(as_tuple=True)
-            if t_idx.numel():
-                y_rD = (out_TKA[t_idx, j_idx] @ self.w_o_EAD[e]).float() * w_TK[t_idx, j_idx, None]
-                y_TD.index_add_(0, t_idx, y_rD)
-        y_BSD = (y_TD.to(x_BSD.dtype) + self.bias).view(B, S, D)
-        return y_BSD, (k_BKSd, v_BKSd), self.aux_loss(decision, mask_T, B)
-
-    def aux_loss(self, decision, mask_T: Tensor | None, num_sequences: int) -> Tensor | None:
-        """The router's balance and z losses times their coefficients (as MoELayer.aux_loss)."""
-        moa = self.config.moa
-        assert moa is not None
-        total = None
-        if moa.load_balance_coef > 0:
-            total = moa.load_balance_coef * losses.load_balance_loss(
-                probs_TE=decision.probs_TE, selected_TK=decision.selection_TK, mask_T=mask_T,
-                num_sequences=num_sequences, granularity=moa.load_balance_granularity)
-        if moa.z_loss_coef > 0:
-            z = moa.z_loss_coef * losses.z_loss(logits_TE=decision.logits_TE, mask_T=mask_T)
-            total = z if total is None else total + z
-        return total
+        out_RA = out_BHSd.transpose(1, 2).reshape(T * k, A).index_select(0, plan.slot_index_R)
+        y_TD = self.dispatcher.combine(grouped_matmul(out_RA, self.w_o_EAD, counts_E), plan)
+        y_BSD = (y_TD + self.bias).view(B, S, D)
+        self.count_loads(decision)
+        return y_BSD, (k_BKSd, v_BKSd), decision, self.aux_losses(decision, mask_T, B)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layer import MoELayer
+from moekit.layer import MoELayer, RoutedLayer
 from moekit.model.attention import additive_mask
 from moekit.model.block import DecoderLayer
 from moekit.model.cache import KVCache
@@ -46,7 +46,8 @@ class MoETransformer(nn.Module):
         cache: a KVCache (from `new_cache`) to decode incrementally; updated in place.
         mask_BS: bool (B, S), False for padding tokens (hidden from attention, routed nowhere).
         Returns ModelOutput(logits (B, S, V), loss, aux_loss (None without MoE layers), routing
-        (one RoutingDecision per layer, None for dense layers), cache).
+        (one RoutingDecision per layer, None for dense layers), cache, aux_losses (unweighted, by
+        name), attention_routing (mixture of attention)).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -84,12 +85,18 @@ class MoETransformer(nn.Module):
                                model_type=model_type)
 
     def moe_layers(self) -> list[MoELayer]:
+        """The feed-forward MoE layers in depth order (one per non-None entry of ModelOutput.routing)."""
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoELayer)]
+
+    def routed_layers(self) -> list[RoutedLayer]:
+        """Every routed layer (mixture-of-attention and feed-forward MoE) in forward order."""
+        return [m for m in self.modules() if isinstance(m, RoutedLayer)]
 
     @torch.no_grad()
     def update_expert_biases(self) -> None:
-        """Aux-loss-free balancing step on every MoE layer whose router has an expert bias."""
-        for layer in self.moe_layers():
+        """Aux-loss-free balancing step on every routed layer (MoE or mixture of attention) whose
+        router has an expert bias."""
+        for layer in self.routed_layers():
             if getattr(layer.router, "expert_bias", None) is not None:
                 layer.update_expert_bias()
 
@@ -126,6 +133,8 @@ class MoETransformer(nn.Module):
             cos_sin = rope_cos_sin(cfg.rope, rot, q_pos_S, max_seq_len=cfg.max_seq_len, dtype=x_BSD.dtype)
 
         routing: list[RoutingDecision | None] = []
+        attention_routing: list[RoutingDecision | None] = []
+        aux_named: dict[str, Tensor] = {}
         aux_total: Tensor | None = None
         kv_by_layer: dict[int, tuple[Tensor, Tensor]] = {}
         for i, layer in enumerate(self.model.layers):
@@ -136,7 +145,7 @@ class MoETransformer(nn.Module):
                     masks[kind] = additive_mask(q_pos_S, k_pos_T, window=kind[0], chunk=kind[1],
                                                 key_mask_BT=key_mask_BT, dtype=x_BSD.dtype)
                 mask_B1ST = masks[kind]
-            x_BSD, decision, layer_aux, kv = layer(
+            out = layer(
                 x_BSD,
                 cos_sin=cos_sin if cfg.uses_rope(i) else None,
                 mask_B1ST=mask_B1ST,
@@ -145,11 +154,15 @@ class MoETransformer(nn.Module):
                 cache=cache,
                 shared_kv=kv_by_layer.get(cfg.kv_source(i)),
             )
-            if kv is not None and cfg.kv_source(i) == i and cfg.kv_share_every > 1:
-                kv_by_layer[i] = kv
-            routing.append(decision)
-            if layer_aux is not None:
-                aux_total = layer_aux if aux_total is None else aux_total + layer_aux
+            x_BSD = out.x
+            if out.kv is not None and cfg.kv_source(i) == i and cfg.kv_share_every > 1:
+                kv_by_layer[i] = out.kv
+            routing.append(out.decision)
+            attention_routing.append(out.attention_decision)
+            for name, value in out.aux_losses.items():
+                aux_named[name] = value if name not in aux_named else aux_named[name] + value
+            if out.aux_loss is not None:
+                aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
         if cache is not None:
             cache.position, cache.batch_size = start + S, B
 
@@ -157,7 +170,8 @@ class MoETransformer(nn.Module):
         if cfg.logits_scaling != 1.0:
             logits_BSV = logits_BSV / cfg.logits_scaling
         loss = None if targets_BS is None else lm_loss(logits_BSV, targets_BS)
-        return ModelOutput(logits=logits_BSV, loss=loss, aux_loss=aux_total, routing=routing, cache=cache)
+        return ModelOutput(logits=logits_BSV, loss=loss, aux_loss=aux_total, routing=routing, cache=cache,
+                           aux_losses=aux_named, attention_routing=attention_routing)
 
     def _check_inputs(self, tokens_BS: Tensor, targets_BS: Tensor | None, mask_BS: Tensor | None,
                       cache: KVCache | None) -> None:

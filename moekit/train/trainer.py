@@ -261,9 +261,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        layers = moe_layers(self.model)
         loss_sum, aux_sum, aux_named = 0.0, 0.0, {}
-        decisions: list[list] = [[] for _ in layers]
+        decisions: dict[str, list[list]] = {"moe": [], "moa": []}
         for micro in range(cfg.grad_accum):
             out = self._forward(self.step * cfg.grad_accum + micro)
             total = out.loss if out.aux_loss is None else out.loss + out.aux_loss
@@ -275,12 +274,15 @@ class Trainer:
             (total / cfg.grad_accum).backward()
             loss_sum += out.loss.item() / cfg.grad_accum
             aux_sum += 0.0 if out.aux_loss is None else out.aux_loss.item() / cfg.grad_accum
-            moe_decisions = [d for d in out.routing if d is not None]
-            for i, (layer, decision) in enumerate(zip(layers, moe_decisions)):
-                decisions[i].append(detach_decision(decision))  # stats only: free the graph
-                with torch.no_grad():
-                    for name, value in layer.aux_losses(decision, None, cfg.batch_size).items():
-                        aux_named[name] = aux_named.get(name, 0.0) + float(value) / cfg.grad_accum
+            # The forward's own named aux losses (with its padding mask), not a recomputation.
+            for name, value in out.aux_losses.items():
+                aux_named[name] = aux_named.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+            for kind, routing in (("moe", out.routing), ("moa", out.attention_routing)):
+                per_layer = [detach_decision(d) for d in routing if d is not None]  # stats only: free the graph
+                if not decisions[kind]:
+                    decisions[kind] = [[] for _ in per_layer]
+                for bucket, decision in zip(decisions[kind], per_layer):
+                    bucket.append(decision)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -297,7 +299,9 @@ class Trainer:
                   "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / max(elapsed, 1e-9),
                   "tokens": self.step * cfg.tokens_per_step}
         record.update({f"aux/{k}": v for k, v in aux_named.items()})
-        record["moe"] = [summarize_routing(ds) for ds in decisions if ds]
+        record["moe"] = [summarize_routing(ds) for ds in decisions["moe"] if ds]
+        if decisions["moa"]:
+            record["moa"] = [summarize_routing(ds) for ds in decisions["moa"] if ds]
         return record
 
     @torch.no_grad()

@@ -284,9 +284,9 @@ def test_mixture_of_attention_matches_transformers_jetmoe() -> None:
         our_cs = rope_cos_sin(cfg.rope, 8, torch.arange(S), max_seq_len=64, dtype=torch.float32)
         mask = additive_mask(torch.arange(S), torch.arange(S), window=None, key_mask_BT=None,
                              dtype=torch.float32)
-        y, _, aux = ours(x, cos_sin=our_cs, mask_B1ST=mask)
+        y, _, decision, aux = ours(x, cos_sin=our_cs, mask_B1ST=mask)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
-    assert aux is not None and aux > 0
+    assert decision.expert_ids_TK.shape == (B * S, 2) and aux["load_balance"] > 0
 
 
 @pytest.mark.parametrize("family", ["dbrx", "phimoe"])

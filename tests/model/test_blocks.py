@@ -74,7 +74,8 @@ def test_arctic_parallel_moe_block_equals_its_formula() -> None:
     cos_sin = rope_cos_sin(cfg.rope, 8, torch.arange(5), max_seq_len=cfg.max_seq_len, dtype=torch.float32)
     mask = additive_mask(torch.arange(5), torch.arange(5), window=None, key_mask_BT=None, dtype=torch.float32)
     with torch.no_grad():
-        y, decision, aux, _ = layer(x, cos_sin=cos_sin, mask_B1ST=mask)
+        out = layer(x, cos_sin=cos_sin, mask_B1ST=mask)
+        y, decision, aux = out.x, out.decision, out.aux_loss
         h = x + layer.self_attn(layer.input_layernorm(x), cos_sin=cos_sin, mask_B1ST=mask)[0]
         moe_out = layer.mlp(layer.post_attention_layernorm(x)).y
         expected = h + layer.residual_mlp(layer.residual_layernorm(h)) + moe_out
