@@ -4,10 +4,11 @@ from moekit.config import MoEConfig
 from moekit.hf.checkpoint import from_pretrained
 from moekit.layer import MoELayer
 from moekit.model import ModelConfig, MoETransformer
+from moekit.soft_layer import SoftMoELayer
 from moekit.types import DispatchPlan, MoEOutput, ModelOutput, RoutingDecision
 
 __all__ = [
     "DispatchPlan", "MoEConfig", "MoELayer", "MoEOutput", "ModelConfig", "ModelOutput", "MoETransformer",
-    "RoutingDecision", "from_pretrained",
+    "RoutingDecision", "SoftMoELayer", "from_pretrained",
 ]
 __version__ = "0.1.0"

@@ -17,10 +17,10 @@ from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch.capacity import apply_capacity, expert_capacity
 from moekit.dispatch.sort import SortDispatcher
+from moekit.inputs import bool_mask, check_float_input
 from moekit.experts.dense import DenseMLP
 from moekit.experts.grouped import Experts
 from moekit.routing import ROUTERS, Router
-from moekit.routing.soft import SoftRouter, soft_moe_layer
 from moekit.traits import ROUTER_TRAITS
 from moekit.types import MoEOutput, RoutingDecision
 
@@ -86,18 +86,23 @@ class RoutedLayer(nn.Module):
 
 
 class MoELayer(RoutedLayer):
-    """A Mixture-of-Experts feed-forward layer.
+    """A Mixture-of-Experts feed-forward layer: router -> sort dispatch -> experts -> combine.
 
     Args:
         config: the layer's MoEConfig.
         router / experts / dispatcher: prebuilt parts (tests inject fixed routers this way).
     Forward:
-        x: (B, S, D) or (T, D), any float dtype. mask: (B, S) or (T,) bool, True for real tokens.
+        x: (B, S, D) or (T, D), the experts' dtype (or any float dtype under autocast).
+        mask: (B, S) or (T,) bool, True for real tokens (an integer 0/1 mask is converted; other
+            masks are refused, see moekit/inputs.py).
         token_ids: (B, S) or (T,) long, needed by hash routing.
-        causal: True when a token must not depend on later tokens (decoders); router='soft' then
-            raises, the other routers ignore it (expert choice also ranks over the whole batch).
+        causal: True when a token must not depend on later tokens (decoders). Every router this
+            layer takes routes each token on its own at least in eval mode, except expert choice,
+            which ranks over the batch (see moekit/traits.py); Soft MoE is `SoftMoELayer`.
         Returns MoEOutput(y (same shape and dtype as x), aux_losses {"load_balance", "z"}, decision).
     """
+
+    mixes_sequences = False  # SoftMoELayer sets True
 
     def __init__(
         self,
@@ -108,6 +113,9 @@ class MoELayer(RoutedLayer):
         dispatcher: SortDispatcher | None = None,
     ) -> None:
         super().__init__(config, router)
+        if ROUTER_TRAITS[config.router].causal == "sequence" and not self.mixes_sequences:
+            raise ValueError(f"router={config.router!r} mixes the tokens of a sequence: build it as "
+                             f"moekit.SoftMoELayer(config), an encoder layer, not MoELayer")
         self.experts = experts if experts is not None else Experts(config)
         self.dispatcher = dispatcher if dispatcher is not None else SortDispatcher()
         self.shared_experts = (
@@ -130,26 +138,32 @@ class MoELayer(RoutedLayer):
         token_ids: Tensor | None = None,
         causal: bool = False,
     ) -> MoEOutput:
+        x_TD, mask_T, token_ids_T, num_sequences = self.flat_inputs(x, mask, token_ids)
+        decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T, num_sequences=num_sequences)
+        x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
+        y_RD = self.experts(x_RD, counts_E)
+        y_TD = self.dispatcher.combine(y_RD, plan)
+        return self.finish(x, x_TD, y_TD, decision, mask_T, num_sequences)
+
+    def flat_inputs(
+        self, x: Tensor, mask: Tensor | None, token_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+        """Checked, flattened inputs: (x_TD, bool mask_T or None, token_ids_T or None, sequences)."""
         D = self.config.d_model
         if x.shape[-1] != D or x.dim() not in (2, 3):
-            raise ValueError(f"MoELayer expects input (B, S, {D}) or (T, {D}); got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects input (B, S, {D}) or (T, {D}); got {tuple(x.shape)}")
+        weight = next(self.experts.parameters(), None)
+        if weight is not None:
+            check_float_input(x, weight)
         lead = x.shape[:-1]
-        x_TD = x.reshape(-1, D)
-        mask_T = self._flat(mask, lead, "mask")
+        mask_T = self._flat(bool_mask(mask), lead, "mask")
         token_ids_T = self._flat(token_ids, lead, "token_ids")
-        num_sequences = lead[0] if x.dim() == 3 else 1
+        return x.reshape(-1, D), mask_T, token_ids_T, lead[0] if x.dim() == 3 else 1
 
-        if isinstance(self.router, SoftRouter):
-            # Soft MoE mixes each sequence's tokens into expert slots: its own path (routing/soft.py).
-            y_TD, decision = soft_moe_layer(self.router, self.experts, x, mask_T, causal=causal)
-        else:
-            decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T,
-                                  num_sequences=num_sequences)
-            x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
-            y_RD = self.experts(x_RD, counts_E)
-            y_TD = self.dispatcher.combine(y_RD, plan)
+    def finish(self, x: Tensor, x_TD: Tensor, y_TD: Tensor, decision: RoutingDecision,
+               mask_T: Tensor | None, num_sequences: int) -> MoEOutput:
+        """Add the shared/dense parts, count the loads, compute the aux losses, restore x's shape."""
         y_TD = y_TD + self.dense_parts(x_TD)
-
         self.count_loads(decision)
         aux = self.aux_losses(decision, mask_T, num_sequences)
         return MoEOutput(y=y_TD.reshape(x.shape), aux_losses=aux, decision=decision)

@@ -21,7 +21,26 @@ def test_every_command_has_help() -> None:
 def test_demo_runs_and_prints_table(capsys) -> None:
     assert main(["demo", "--tokens", "64", "--experts", "4"]) == 0
     out = capsys.readouterr().out
-    assert "expert_choice" in out and "MaxVio" in out
+    assert "MaxVio" in out
+    from moekit.traits import ROUTER_TRAITS
+    for router in ROUTER_TRAITS:  # every router of the table has a row
+        assert f"│ {router} " in out, router
+
+
+@pytest.mark.parametrize("argv,message", [
+    pytest.param(["--tokens", "0"], "--tokens: 0 is invalid: must be >= 1", id="zero-tokens"),
+    pytest.param(["--experts", "-2"], "--experts: -2 is invalid", id="negative-experts"),
+    pytest.param(["--d-model", "x"], "'x' is not an integer", id="not-an-integer"),
+])
+def test_demo_refuses_bad_flags(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_refuses_top_k_above_experts(capsys) -> None:
+    assert main(["demo", "--experts", "2", "--top-k", "3"]) == 2
+    assert "--top-k 3 is invalid: must be <= --experts (2)" in capsys.readouterr().err
 
 
 def test_console_script_entry() -> None:

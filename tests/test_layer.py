@@ -8,6 +8,7 @@ import torch
 from moekit.config import MoEConfig
 from moekit.experts.activations import glu, plain
 from moekit.layer import MoELayer
+from moekit.soft_layer import make_moe_layer
 
 
 def all_experts_reference(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
@@ -208,5 +209,5 @@ def test_param_count_matches_built_layer() -> None:
 def test_which_aux_losses_each_router_returns(router: str, expected: set) -> None:
     cfg = MoEConfig(d_model=8, d_ff=8, num_experts=4, router=router, z_loss_coef=1e-3,
                     hash_vocab_size=10 if router == "hash" else None)
-    out = MoELayer(cfg)(torch.randn(2, 5, 8), token_ids=torch.randint(0, 10, (2, 5)))
+    out = make_moe_layer(cfg)(torch.randn(2, 5, 8), token_ids=torch.randint(0, 10, (2, 5)))
     assert set(out.aux_losses) == expected

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from moekit.analysis.stats import routing_stats
 from moekit.config import MoEConfig
 from moekit.dispatch.capacity import expert_capacity
-from moekit.layer import MoELayer
+from moekit.soft_layer import make_moe_layer
 from moekit.routing import ROUTERS
 
 VOCAB = 50
@@ -45,7 +45,7 @@ def test_layer_invariants(router, E, K_frac, B, S, capacity, sigmoid, bf16, seed
     cfg = config_for(router, E, K, capacity, sigmoid)
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    layer = MoELayer(cfg).to(dtype).eval()
+    layer = make_moe_layer(cfg).to(dtype).eval()
     x = torch.randn(B, S, 8, dtype=dtype)
     token_ids = torch.randint(0, VOCAB, (B, S))
     with torch.no_grad():

@@ -99,7 +99,7 @@ def soft_decision(logits_TN: Tensor, *, slots: int, mask_T: Tensor | None = None
 class SoftRouter(Router):
     """Holds Phi (`phi_DN`, D x E * soft_slots) and computes the slot logits X Phi.
 
-    The mixing itself runs in `soft_moe_layer` (MoELayer calls it), since it needs whole sequences.
+    The mixing itself runs in `soft_moe_layer` (SoftMoELayer calls it), since it needs whole sequences.
     `route` / `forward` on a flat (T, D) input treat it as one sequence and return `soft_decision`.
     The paper's l2-normalisation of X and Phi (for large d_model) is not applied.
     """
@@ -124,16 +124,9 @@ class SoftRouter(Router):
 
 
 def soft_moe_layer(
-    router: SoftRouter, experts: nn.Module, x: Tensor, mask_T: Tensor | None, *, causal: bool = False
+    router: SoftRouter, experts: nn.Module, x: Tensor, mask_T: Tensor | None
 ) -> tuple[Tensor, RoutingDecision]:
-    """MoELayer's soft path: x (B, S, D) or (T, D) (one sequence) -> (y_TD, decision).
-
-    Raises ValueError when `causal` (Soft MoE mixes tokens within a sequence) or when replaying.
-    """
-    if causal:
-        raise ValueError(CAUSAL_ERROR)
-    if router.replay:
-        raise ValueError(REPLAY_ERROR)
+    """SoftMoELayer's routing and experts: x (B, S, D) or (T, D) (one sequence) -> (y_TD, decision)."""
     x_BSD = x if x.dim() == 3 else x[None]
     B, S, D = x_BSD.shape
     mask_BS = None if mask_T is None else mask_T.reshape(B, S)

@@ -14,6 +14,7 @@ import torch
 from moekit.analysis.stats import routing_stats
 from moekit.config import MoEConfig
 from moekit.layer import MoELayer
+from moekit.soft_layer import make_moe_layer
 from tests.reference.moe import reference_moe
 
 VOCAB = 12
@@ -40,7 +41,7 @@ SPARSE = [
 def build(kw: dict, B: int, S: int, seed: int = 0) -> tuple[MoELayer, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     cfg = MoEConfig(**{**dict(d_model=8, d_ff=12, num_experts=4, top_k=2, hash_vocab_size=VOCAB), **kw})
-    layer = MoELayer(cfg)
+    layer = make_moe_layer(cfg)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)

@@ -1,4 +1,4 @@
-"""Soft MoE: MoELayer vs the per-slot reference (outputs and gradients), decision fields, errors."""
+"""Soft MoE: SoftMoELayer vs the per-slot reference (outputs and gradients), decision fields, errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from moekit.analysis.stats import routing_stats
 from moekit.config import MoEConfig
 from moekit.layer import MoELayer
+from moekit.soft_layer import SoftMoELayer
 from tests.reference.routers import reference_soft_moe
 
 CASES = [
@@ -22,7 +23,7 @@ CASES = [
 def make_layer(B: int, S: int, E: int, slots: int, mask: list | None = None, **kw):
     torch.manual_seed(B * 100 + S * 10 + E)
     cfg = MoEConfig(d_model=6, d_ff=8, num_experts=E, router="soft", soft_slots=slots, top_k=1, **kw)
-    layer = MoELayer(cfg)
+    layer = SoftMoELayer(cfg)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
@@ -96,6 +97,8 @@ def test_causal_use_is_refused() -> None:
         layer(x_BSD, causal=True)
     topk = MoELayer(MoEConfig(d_model=6, d_ff=8, num_experts=2, top_k=1))
     topk(x_BSD, causal=True)  # other routers accept the flag
+    with pytest.raises(ValueError, match="SoftMoELayer"):
+        MoELayer(layer.config)  # soft is its own (encoder) layer
 
 
 def test_no_balance_loss_and_z_loss_works() -> None:
