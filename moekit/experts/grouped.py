@@ -133,12 +133,14 @@ class Experts(nn.Module):
             self.register_parameter("b_" + out_name[2:-3] + "ED", nn.Parameter(torch.zeros(E, D)))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Weights normal(0, std) (None: 1 / sqrt(fan_in) per matrix), biases zero."""
         D, F = self.config.d_model, self.config.d_ff
         for name, p in self.named_parameters(recurse=False):
             if name.startswith("w_"):
                 fan_in = F if name.endswith("EFD") else D
-                nn.init.normal_(p, std=1.0 / math.sqrt(fan_in))
+                nn.init.normal_(p, std=std if std is not None else 1.0 / math.sqrt(fan_in))
             else:
                 nn.init.zeros_(p)
 

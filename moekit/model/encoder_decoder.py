@@ -429,8 +429,7 @@ class SwitchTransformer(nn.Module):
                 nn.init.normal_(m.router.gate.weight, std=1.0)
                 if m.router.gate.bias is not None:
                     nn.init.zeros_(m.router.gate.bias)
-                nn.init.normal_(m.experts.w_in_EDF, std=D**-0.5)
-                nn.init.normal_(m.experts.w_out_EFD, std=D**-0.5)
+                m.experts.reset_parameters(std=D**-0.5)
 
     def encode(self, input_ids_BS: Tensor, attention_mask_BS: Tensor | None = None) -> tuple[Tensor, list[Any]]:
         """Encoder hidden states (B, S, D) and the encoder blocks' MoE outputs."""

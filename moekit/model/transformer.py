@@ -18,7 +18,7 @@ from moekit.model.attention import additive_mask
 from moekit.model.block import DecoderLayer
 from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
-from moekit.model.mamba import MambaMixer
+from moekit.model.init import INIT_STD, init_decoder
 from moekit.model.norm import make_norm
 from moekit.model.rope import rope_cos_sin
 from moekit.traits import ROUTER_TRAITS, batch_ranked_warning
@@ -61,17 +61,9 @@ class MoETransformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """GPT-2 style init for embedding and linear weights; experts and Mamba mixers (whose dt
-        projection has its own initialisation) keep their own."""
-        mamba = {id(m) for mixer in self.modules() if isinstance(mixer, MambaMixer) for m in mixer.modules()}
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and id(module) not in mamba:
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        nn.init.normal_(self.model.embed_tokens.weight, std=std)
+    def reset_parameters(self, std: float = INIT_STD) -> None:
+        """Initialise every weight by moekit's policy (`moekit.model.init.init_decoder`)."""
+        init_decoder(self, std)
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.config.n_layers)

@@ -23,7 +23,6 @@ from moekit.train.data import Corpus, load_corpus
 from moekit.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 NATIVE_CONFIG = "moekit_config.json"
-INIT_STD = 0.02  # MoETransformer.reset_parameters' std for every nn.Linear
 
 
 @dataclass(frozen=True)
@@ -63,25 +62,7 @@ def build_model(config: ModelConfig, *, seed: int, device: str | torch.device = 
     from moekit.model import MoETransformer
 
     torch.manual_seed(seed)
-    model = MoETransformer(config)
-    match_expert_init(model)
-    return model.to(device)
-
-
-@torch.no_grad()
-def match_expert_init(model: nn.Module, std: float = INIT_STD) -> None:
-    """Draw routed-expert weights like every other matrix of the model, normal(0, std).
-
-    `MoETransformer.reset_parameters` gives each nn.Linear (dense MLPs, shared experts, attention)
-    std 0.02, while 3-D expert weights keep their own 1/sqrt(fan_in) init, 3-4x larger at small
-    d_model. A dense-vs-MoE comparison must not hinge on that, so experts start like dense MLPs.
-    """
-    from moekit.train.trainer import moe_layers
-
-    for layer in moe_layers(model):
-        for name, p in layer.experts.named_parameters():
-            if name.startswith("w_"):
-                nn.init.normal_(p, std=std)
+    return MoETransformer(config).to(device)  # moekit.model.init's policy
 
 
 def save_final(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, folder: str | Path, *,
