@@ -7,6 +7,7 @@ value and what is allowed. Runtime things (device, dtype, process group) are nev
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,41 @@ def check(condition: bool, field_name: str, value: Any, allowed: str) -> None:
 
 
 def check_choice(value: Any, field_name: str, choices: tuple) -> None:
-    check(value in choices, field_name, value, f"must be one of {', '.join(map(repr, choices))}")
+    check(isinstance(value, str) and value in choices, field_name, value,
+          f"must be one of {', '.join(map(repr, choices))}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer and not a bool (True is an int to Python, never a count to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(obj: Any, name: str, *, minimum: int, optional: bool = False, prefix: str = "") -> None:
+    """Field `name` of `obj` is an integer >= minimum (or None when optional)."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    check(is_int(value) and value >= minimum, prefix + name, value,
+          f"must be an integer >= {minimum}" + (" or None" if optional else ""))
+
+
+def check_real(obj: Any, name: str, *, positive: bool = False, optional: bool = False, prefix: str = "",
+               allowed: str | None = None) -> None:
+    """Field `name` of `obj` is a finite real number, > 0 when `positive`, else >= 0 (or None)."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    check(ok, prefix + name, value, allowed or (f"must be a finite number {'> 0' if positive else '>= 0'}"
+                                                + (" or None" if optional else "")))
+
+
+def check_bools(obj: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """Each field is True or False (a string such as "no" would read as True)."""
+    for name in names:
+        value = getattr(obj, name)
+        check(isinstance(value, bool), prefix + name, value, "must be true or false")
 
 
 def _routers(trait: str) -> str:
@@ -123,54 +158,37 @@ class MoEConfig:
     z_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "d_ff", "num_experts"):
-            value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+        for name in ("d_model", "d_ff", "num_experts", "top_k", "sinkhorn_iters", "soft_slots"):
+            check_int(self, name, minimum=1)
+        check_int(self, "num_shared_experts", minimum=0)
+        for name in ("shared_d_ff", "dense_residual_d_ff", "hash_vocab_size", "expert_capacity",
+                     "num_groups", "topk_groups"):
+            check_int(self, name, minimum=1, optional=True)
+        check_bools(self, ("softmax_after_topk", "normalize_topk", "router_bias", "noisy_gating",
+                           "expert_bias", "expert_mlp_bias", "shared_expert_gate"))
         check_choice(self.router, "router", ROUTER_NAMES)
         check_choice(self.score_func, "score_func", ("softmax", "sigmoid"))
         check_choice(self.activation, "activation", ACTIVATIONS)
         check_choice(self.drop_policy, "drop_policy", ("position", "score"))
         check_choice(self.group_score, "group_score", ("max", "top2_sum"))
         check_choice(self.hash_table, "hash_table", ("random", "balanced"))
-        check_choice(
-            self.load_balance_granularity,
-            "load_balance_granularity",
-            ("micro_batch", "sequence", "global"),
-        )
-        check(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
-        check(
-            self.top_k <= self.num_experts,
-            "top_k",
-            self.top_k,
-            f"must be <= num_experts ({self.num_experts})",
-        )
-        if self.capacity_factor is not None:
-            check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
-                  "must be > 0, or None for dropless routing")
+        check_choice(self.load_balance_granularity, "load_balance_granularity",
+                     ("micro_batch", "sequence", "global"))
+        check_choice(self.capacity_group, "capacity_group", ("batch", "sequence"))
+        check(self.top_k <= self.num_experts, "top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
+        check_real(self, "capacity_factor", positive=True, optional=True,
+                   allowed="must be a finite number > 0, or None for dropless routing")
         if self.expert_capacity is not None:
-            check(isinstance(self.expert_capacity, int) and self.expert_capacity >= 1,
-                  "expert_capacity", self.expert_capacity, "must be a positive integer or None")
             check(self.capacity_factor is None, "capacity_factor", self.capacity_factor,
                   "set either capacity_factor or expert_capacity, not both")
-        check_choice(self.capacity_group, "capacity_group", ("batch", "sequence"))
-        check(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor,
-              "must be > 0")
-        check(0 <= self.jitter_eps < 1, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
-        check(self.bias_update_rate >= 0, "bias_update_rate", self.bias_update_rate, "must be >= 0")
-        for name in ("load_balance_coef", "z_loss_coef"):
-            check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        check(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts,
-              "must be >= 0")
-        for name in ("shared_d_ff", "dense_residual_d_ff", "hash_vocab_size"):
-            value = getattr(self, name)
-            check(value is None or (isinstance(value, int) and value >= 1), name, value,
-                  "must be a positive integer or None")
+        check_real(self, "routed_scaling_factor", positive=True)
+        check_real(self, "jitter_eps")
+        check(self.jitter_eps < 1, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
+        for name in ("bias_update_rate", "load_balance_coef", "z_loss_coef", "sparsemixer_eps"):
+            check_real(self, name)
         if self.shared_d_ff is not None or self.shared_expert_gate:
             check(self.num_shared_experts >= 1, "num_shared_experts", self.num_shared_experts,
                   "must be >= 1 when shared_d_ff or shared_expert_gate is set")
-        check(self.sinkhorn_iters >= 1, "sinkhorn_iters", self.sinkhorn_iters, "must be >= 1")
-        check(self.soft_slots >= 1, "soft_slots", self.soft_slots, "must be >= 1")
-        check(self.sparsemixer_eps >= 0, "sparsemixer_eps", self.sparsemixer_eps, "must be >= 0")
         self._check_groups()
         self._check_router_specific()
 
@@ -235,33 +253,17 @@ class MoEConfig:
             return 0
         return self.shared_d_ff if self.shared_d_ff is not None else self.num_shared_experts * self.d_ff
 
-    def expert_params(self) -> int:
-        """Parameters of one routed expert."""
-        mats = 3 if self.gated else 2
-        bias = (2 * self.d_ff + self.d_model if self.gated else self.d_ff + self.d_model)
-        return mats * self.d_model * self.d_ff + (bias if self.expert_mlp_bias else 0)
-
     def num_params(self) -> int:
-        """Parameters of the whole layer (router, routed experts, shared and dense parts)."""
-        mats = 3 if self.gated else 2
-        router = self.d_model * self.num_experts + (self.num_experts if self.router_bias else 0)
-        if self.noisy_gating:
-            router += self.d_model * self.num_experts
-        if self.router == "hash":
-            router = 0
-        if self.router == "soft":
-            router = self.d_model * self.num_experts * self.soft_slots
-        total = router + self.num_experts * self.expert_params()
-        total += mats * self.d_model * self.shared_width
-        if self.shared_expert_gate:
-            total += self.d_model
-        if self.dense_residual_d_ff:
-            total += mats * self.d_model * self.dense_residual_d_ff
-        return total
+        """Parameters of the layer this config builds (counted on the meta device)."""
+        from moekit.model.accounting import moe_layer_params
+
+        return moe_layer_params(self)
 
     def active_params(self) -> int:
-        """Parameters one token touches: router, top_k experts, shared and dense parts."""
-        return self.num_params() - (self.num_experts - self.top_k) * self.expert_params()
+        """Parameters one token touches: router, top_k of the routed experts, shared and dense parts."""
+        from moekit.model.accounting import moe_layer_params
+
+        return moe_layer_params(self, active=True)
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -6,14 +6,63 @@ minus the routed experts a token does not visit, (E - k) / E of every MoE layer'
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from moekit.layer import MoELayer
 from moekit.model.moa import MixtureOfAttention
 
+if TYPE_CHECKING:
+    from moekit.config import MoEConfig
+    from moekit.model.config import ModelConfig
+
 BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def meta_build(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module on the meta device: exact shapes, no memory, no init cost (nor warnings)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return factory()
+
+
+def moe_layer_params(config: "MoEConfig", *, active: bool = False) -> int:
+    """Parameters of the MoE layer `config` builds (active: those one token touches)."""
+    from moekit.soft_layer import make_moe_layer
+
+    layer = meta_build(lambda: make_moe_layer(config))
+    return count_params(layer) - (inactive_expert_params(layer) if active else 0)
+
+
+def embedding_and_head_params(config: "ModelConfig") -> int:
+    """The embedding matrix plus the LM head's own parameters (its bias only, when tied)."""
+    V, D = config.vocab_size, config.d_model
+    return V * D * (1 if config.tie_embeddings else 2) + (V if config.lm_head_bias else 0)
+
+
+def decoder_params(config: "ModelConfig", *, active: bool = False, embedding: bool = True,
+                   lm_head: bool = True) -> int:
+    """Parameters of the MoETransformer `config` builds.
+
+    active: count only what one token touches (top_k of each layer's routed experts).
+    embedding / lm_head: include the embedding matrix / the LM head (a tied head's matrix is the
+    embedding: counted once when both are included, and as the head when only lm_head is).
+    """
+    from moekit.model.transformer import MoETransformer
+
+    model = meta_build(lambda: MoETransformer(config))
+    V, D = config.vocab_size, config.d_model
+    head = V * D + (V if config.lm_head_bias else 0)
+    core = count_params(model) - embedding_and_head_params(config)
+    if active:
+        core -= inactive_expert_params(model)
+    total = core + (V * D if embedding else 0) + (head if lm_head else 0)
+    return total - (V * D if config.tie_embeddings and embedding and lm_head else 0)
 
 
 def count_params(module: nn.Module) -> int:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.model.accounting import count_params, inactive_expert_params, param_counts, weight_memory
+from moekit.model.accounting import (count_params, embedding_and_head_params, inactive_expert_params,
+                                     param_counts, weight_memory)
 from moekit.model.block import DecoderLayer
 from moekit.model.config import MLAConfig, ModelConfig, RopeConfig, layer_ids
 from moekit.model.encoder_decoder import SwitchConfig, SwitchTransformer
@@ -93,9 +94,7 @@ class Preset:
             attn_flops = 2 * cfg.num_heads * cfg.d_kv * 2 * keys * (n_enc + 2 * n_dec)
             head_flops = 2 * cfg.vocab_size * cfg.d_model
         else:
-            embed = cfg.embedding_params() + cfg.lm_head_params()
-            if cfg.tie_embeddings:
-                embed = cfg.embedding_params() + (cfg.vocab_size if cfg.lm_head_bias else 0)
+            embed = embedding_and_head_params(cfg)
             moe = cfg.moe
             moe_ids = layer_ids(cfg.moe_layers, cfg.n_layers)
             attn_ids = layer_ids(cfg.attention_layers, cfg.n_layers)

@@ -1,7 +1,7 @@
 """Configuration of a decoder-only MoE transformer: `ModelConfig` and its nested parts.
 
-Frozen, keyword-only dataclasses that validate themselves and count their own parameters (a test
-checks the counts against built modules). Per-layer choices (MoE or dense feed-forward, attention
+Frozen, keyword-only dataclasses that validate themselves; `num_params`/`active_params` count the
+module the config builds, on the meta device (model/accounting.py). Per-layer choices (MoE or dense feed-forward, attention
 or Mamba, sliding window, NoPE) are each one `LayerSpec` field, resolved by `layer_ids`.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from moekit.config import MoEConfig, check, check_choice
 from moekit.model.mamba import MambaConfig
-from moekit.traits import ACTIVATIONS, GATED_ACTIVATIONS, decoder_router_error
+from moekit.traits import ACTIVATIONS, decoder_router_error
 
 # Which layers a per-layer choice applies to: "all", "none", "every:N" (layers N-1, 2N-1, ...: the
 # transformers `sparse_step` / `interleave_step` convention), "every:N:O" (layers i with i % N == O,
@@ -358,80 +358,12 @@ class ModelConfig:
         """The layer whose keys and values layer i attends over (itself unless KV is shared)."""
         return i - i % self.kv_share_every
 
-    # ---- parameter counts ------------------------------------------------------------------
-    def norm_params(self, dim: int) -> int:
-        return dim * (2 if self.norm_bias else 1)
-
-    def attention_params(self, i: int) -> int:
-        """Parameters of layer i's attention (0 for a Mamba layer)."""
-        if not self.is_attention(i):
-            return 0
-        D, H = self.d_model, self.n_heads
-        if self.mla is not None:
-            m = self.mla
-            if m.q_lora_rank is None:
-                q = D * H * m.qk_head_dim
-            else:
-                q = D * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * H * m.qk_head_dim
-            kv = D * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
-            kv += m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
-            return q + kv + H * m.v_head_dim * D
-        hd, kvh = self.dim_head, self.kv_heads
-        if self.moa is not None:
-            A, E = kvh * hd, self.moa.num_experts
-            router = D * E + (E if self.moa.router_bias else 0)
-            return router + D * 2 * A + E * 2 * D * A + D  # router, kv_proj, experts' q and o, bias
-        total = D * H * hd + (H * hd if self.qkv_bias else 0)
-        if self.kv_source(i) == i:
-            total += 2 * (D * kvh * hd + (kvh * hd if self.qkv_bias else 0))
-        total += H * hd * D + (D if self.o_bias else 0)
-        if self.qk_norm in ("head", "head_after_rope"):
-            total += 2 * hd
-        elif self.qk_norm == "full":
-            total += H * hd + kvh * hd
-        if self.attn_sinks:
-            total += H
-        return total
-
-    def dense_ffn_params(self) -> int:
-        assert self.d_ff is not None
-        mats = 3 if self.ffn_activation in GATED_ACTIVATIONS else 2
-        bias = (mats - 1) * self.d_ff + self.d_model if self.mlp_bias else 0
-        return mats * self.d_model * self.d_ff + bias
-
-    def layer_params(self, i: int, *, active: bool = False) -> int:
-        """Parameters of block i (all, or the ones one token uses when `active`)."""
-        if self.is_attention(i):
-            mixer = self.attention_params(i)
-            if active and self.moa is not None:
-                # a token uses top_k of the attention experts' q and o projections
-                unused = self.moa.num_experts - self.moa.top_k
-                mixer -= unused * 2 * self.d_model * self.kv_heads * self.dim_head
-        else:
-            assert self.mamba is not None
-            mixer = self.mamba.num_params()
-        if self.is_moe(i):
-            assert self.moe is not None
-            ffn = self.moe.active_params() if active else self.moe.num_params()
-            if self.moe_parallel:
-                ffn += self.dense_ffn_params() + self.norm_params(self.d_model)  # residual MLP + its norm
-        else:
-            ffn = self.dense_ffn_params()
-        norms = (4 if self.post_norms else 2) * self.norm_params(self.d_model)
-        return mixer + ffn + norms
-
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.d_model
-
-    def lm_head_params(self) -> int:
-        """The LM head's own parameters (its bias only when tied to the embedding)."""
-        bias = self.vocab_size if self.lm_head_bias else 0
-        return bias + (0 if self.tie_embeddings else self.vocab_size * self.d_model)
-
+    # ---- parameter counts (of the module this config builds, on the meta device) ----------
     def num_params(self) -> int:
-        """Total parameters, counted analytically (a tied head is counted once)."""
-        blocks = sum(self.layer_params(i) for i in range(self.n_layers))
-        return self.embedding_params() + blocks + self.norm_params(self.d_model) + self.lm_head_params()
+        """Total parameters (a tied head counted once)."""
+        from moekit.model.accounting import decoder_params
+
+        return decoder_params(self)
 
     def active_params(self, *, embedding: bool = True, lm_head: bool = True) -> int:
         """Parameters one token touches: routed experts count top_k of E.
@@ -441,15 +373,9 @@ class ModelConfig:
             lm_head: count the LM head (for a tied head, its V x D matrix is counted here even
                 though it is the embedding, since the head multiplies by all of it).
         """
-        blocks = sum(self.layer_params(i, active=True) for i in range(self.n_layers))
-        total = blocks + self.norm_params(self.d_model)
-        if embedding:
-            total += self.embedding_params()
-        if lm_head:
-            total += self.vocab_size * self.d_model + (self.vocab_size if self.lm_head_bias else 0)
-            if self.tie_embeddings and embedding:
-                total -= self.vocab_size * self.d_model  # one shared matrix
-        return total
+        from moekit.model.accounting import decoder_params
+
+        return decoder_params(self, active=True, embedding=embedding, lm_head=lm_head)
 
     # ---- serialisation -------------------------------------------------------------------
     def replace(self, **changes: Any) -> "ModelConfig":

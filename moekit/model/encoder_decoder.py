@@ -118,21 +118,10 @@ class SwitchConfig:
         )
 
     def num_params(self) -> int:
-        """Parameters of the built model (the tied embedding counted once)."""
-        D, inner = self.d_model, self.num_heads * self.d_kv
-        attention = 4 * D * inner + D  # q, k, v, o and the sublayer's norm
-        position_bias = self.relative_attention_num_buckets * self.num_heads
-        moe, dense = self.moe_config().num_params() + D, 2 * D * self.d_ff + D
+        """Parameters of the built model (the tied embedding counted once; on the meta device)."""
+        from moekit.model.accounting import count_params, meta_build
 
-        def stack(n_layers: int, decoder: bool) -> int:
-            total = D + position_bias  # final norm, bias table of the first layer
-            for i in range(n_layers):
-                total += attention * (2 if decoder else 1)
-                total += moe if self.is_sparse(i, decoder=decoder) else dense
-            return total
-
-        total = self.vocab_size * D + stack(self.num_layers, False) + stack(self.decoder_layers, True)
-        return total + (0 if self.tie_word_embeddings else self.vocab_size * D)
+        return count_params(meta_build(lambda: SwitchTransformer(self)))
 
     @classmethod
     def from_transformers(cls, hf: dict[str, Any]) -> SwitchConfig:

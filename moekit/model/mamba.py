@@ -73,17 +73,10 @@ class MambaConfig:
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
 
     def num_params(self) -> int:
-        """Parameters of one mixer, counted from the shapes below."""
-        D, I, N, R, W = self.d_model, self.d_inner, self.d_state, self.rank, self.d_conv
-        total = D * 2 * I + (2 * I if self.bias else 0)  # in_proj
-        total += I * W + (I if self.conv_bias else 0)  # conv1d (depthwise)
-        total += I * (R + 2 * N)  # x_proj
-        total += R * I + I  # dt_proj (always with bias)
-        total += I * N + I  # A_log, D
-        total += I * D + (D if self.bias else 0)  # out_proj
-        if self.dt_layernorm:
-            total += R + 2 * N
-        return total
+        """Parameters of one mixer (counted on the meta device)."""
+        from moekit.model.accounting import count_params, meta_build
+
+        return count_params(meta_build(lambda: MambaMixer(self)))
 
 
 @dataclass

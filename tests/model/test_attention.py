@@ -243,7 +243,6 @@ def test_attention_module_matches_explicit_formulas(opts: dict) -> None:
     ref = reference_attention(q.detach(), k.detach(), v.detach(), q_positions=list(range(S)), scale=scale)
     expected = attn.o_proj(ref.float().transpose(1, 2).reshape(B, S, H * hd))
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
-    assert sum(p.numel() for p in attn.parameters()) == cfg.attention_params(0)
 
 
 def test_mixture_of_attention_matches_transformers_jetmoe() -> None:
@@ -273,7 +272,6 @@ def test_mixture_of_attention_matches_transformers_jetmoe() -> None:
         ours.w_o_EAD.copy_(hf_attn.experts.output_linear.weight.transpose(1, 2))
         ours.bias.copy_(hf_attn.experts.bias)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf_attn.parameters())
-    assert sum(p.numel() for p in ours.parameters()) == cfg.attention_params(0)
 
     B, S = 2, 5
     x = torch.randn(B, S, 32)
