@@ -148,7 +148,8 @@ class MoELayer(RoutedLayer):
     def flat_inputs(
         self, x: Tensor, mask: Tensor | None, token_ids: Tensor | None
     ) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
-        """Checked, flattened inputs: (x_TD, bool mask_T or None, token_ids_T or None, sequences)."""
+        """Checked, flattened inputs: (x_TD with padded rows zeroed, bool mask_T or None, token_ids_T
+        or None, number of sequences)."""
         D = self.config.d_model
         if x.shape[-1] != D or x.dim() not in (2, 3):
             raise ValueError(f"{type(self).__name__} expects input (B, S, {D}) or (T, {D}); got {tuple(x.shape)}")
@@ -158,7 +159,12 @@ class MoELayer(RoutedLayer):
         lead = x.shape[:-1]
         mask_T = self._flat(bool_mask(mask), lead, "mask")
         token_ids_T = self._flat(token_ids, lead, "token_ids")
-        return x.reshape(-1, D), mask_T, token_ids_T, lead[0] if x.dim() == 3 else 1
+        x_TD = x.reshape(-1, D)
+        if mask_T is not None:
+            # Padded rows are replaced by zeros (selection, not multiplication), so a NaN or a huge
+            # value there reaches no logit, loss, statistic or gradient.
+            x_TD = torch.where(mask_T[:, None], x_TD, 0.0)
+        return x_TD, mask_T, token_ids_T, lead[0] if x.dim() == 3 else 1
 
     def finish(self, x: Tensor, x_TD: Tensor, y_TD: Tensor, decision: RoutingDecision,
                mask_T: Tensor | None, num_sequences: int) -> MoEOutput:

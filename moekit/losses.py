@@ -1,6 +1,8 @@
 """Balancing losses for MoE routers: pure, keyword-only functions.
 
-Every function takes an optional padding mask (True = real token) and ignores padded tokens.
+Every function takes an optional padding mask (True = real token) and ignores padded tokens: they
+are excluded by selection (torch.where), never by multiplying with 0, so a NaN or inf in a padded
+token's logits cannot reach a loss.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from torch import Tensor
 
 
 def _mask_T(mask_T: Tensor | None, T: int, device: torch.device) -> Tensor:
+    """The padding mask as bool (T,), all True when None."""
     if mask_T is None:
-        return torch.ones(T, dtype=torch.float32, device=device)
-    return mask_T.reshape(-1).to(device=device, dtype=torch.float32)
+        return torch.ones(T, dtype=torch.bool, device=device)
+    return mask_T.reshape(-1).to(device=device, dtype=torch.bool)
 
 
 def expert_fraction_E(selected_TK: Tensor, *, num_experts: int, mask_T: Tensor | None = None) -> Tensor:
     """f_e: the fraction of (real) token slots the router sent to expert e (before dropping)."""
     T, K = selected_TK.shape
     m_T = _mask_T(mask_T, T, selected_TK.device)
-    valid_TK = (selected_TK >= 0).float() * m_T[:, None]
+    valid_TK = ((selected_TK >= 0) & m_T[:, None]).float()
     counts_E = torch.zeros(num_experts, device=selected_TK.device).index_add_(
         0, selected_TK.clamp_min(0).reshape(-1), valid_TK.reshape(-1)
     )
@@ -30,7 +33,8 @@ def expert_fraction_E(selected_TK: Tensor, *, num_experts: int, mask_T: Tensor |
 def mean_prob_E(probs_TE: Tensor, *, mask_T: Tensor | None = None) -> Tensor:
     """P_e: the mean router probability of expert e over real tokens."""
     m_T = _mask_T(mask_T, probs_TE.shape[0], probs_TE.device)
-    return (probs_TE.float() * m_T[:, None]).sum(0) / m_T.sum().clamp_min(1.0)
+    kept_TE = torch.where(m_T[:, None], probs_TE.float(), 0.0)
+    return kept_TE.sum(0) / m_T.sum().clamp_min(1)
 
 
 def load_balance_loss(
@@ -64,8 +68,8 @@ def load_balance_loss(
                               selected_TK=selected_TK[b * S:(b + 1) * S], mask_T=m_BS[b])
             for b in range(num_sequences)
         ]
-        present = (m_BS.sum(1) > 0).float()
-        return (torch.stack(losses) * present).sum() / present.sum().clamp_min(1.0)
+        present = m_BS.any(1)
+        return torch.where(present, torch.stack(losses), 0.0).sum() / present.sum().clamp_min(1)
     if granularity not in ("micro_batch", "global"):
         raise ValueError(f"granularity={granularity!r} is invalid: 'micro_batch', 'sequence' or 'global'")
     f_E = expert_fraction_E(selected_TK, num_experts=E, mask_T=mask_T)
@@ -80,7 +84,7 @@ def z_loss(*, logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
     m_T = _mask_T(mask_T, logits_TE.shape[0], logits_TE.device)
     lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
-    return (lse_T.square() * m_T).sum() / m_T.sum().clamp_min(1.0)
+    return torch.where(m_T, lse_T.square(), 0.0).sum() / m_T.sum().clamp_min(1)
 
 
 def expert_bias_update(bias_E: Tensor, counts_E: Tensor, *, rate: float) -> Tensor:

@@ -40,7 +40,7 @@ class SoftMoELayer(MoELayer):
         if self.router.replay:
             raise ValueError(REPLAY_ERROR)
         x_TD, mask_T, _, num_sequences = self.flat_inputs(x, mask, token_ids)
-        y_TD, decision = soft_moe_layer(self.router, self.experts, x, mask_T)
+        y_TD, decision = soft_moe_layer(self.router, self.experts, x_TD.view(x.shape), mask_T)
         return self.finish(x, x_TD, y_TD, decision, mask_T, num_sequences)
 
 

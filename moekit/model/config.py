@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from moekit.config import MoEConfig, check, check_choice
+from moekit.config import MoEConfig, check, check_bools, check_choice, check_real
 from moekit.model.mamba import MambaConfig
 from moekit.traits import ACTIVATIONS, decoder_router_error
 
@@ -108,8 +108,10 @@ class RopeConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.scaling, "rope.scaling", ROPE_SCALINGS)
-        check(self.theta > 0, "rope.theta", self.theta, "must be > 0")
-        check(self.factor > 0, "rope.factor", self.factor, "must be > 0")
+        check_real(self, "theta", positive=True, prefix="rope.")
+        check_real(self, "factor", positive=True, prefix="rope.")
+        check_real(self, "partial_rotary", positive=True, prefix="rope.")
+        check_bools(self, ("truncate", "interleaved"), prefix="rope.")
         check(0 < self.partial_rotary <= 1, "rope.partial_rotary", self.partial_rotary, "must be in (0, 1]")
         if self.scaling in ("yarn", "llama3", "longrope"):
             check(self.original_max_position is not None, "rope.original_max_position", None,
@@ -242,14 +244,15 @@ class ModelConfig:
         check_choice(self.norm, "norm", NORMS)
         check_choice(self.qk_norm, "qk_norm", QK_NORMS)
         check_choice(self.ffn_activation, "ffn_activation", FFN_ACTIVATIONS)
-        check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        check_real(self, "norm_eps", positive=True)
+        check_bools(self, ("mlp_bias", "moe_parallel", "qkv_bias", "o_bias", "attn_sinks", "norm_bias",
+                           "post_norms", "tie_embeddings", "lm_head_bias"))
         check(not self.norm_bias or self.norm == "layernorm", "norm_bias", self.norm_bias,
               "only norm='layernorm' has a bias")
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
-            check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+            check_real(self, name, positive=True)
         for name in ("clip_qkv", "attn_scale", "attn_logit_softcap"):
-            value = getattr(self, name)
-            check(value is None or value > 0, name, value, "must be > 0 or None")
+            check_real(self, name, positive=True, optional=True)
         self._check_heads()
         self._check_layers()
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.inputs import bool_mask, check_token_range
 from moekit.layer import MoELayer, RoutedLayer
 from moekit.model.attention import additive_mask
 from moekit.model.block import DecoderLayer
@@ -44,7 +45,9 @@ class MoETransformer(nn.Module):
         tokens_BS: long (B, S).
         targets_BS: long (B, S), already shifted (logits[:, t] predicts targets[:, t]); -100 = ignore.
         cache: a KVCache (from `new_cache`) to decode incrementally; updated in place.
-        mask_BS: bool (B, S), False for padding tokens (hidden from attention, routed nowhere).
+        mask_BS: bool (B, S), False for padding tokens (hidden from attention, routed nowhere); an
+            integer 0/1 mask is converted, any other mask refused (moekit/inputs.py).
+        Token ids and targets outside [0, vocab_size) are refused (targets may be -100).
         Returns ModelOutput(logits (B, S, V), loss, aux_loss (None without MoE layers), routing
         (one RoutingDecision per layer, None for dense layers), cache, aux_losses (unweighted, by
         name), attention_routing (mixture of attention)).
@@ -100,6 +103,7 @@ class MoETransformer(nn.Module):
         mask_BS: Tensor | None = None,
     ) -> ModelOutput:
         cfg = self.config
+        mask_BS = bool_mask(mask_BS, "mask_BS")
         self._check_inputs(tokens_BS, targets_BS, mask_BS, cache)
         B, S = tokens_BS.shape
         device = tokens_BS.device
@@ -175,6 +179,9 @@ class MoETransformer(nn.Module):
             if t is not None and tuple(t.shape) != tuple(tokens_BS.shape):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(tokens_BS.shape)} "
                                  "like tokens_BS")
+        check_token_range(tokens_BS, cfg.vocab_size, "tokens_BS")
+        if targets_BS is not None:
+            check_token_range(targets_BS, cfg.vocab_size, "targets_BS", ignore_index=IGNORE_INDEX)
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache (from model.new_cache()), not {type(cache).__name__}")
         if cache is not None and cfg.moe is not None and ROUTER_TRAITS[cfg.moe.router].causal == "batch":
