@@ -64,8 +64,43 @@ def _routers(trait: str) -> str:
     return ", ".join(repr(n) for n, t in ROUTER_TRAITS.items() if getattr(t, trait))
 
 
+class JsonConfig:
+    """JSON round trip shared by the config dataclasses: to_dict / from_dict / save / load."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def check_fields(cls, data: Any) -> None:
+        """Raise a ValueError unless `data` is a dict of this config's field names."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object of {cls.__name__} fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        cls.check_fields(data)
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of {cls.__name__} fields")
+        return cls.from_dict(data)
+
+
 @dataclass(frozen=True, kw_only=True)
-class MoEConfig:
+class MoEConfig(JsonConfig):
     """Everything that defines an MoE feed-forward layer.
 
     Routing:
@@ -264,28 +299,3 @@ class MoEConfig:
         from moekit.model.accounting import moe_layer_params
 
         return moe_layer_params(self, active=True)
-
-    # ---- serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MoEConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of MoEConfig fields")
-        return cls.from_dict(data)

@@ -7,12 +7,10 @@ or Mamba, sliding window, NoPE) are each one `LayerSpec` field, resolved by `lay
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from moekit.config import MoEConfig, check, check_bools, check_choice, check_real
+from moekit.config import JsonConfig, MoEConfig, check, check_bools, check_choice, check_real
 from moekit.model.mamba import MambaConfig
 from moekit.traits import ACTIVATIONS, decoder_router_error
 
@@ -156,7 +154,7 @@ class MLAConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """A decoder-only language model: embedding, L blocks, final norm, LM head.
 
     Shape: vocab_size, d_model, n_layers; n_heads query heads and n_kv_heads key/value heads
@@ -384,15 +382,10 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        """From `to_dict`'s output (or its JSON): nested configs and layer lists restored."""
+        cls.check_fields(data)
         data = dict(data)
         nested = {"moe": MoEConfig, "moa": MoEConfig, "rope": RopeConfig, "mla": MLAConfig,
                   "mamba": MambaConfig}
@@ -404,19 +397,6 @@ class ModelConfig:
             if isinstance(data.get(name), list):
                 data[name] = tuple(data[name])
         return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of ModelConfig fields")
-        return cls.from_dict(data)
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig, check, check_choice
 from moekit.experts.activations import plain
 from moekit.layer import MoELayer
+from moekit.model.norm import RMSNorm
 from moekit.types import ModelOutput, RoutingDecision
 
 # Letters beyond the legend in moekit.types: Q query positions, K key positions, P past length,
@@ -143,22 +144,6 @@ class SwitchConfig:
                    decoder_sparse_step=step(n_dec, hf.get("num_sparse_decoder_layers", 3)))
 
 
-class T5LayerNorm(nn.Module):
-    """Scale-only RMSNorm without bias or mean; the variance is accumulated in fp32 (T5)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.variance_epsilon)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
-
-
 def relative_position_bucket(rel_QK: Tensor, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Tensor:
     """T5's bucket of each relative position (key - query): exact up to num_buckets / 2 (per
@@ -223,7 +208,7 @@ class SelfAttentionLayer(nn.Module):
     def __init__(self, config: SwitchConfig, *, relative_bias: bool, decoder: bool) -> None:
         super().__init__()
         self.SelfAttention = Attention(config, relative_bias=relative_bias, decoder=decoder)
-        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, cast_to="weight")
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x_BSD: Tensor, bias_BHQK: Tensor, past_kv: tuple[Tensor, Tensor] | None = None
@@ -243,7 +228,7 @@ class CrossAttentionLayer(nn.Module):
     def __init__(self, config: SwitchConfig) -> None:
         super().__init__()
         self.EncDecAttention = Attention(config, relative_bias=False, decoder=True)
-        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, cast_to="weight")
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x_BSD: Tensor, kv: tuple[Tensor, Tensor], bias_BHQK: Tensor) -> Tensor:
@@ -270,7 +255,7 @@ class FeedForwardLayer(nn.Module):
     def __init__(self, config: SwitchConfig, *, sparse: bool) -> None:
         super().__init__()
         self.mlp = MoELayer(config.moe_config()) if sparse else DenseActDense(config)
-        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, cast_to="weight")
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x_BSD: Tensor, mask_BS: Tensor | None) -> tuple[Tensor, Any]:
@@ -322,7 +307,7 @@ class Stack(nn.Module):
         n_layers = config.decoder_layers if decoder else config.num_layers
         self.config, self.decoder = config, decoder
         self.block = nn.ModuleList(Block(config, i, decoder=decoder) for i in range(n_layers))
-        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, cast_to="weight")
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import check
+from moekit.model.norm import RMSNorm
 
 # Letters used here beyond the legend in moekit.types: I inner (expand * D), N SSM state,
 # R dt rank, W conv window (d_conv - 1 past inputs), L time steps of one scan chunk.
@@ -100,20 +101,6 @@ class MambaCache:
             ssm_state_BIN=torch.zeros(batch_size, I, config.d_state, device=device,
                                       dtype=torch.promote_types(dtype, torch.float32)),
         )
-
-
-class RMSNorm(nn.Module):
-    """Jamba / T5 RMSNorm: statistics in fp32, weight applied in the input dtype."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(x.dtype)
 
 
 def causal_conv(x_BIS: Tensor, conv_state_BIW: Tensor, weight_IW: Tensor,

@@ -5,26 +5,34 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight.
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, the one class moekit uses.
 
-    Numerics follow transformers' Llama/Mixtral RMSNorm: normalise in fp32, cast back to the input
-    dtype, then multiply by the weight.
+    Normalises in fp32 (or wider, for fp64 input), then, as transformers does:
+        cast_to="input" (Llama, Mixtral, Jamba): back to the input dtype, then times the weight;
+        cast_to="weight" (T5 / Switch Transformers): to the weight's dtype only when that is fp16 or
+            bf16, then times the weight.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, *, cast_to: Literal["input", "weight"] = "input") -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.variance_epsilon = eps
+        self.cast_to = cast_to
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(x.dtype)
+        if self.cast_to == "input":
+            return self.weight * x32.to(x.dtype)
+        half = self.weight.dtype in (torch.float16, torch.bfloat16)
+        return self.weight * (x32.to(self.weight.dtype) if half else x32)
 
 
 def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
