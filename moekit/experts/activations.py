@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.traits import GATED_ACTIVATIONS as GATED
-
 # gpt-oss clamped SwiGLU constants (openai/gpt-oss, swiglu_limit and alpha of its MLP).
 CLAMP_LIMIT = 7.0
 CLAMP_ALPHA = 1.702

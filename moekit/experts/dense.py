@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moekit.experts.activations import GATED, glu, plain
+from moekit.experts.activations import glu, plain
+from moekit.traits import GATED_ACTIVATIONS
 
 
 class DenseMLP(nn.Module):
@@ -17,7 +18,7 @@ class DenseMLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", *, bias: bool = False):
         super().__init__()
         self.activation = activation
-        self.gated = activation in GATED
+        self.gated = activation in GATED_ACTIVATIONS
         if self.gated:
             self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
