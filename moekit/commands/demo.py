@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
-
-from moekit.analysis.stats import routing_stats
-from moekit.config import MoEConfig
-from moekit.layer import MoELayer
-from moekit.routing import ROUTERS
+if TYPE_CHECKING:
+    from moekit.config import MoEConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_configs(args: argparse.Namespace) -> dict[str, MoEConfig]:
+    from moekit.config import MoEConfig
+    from moekit.routing import ROUTERS
+
     base = dict(d_model=args.d_model, d_ff=2 * args.d_model, num_experts=args.experts, top_k=args.top_k,
                 z_loss_coef=1e-3)
     variants = {
@@ -36,8 +36,12 @@ def demo_configs(args: argparse.Namespace) -> dict[str, MoEConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
     from rich.table import Table
+
+    from moekit.analysis.stats import routing_stats
+    from moekit.layer import MoELayer
 
     torch.manual_seed(args.seed)
     # Tokens from a few clusters, so that an untrained gate routes unevenly and the routers differ.
