@@ -30,6 +30,12 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if not name.startswith("_"):  # a subpackage, as `moekit.hf` after a bare `import moekit`
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'moekit' has no attribute {name!r}")
 
 
