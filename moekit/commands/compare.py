@@ -42,7 +42,8 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
     shape = {f.name: getattr(args, f.name) for f in fields(CompareConfig)
              if f.name != "train" and getattr(args, f.name) is not None}
     defaults = CompareConfig()
-    train = replace(defaults.train, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    train = replace(defaults.train, **given)
     return replace(defaults, **shape, train=train)
 
 

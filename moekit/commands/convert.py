@@ -31,15 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.hf.checkpoint import from_pretrained
-    from moekit.hf.io import check_not_a_file, prepare_destination
+    from moekit.hf.io import check_destination
     from moekit.hf.native import save_native
     from moekit.hf.save import save_pretrained
 
     if args.src.resolve() == args.dst.resolve():
         raise ValueError(f"dst {args.dst} is the source directory; write to a new directory")
-    check_not_a_file(args.dst, "dst")
-    if not args.overwrite and args.dst.is_dir():
-        prepare_destination(args.dst)  # refuse a non-empty DST before the (long) load
+    check_destination(args.dst, overwrite=args.overwrite)  # before the (long) load; changes nothing
     model = from_pretrained(args.src, dtype=args.dtype)
     if args.to == "hf":
         files = save_pretrained(model, args.dst, max_shard_size=args.max_shard_size, layout=args.layout,

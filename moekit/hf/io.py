@@ -127,7 +127,7 @@ def read_config(path: str | Path) -> dict:
                                 f"{CONFIG_FILE} plus {SINGLE_FILE} or {INDEX_FILE} and its shards")
     try:
         config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from err
     if not isinstance(config, dict):
         raise ValueError(f"{file}: expected a JSON object")

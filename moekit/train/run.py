@@ -88,10 +88,17 @@ FINAL_FILES = ("tokenizer.json",)  # what the final export writes besides the ch
 
 
 def check_final(folder: str | Path, *, overwrite: bool = False) -> None:
-    """Refuse, before training starts, a `final/` folder that `save_final` would refuse afterwards."""
-    from moekit.hf.io import check_destination
+    """Refuse, before training starts, a `final/` folder that `save_final` would refuse afterwards
+    (or a run folder that is a file)."""
+    from moekit.hf.io import check_not_a_file
 
-    check_destination(folder, overwrite=overwrite, also=FINAL_FILES)
+    folder = check_not_a_file(folder, "--out")
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if entries and not overwrite:
+        more = f" and {len(entries) - 8} more" if len(entries) > 8 else ""
+        raise ValueError(f"{folder} already holds {', '.join(entries[:8])}{more}; a new run writes its final "
+                         f"weights there, so pass --resume to continue that run or choose a new --out "
+                         f"(nothing was changed)")
 
 
 def save_final(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, folder: str | Path, *,

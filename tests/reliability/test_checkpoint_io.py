@@ -99,7 +99,8 @@ def test_train_refuses_a_foreign_final_folder_before_training(tmp_path, capsys):
     (out / "final").mkdir(parents=True)
     (out / "final" / "notes.txt").write_text("mine")
     assert main(["train", "--preset", "tiny", "--out", str(out), *FAST]) == 2
-    assert "not empty: it holds notes.txt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "final already holds notes.txt" in err and "--resume" in err
     assert sorted(p.name for p in out.rglob("*")) == ["final", "notes.txt"]  # nothing trained or written
 
 

@@ -41,6 +41,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 def family(model_type: object, where: str = "") -> Family:
     """The family of `model_type`; ValueError naming the supported ones otherwise."""
     prefix = f"{where}: " if where else ""
+    if model_type is None:
+        raise ValueError(f"{prefix}no 'model_type' field; moekit reads {sorted(FAMILIES)}")
     if not isinstance(model_type, str):
         raise ValueError(f"{prefix}model_type={model_type!r} must be a string, one of {sorted(FAMILIES)}")
     if model_type not in FAMILIES:
