@@ -1,41 +1,54 @@
 """The `moekit` command line: parse arguments, build a config, call the library.
 
-Each subcommand lives in `moekit/commands/<name>.py` with `add_arguments(parser)` and `run(args)`.
+Each subcommand lives in `moekit/commands/<name>.py` with `add_arguments(parser)` and `run(args)`;
+command modules import torch and the library inside those functions, so `moekit --help` loads
+neither. Only the chosen subcommand's arguments are built.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
+
+from moekit.commands import catalog, compare, convert, data, demo, inspect, train
 
 # subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("moekit.commands.demo", "route a random batch with every router and print routing statistics"),
-    "data": ("moekit.commands.data", "fetch the built-in Shakespeare training corpus (sha256-pinned)"),
-    "train": ("moekit.commands.train", "train a preset MoE language model on a corpus (resumable)"),
-    "compare": ("moekit.commands.compare", "train dense vs MoE variants at equal active compute; write a report"),
-    "convert": ("moekit.commands.convert", "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
-    "catalog": ("moekit.commands.catalog", "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
-    "inspect": ("moekit.commands.inspect", "show one catalog architecture layer by layer with parameter counts"),
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "demo": (demo, "route a random batch with every router and print routing statistics"),
+    "data": (data, "fetch the built-in Shakespeare training corpus (sha256-pinned)"),
+    "train": (train, "train a preset MoE language model on a corpus (resumable)"),
+    "compare": (compare, "train dense vs MoE variants at equal active compute; write a report"),
+    "convert": (convert, "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
+    "catalog": (catalog, "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
+    "inspect": (inspect, "show one catalog architecture layer by layer, or a checkpoint directory"),
 }
+# What a user can get wrong and the CLI reports in one line (exit 2). Anything else is a defect and
+# keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser. With `only`, just that subcommand gets its arguments (the others keep their
+    one-line help), so parsing imports no more than the command that runs."""
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if only is None or name == only:
+            module.add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(only=chosen).parse_args(argv)
+    module = COMMANDS[args.command][0]
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from moekit.model import catalog
-from moekit.model.accounting import human
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", help="presets to show (names or aliases; default: all)")
@@ -15,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.model import catalog
+    from moekit.model.accounting import human
+
     presets = [catalog.get(n) for n in args.names] if args.names else list(catalog.PRESETS.values())
     infos = [p.info() for p in presets]
     if args.json:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moekit.train.compare import CompareConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moekit.train.compare import DEFAULT_VARIANTS, VARIANTS, CompareConfig
+    from moekit.train.compare import DEFAULT_VARIANTS, TRAIN_FLAGS, VARIANTS, CompareConfig
 
     p.add_argument("--out", type=Path, default=Path("runs/compare"),
                    help="output folder (default runs/compare); rerunning resumes unfinished variants")
@@ -20,20 +24,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="Shakespeare cache folder")
     defaults = CompareConfig()
     for f in fields(CompareConfig):
-        value = getattr(defaults, f.name)
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=None,
-                       help=f"default {value}")
+        if f.name != "train":
+            _flag(p, f.name, getattr(defaults, f.name))
+    for name in TRAIN_FLAGS:
+        _flag(p, name, getattr(defaults.train, name))
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _flag(p: argparse.ArgumentParser, name: str, default: object) -> None:
+    p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=f"default {default}")
+
+
+def compare_config(args: argparse.Namespace) -> CompareConfig:
+    """The CompareConfig the flags describe: the defaults with each given flag applied."""
+    from moekit.train.compare import TRAIN_FLAGS, CompareConfig
+
+    shape = {f.name: getattr(args, f.name) for f in fields(CompareConfig)
+             if f.name != "train" and getattr(args, f.name) is not None}
+    defaults = CompareConfig()
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    train = replace(defaults.train, **given)
+    return replace(defaults, **shape, train=train)
+
+
 def run(args: argparse.Namespace) -> int:
-    from moekit.train.compare import CompareConfig, check_variants, run_compare
+    from moekit.train.compare import check_variants, run_compare
     from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
 
     check_variants(args.variants)
-    overrides = {f.name: getattr(args, f.name) for f in fields(CompareConfig)
-                 if getattr(args, f.name) is not None}
-    config = replace(CompareConfig(), **overrides)
+    config = compare_config(args)
     if args.corpus is None:
         cache = args.cache_dir or default_cache_dir()
         if not is_fetched(cache):

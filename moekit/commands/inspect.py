@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moekit.model import catalog
-from moekit.model.accounting import human
+if TYPE_CHECKING:
+    from moekit.model.catalog import Preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.model import catalog
+
     if Path(args.target).is_dir():
         return inspect_checkpoint(Path(args.target))
     return inspect_preset(catalog.get(args.target))
@@ -29,6 +32,7 @@ def inspect_checkpoint(path: Path) -> int:
     from rich.table import Table
 
     from moekit.hf.inspect import checkpoint_summary
+    from moekit.model.accounting import human
 
     s = checkpoint_summary(path)
     console = Console() if Console().is_terminal else Console(width=220)
@@ -55,9 +59,11 @@ def inspect_checkpoint(path: Path) -> int:
     return 0
 
 
-def inspect_preset(preset: catalog.Preset) -> int:
+def inspect_preset(preset: Preset) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from moekit.model.accounting import human
 
     model = preset.build()
     info = preset.info(model)

@@ -36,11 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.train.presets import get_preset
-    from moekit.train.run import build_model, config_json, prepare_data, save_final
+    from moekit.train.run import build_model, check_final, config_json, prepare_data, save_final
     from moekit.train.tokenizer import save_tokenizer
     from moekit.train.trainer import NonFiniteLossError, Trainer
 
     preset = get_preset(args.preset)
+    check_final(args.out / "final", overwrite=args.resume)  # before training, not after it
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     config = replace(preset.train, **overrides, bf16=args.bf16 or preset.train.bf16)
     vocab_size = args.vocab_size or preset.vocab_size
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     final = save_final(model, model_config, data.tokenizer, args.out / "final",
-                       model_type=preset.hf_model_type)
+                       model_type=preset.hf_model_type, overwrite=args.resume)
     val = "" if result.final_val_loss is None else f", final validation loss {result.final_val_loss:.4f}"
     print(f"trained {result.step} steps{val}; model in {final}, metrics in {args.out / 'metrics.jsonl'}")
     return 0

@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from moekit.hf.checkpoint import moekit_config
-from moekit.hf.configs import TO_MOEKIT
-from moekit.hf.io import CheckpointReader, read_config
+from moekit.hf.families import FAMILIES
+from moekit.hf.io import CONFIG_FILE, CheckpointReader, read_config
+from moekit.hf.native import is_native, read_native
 from moekit.model.config import ModelConfig
 from moekit.model.encoder_decoder import SwitchConfig
 
@@ -46,20 +45,23 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     total_bytes, and sample [(name, shape, dtype)] of the first tensors.
     """
     path = Path(path)
-    moekit_file = path / "moekit_config.json"
     summary: dict[str, Any] = {"path": str(path)}
-    if moekit_file.is_file():
-        meta = json.loads(moekit_file.read_text())
-        summary["format"], summary["model_type"] = "moekit", (meta.get("hf_config") or {}).get("model_type")
-        config: ModelConfig | SwitchConfig | str = moekit_config(meta)
+    config: ModelConfig | SwitchConfig | str
+    if is_native(path):
+        meta = read_native(path)
+        summary["format"], summary["model_type"] = "moekit", (meta.hf_config or {}).get("model_type")
+        config = meta.config
     else:
         hf = read_config(path)
-        summary["format"], summary["model_type"] = "huggingface", hf.get("model_type")
-        try:
-            config = TO_MOEKIT[hf["model_type"]](hf) if hf.get("model_type") in TO_MOEKIT else (
-                f"model_type={hf.get('model_type')!r} is not supported by moekit")
-        except (ValueError, KeyError, TypeError) as err:
-            config = f"config.json does not translate: {err}"
+        model_type = hf.get("model_type")
+        summary["format"], summary["model_type"] = "huggingface", model_type
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
+            config = f"model_type={model_type!r} is not supported by moekit"
+        else:
+            try:
+                config = FAMILIES[model_type].config_from_hf(hf, source=str(path / CONFIG_FILE))
+            except (ValueError, TypeError) as err:
+                config = f"config.json does not translate: {err}"
     summary["config"] = config if isinstance(config, str) else _config_summary(config)
     with CheckpointReader(path) as reader:
         keys = reader.keys()

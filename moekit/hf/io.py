@@ -1,13 +1,16 @@
 """Reading and writing Hugging Face safetensors checkpoints: one file or shards plus an index.
 
 Reading is lazy: `CheckpointReader` memory-maps each shard with `safetensors.safe_open` and reads a
-tensor only when asked, so a model can be filled tensor by tensor. Writing splits tensors into
-shards of at most `max_shard_size` bytes and writes `model.safetensors.index.json`. Never pickle.
+tensor only when asked, so a model can be filled tensor by tensor; an index may only name shards
+inside its folder. Writing splits tensors into shards of at most `max_shard_size` bytes and writes
+`model.safetensors.index.json`, with the user's umask; `prepare_destination` refuses a folder that
+holds files this call did not write. Never pickle.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -20,6 +23,11 @@ from safetensors.torch import save_file
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+NATIVE_FILE = "moekit_config.json"
+# What a checkpoint folder holds: weights, the index, either config. `overwrite` replaces these only.
+CHECKPOINT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+                              r"config\.json|moekit_config\.json")
+_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -44,6 +52,73 @@ def parse_size(size: int | str) -> int:
     return int(value)
 
 
+def _listing(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_not_a_file(path: str | Path, what: str = "destination") -> Path:
+    """`path` itself, or its nearest existing ancestor, must be a directory (not a file)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{what} {path}: {p} is an existing file, not a directory; choose a "
+                                 f"directory path")
+            break
+    return path
+
+
+def check_destination(path: str | Path, *, overwrite: bool = False, also: tuple[str, ...] = ()) -> list[str]:
+    """Refuse a destination that is a file, or a non-empty directory unless `overwrite`; change
+    nothing. Returns the files `prepare_destination` would remove (its checkpoint files)."""
+    path = check_not_a_file(path)
+    if not path.is_dir():
+        return []
+    entries = sorted(p.name for p in path.iterdir())
+    ours = [n for n in entries if (CHECKPOINT_FILES.fullmatch(n) or n in also) and (path / n).is_file()]
+    if entries and not overwrite:
+        raise ValueError(f"destination {path} is not empty: it holds {_listing(entries)}, which this "
+                         f"call did not write. Choose a new or empty directory, or pass --overwrite "
+                         f"(overwrite=True) to replace its checkpoint files ({_listing(ours) or 'none'}); "
+                         f"other files are never touched")
+    return ours
+
+
+def prepare_destination(path: str | Path, *, overwrite: bool = False, also: tuple[str, ...] = ()) -> Path:
+    """Make `path` ready to receive a checkpoint without losing anything this call did not write.
+
+    A missing or empty directory is fine. A non-empty one is refused, naming its files, unless
+    `overwrite`: then the checkpoint files in it (weights, index, config.json, moekit_config.json,
+    and the names in `also`) are removed, since the new checkpoint replaces them, and every other
+    file or folder is left untouched. Raises ValueError for a destination that is a file.
+    """
+    path = Path(path)
+    for name in check_destination(path, overwrite=overwrite, also=also):
+        (path / name).unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def user_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.save_file`, then the mode every other file gets (it writes through a 0600 temp file)."""
+    save_file(tensors, str(file), metadata=metadata)
+    os.chmod(file, 0o666 & ~user_umask())
+
+
 def read_config(path: str | Path) -> dict:
     """The `config.json` of a checkpoint directory, as a dict."""
     file = Path(path) / CONFIG_FILE
@@ -52,7 +127,7 @@ def read_config(path: str | Path) -> dict:
                                 f"{CONFIG_FILE} plus {SINGLE_FILE} or {INDEX_FILE} and its shards")
     try:
         config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from err
     if not isinstance(config, dict):
         raise ValueError(f"{file}: expected a JSON object")
@@ -91,6 +166,16 @@ class CheckpointReader:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map' "
                                  f"object of tensor name -> shard file): {err}") from err
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not an object "
+                                 f"of tensor name -> shard file")
+            for key, file in weight_map.items():
+                if not isinstance(file, str):
+                    raise ValueError(f"{index}: weight_map[{key!r}] = {file!r} is not a shard file name "
+                                     f"(a string)")
+                if file in ("", ".", "..") or Path(file).name != file or "\\" in file or Path(file).is_absolute():
+                    raise ValueError(f"{index}: weight_map[{key!r}] = {file!r} is not a plain file name "
+                                     f"inside {self.path}; shards must sit in the checkpoint folder itself")
             for key, file in weight_map.items():
                 if not (self.path / file).is_file():
                     raise FileNotFoundError(f"{self.path / file}: shard missing; {INDEX_FILE} "
@@ -218,22 +303,26 @@ def write_checkpoint(
         max_shard_size: bytes per shard (int) or a string like "5GB".
     Returns:
         The files written (shards, and the index when there is more than one shard).
+    Raises ValueError when `path` already holds weights or an index: `prepare_destination` decides
+    what may be replaced, this writer never deletes.
     """
     limit = parse_size(max_shard_size)
-    out = Path(path)
+    out = check_not_a_file(path)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
+    existing = sorted(p.name for p in out.iterdir() if _WEIGHT_FILES.fullmatch(p.name))
+    if existing:
+        raise ValueError(f"{out} already holds checkpoint weights ({_listing(existing)}); write into a new "
+                         f"directory, or pass --overwrite (overwrite=True) to replace them")
     names = list(tensors)
     shards = plan_shards([(n, tensor_bytes(tensors[n])) for n in names], limit)
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file(_contiguous(tensors, names), str(out / SINGLE_FILE), metadata=meta)
+        save_safetensors(_contiguous(tensors, names), out / SINGLE_FILE, meta)
         return [SINGLE_FILE]
     written, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(_contiguous(tensors, shard), str(out / file), metadata=meta)
+        save_safetensors(_contiguous(tensors, shard), out / file, meta)
         weight_map.update({name: file for name in shard})
         written.append(file)
     total = sum(tensor_bytes(t) for t in tensors.values())

@@ -124,25 +124,6 @@ class SwitchConfig:
 
         return count_params(meta_build(lambda: SwitchTransformer(self)))
 
-    @classmethod
-    def from_transformers(cls, hf: dict[str, Any]) -> SwitchConfig:
-        """From a transformers config.json dict (num_sparse_*_layers become sparse steps)."""
-        n_enc = hf.get("num_layers", 12)
-        n_dec = hf.get("num_decoder_layers") or n_enc
-
-        def step(n_layers: int, n_sparse: int) -> int:
-            return n_layers // n_sparse if n_sparse > 0 else 0
-
-        keys = {f.name for f in cls.__dataclass_fields__.values()} - {
-            "encoder_sparse_step", "decoder_sparse_step", "capacity_factor", "dense_act_fn"}
-        kwargs = {k: hf[k] for k in keys if k in hf and hf[k] is not None}
-        act = hf.get("dense_act_fn", "relu")
-        if act not in ("relu", "gelu", "silu"):
-            raise ValueError(f"dense_act_fn={act!r} is not supported; moekit's Switch has relu, gelu, silu")
-        return cls(**kwargs, dense_act_fn=act,
-                   encoder_sparse_step=step(n_enc, hf.get("num_sparse_encoder_layers", 3)),
-                   decoder_sparse_step=step(n_dec, hf.get("num_sparse_decoder_layers", 3)))
-
 
 def relative_position_bucket(rel_QK: Tensor, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Tensor:
@@ -487,39 +468,3 @@ class SwitchTransformer(nn.Module):
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"{name} must be an integer tensor of shape (B, S); got {ids.dtype} "
                             f"{tuple(ids.shape)}")
-
-
-def from_transformers_state_dict(hf_sd: dict[str, Tensor], config: SwitchConfig) -> dict[str, Tensor]:
-    """Rename a transformers SwitchTransformersForConditionalGeneration state dict to ours.
-
-    Routers: mlp.router.classifier -> mlp.router.gate. Experts: the E (F, D) `wi` and (D, F) `wo`
-    matrices stack into w_in_EDF / w_out_EFD. The tied copies (encoder/decoder.embed_tokens, and
-    lm_head when tied) are dropped. Encoder and decoder read one input embedding, `shared` (T5,
-    transformers 4); transformers 5 unties them when tie_word_embeddings=False, so differing
-    embed_tokens are refused rather than dropped.
-    """
-    out: dict[str, Tensor] = {}
-    experts: dict[str, dict[str, list[Tensor | None]]] = {}
-    E = config.num_experts
-    for key, value in hf_sd.items():
-        if key.endswith("embed_tokens.weight"):
-            if "shared.weight" in hf_sd and not torch.equal(value, hf_sd["shared.weight"]):
-                raise ValueError(f"{key} differs from shared.weight; moekit's Switch Transformer has "
-                                 "one input embedding for encoder and decoder")
-            continue
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if ".mlp.router.classifier." in key:
-            out[key.replace(".router.classifier.", ".router.gate.")] = value
-        elif ".mlp.experts.expert_" in key:
-            prefix, rest = key.split(".mlp.experts.expert_")
-            e, proj = int(rest.split(".")[0]), rest.split(".")[1]  # "wi" or "wo"
-            experts.setdefault(prefix, {"wi": [None] * E, "wo": [None] * E})[proj][e] = value
-        else:
-            out[key] = value
-    for prefix, mats in experts.items():
-        if any(t is None for t in mats["wi"] + mats["wo"]):
-            raise ValueError(f"{prefix}: the checkpoint lacks some of the {E} experts' wi/wo weights")
-        out[f"{prefix}.mlp.experts.w_in_EDF"] = torch.stack([t.t() for t in mats["wi"]])
-        out[f"{prefix}.mlp.experts.w_out_EFD"] = torch.stack([t.t() for t in mats["wo"]])
-    return out

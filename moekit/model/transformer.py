@@ -72,12 +72,13 @@ class MoETransformer(nn.Module):
         return KVCache.empty(self.config.n_layers)
 
     def save_pretrained(self, path: str, *, max_shard_size: int | str = "5GB", layout: str = "split",
-                        model_type: str | None = None) -> list[str]:
-        """Write a Hugging Face checkpoint directory; see `moekit.hf.checkpoint.save_pretrained`."""
-        from moekit.hf.checkpoint import save_pretrained  # local import: moekit.hf imports this module
+                        model_type: str | None = None, overwrite: bool = False) -> list[str]:
+        """Write a Hugging Face checkpoint directory; see `moekit.hf.save.save_pretrained`."""
+        # imported here: the checkpoint writer sits above the model (it never imports this module)
+        from moekit.hf.save import save_pretrained
 
         return save_pretrained(self, path, max_shard_size=max_shard_size, layout=layout,  # type: ignore[arg-type]
-                               model_type=model_type)
+                               model_type=model_type, overwrite=overwrite)
 
     def moe_layers(self) -> list[MoELayer]:
         """The feed-forward MoE layers in depth order (one per non-None entry of ModelOutput.routing)."""

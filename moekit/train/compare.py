@@ -8,7 +8,7 @@ of the dense MLP of width `active_d_ff` (and a shared expert takes its share of 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from moekit.config import MoEConfig, check
@@ -17,6 +17,15 @@ from moekit.train.metrics import read_metrics
 from moekit.train.run import build_model, config_json, prepare_data
 from moekit.train.tokenizer import save_tokenizer
 from moekit.train.trainer import TrainConfig, Trainer
+
+
+# The training budget of a comparison: every variant runs exactly this. Chosen so the default run
+# (3 variants) takes about 10 minutes on 2 CPU cores. No intermediate checkpoints (a finished
+# variant is resumed from its last one), one kept.
+DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
+                            eval_sequences=64, checkpoint_every=0, keep_last=1, seed=0)
+# TrainConfig fields `moekit compare` takes as flags (the rest keep DEFAULT_TRAIN's values)
+TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,10 +39,10 @@ class CompareConfig:
             (fine-grained experts when > 2, as in DeepSeekMoE).
         bias_update_rate: step of the aux-loss-free bias update (DeepSeek-V3's gamma).
         load_balance_coef: coefficient of the load-balancing loss where a variant uses it.
+        train: the training run every variant gets (steps, batch, sequence length, schedule, seed).
     """
 
-    # Defaults: chosen so the default run (3 variants) takes about 10 minutes on 2 CPU cores; a
-    # small d_model keeps the dense model capacity-bound within ~1M training tokens, where 16
+    # A small d_model keeps the dense model capacity-bound within ~1M training tokens, where 16
     # experts' extra parameters can show (d_model 128 with 600 steps barely separated the curves).
     vocab_size: int = 2048
     d_model: int = 64
@@ -42,31 +51,24 @@ class CompareConfig:
     active_d_ff: int = 256
     num_experts: int = 32
     top_k: int = 4
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    eval_every: int = 50
-    eval_sequences: int = 64
-    seed: int = 0
     bias_update_rate: float = 3e-3
     load_balance_coef: float = 1e-2
+    train: TrainConfig = DEFAULT_TRAIN
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "active_d_ff", "num_experts", "steps"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "active_d_ff", "num_experts"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+        check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")
         check(2 <= self.top_k <= self.num_experts, "top_k", self.top_k,
               f"must be in [2, num_experts={self.num_experts}]")
         check(self.active_d_ff % self.top_k == 0, "active_d_ff", self.active_d_ff,
               f"must be divisible by top_k={self.top_k} (the experts share it)")
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
-                           warmup_steps=self.warmup_steps, eval_every=self.eval_every,
-                           eval_sequences=self.eval_sequences, checkpoint_every=0, keep_last=1,
-                           seed=self.seed)
+    def settings(self) -> dict:
+        """Every setting as one flat dict (the shape, then the training run), for the report."""
+        shape = {k: v for k, v in asdict(self).items() if k != "train"}
+        return {**shape, **asdict(self.train)}
 
 
 def _topk(c: CompareConfig, width_k: int, **changes) -> MoEConfig:
@@ -123,7 +125,7 @@ def check_variants(names: list[str]) -> list[str]:
 def model_config(name: str, c: CompareConfig) -> ModelConfig:
     moe = VARIANTS[name].moe(c)
     return ModelConfig(vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads,
-                       max_seq_len=c.seq_len, d_ff=c.active_d_ff, moe=moe,
+                       max_seq_len=c.train.seq_len, d_ff=c.active_d_ff, moe=moe,
                        moe_layers="all" if moe is not None else "none", tie_embeddings=True)
 
 
@@ -146,19 +148,19 @@ def run_compare(
 
     check_variants(variants)
     out_dir = Path(out_dir)
-    data = prepare_data(corpus, seq_len=config.seq_len, vocab_size=config.vocab_size, out_dir=out_dir)
+    data = prepare_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size, out_dir=out_dir)
     save_tokenizer(data.tokenizer, out_dir)
     vocab = data.tokenizer.get_vocab_size()
     if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
-        config = CompareConfig(**{**asdict(config), "vocab_size": vocab})
+        config = replace(config, vocab_size=vocab)
     if progress:
         print(data.corpus.describe())
     runs = {}
     for name in variants:
         mc = model_config(name, config)
         run_dir = out_dir / "runs" / name
-        model = build_model(mc, seed=config.seed)
-        trainer = Trainer(model, config=config.train_config(), train=data.train, val=data.val, out_dir=run_dir,
+        model = build_model(mc, seed=config.train.seed)
+        trainer = Trainer(model, config=config.train, train=data.train, val=data.val, out_dir=run_dir,
                           run_info={"variant": name, "model": config_json(mc)}, progress=progress,
                           label=f"{name:>16}")
         if progress:
@@ -171,8 +173,8 @@ def run_compare(
             "metrics": read_metrics(run_dir / "metrics.jsonl"),
             "total_params": mc.num_params(),
             "active_params": mc.active_params(),
-            "flops_per_token": flops_per_token(mc, config.seq_len),
+            "flops_per_token": flops_per_token(mc, config.train.seq_len),
             "description": VARIANTS[name].description,
             "balanced": VARIANTS[name].balanced,
         }
-    return write_report(out_dir / "report", runs, config=asdict(config), corpus=data.corpus.describe())
+    return write_report(out_dir / "report", runs, config=config.settings(), corpus=data.corpus.describe())

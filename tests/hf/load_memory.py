@@ -28,7 +28,7 @@ def make_checkpoint(path: Path, mb: float, *, d_model: int = 512) -> int:
     """A Mixtral-layout checkpoint of about `mb` megabytes (fp32); returns its size in bytes."""
     import torch
 
-    from moekit.hf.configs import mixtral_to_moekit
+    from moekit.hf.families import mixtral
     from moekit.model.transformer import MoETransformer
 
     experts, vocab = 8, 4 * d_model
@@ -38,7 +38,7 @@ def make_checkpoint(path: Path, mb: float, *, d_model: int = 512) -> int:
               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
               num_local_experts=experts, num_experts_per_tok=2)
     with torch.no_grad():
-        MoETransformer(mixtral_to_moekit(hf)).save_pretrained(str(path), model_type="mixtral")
+        MoETransformer(mixtral.to_moekit(hf)).save_pretrained(str(path), model_type="mixtral")
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
@@ -48,10 +48,10 @@ def measure(path: Path, mode: str) -> dict:
     from safetensors.torch import load_file
 
     import moekit
-    from moekit.hf.configs import TO_MOEKIT
+    from moekit.hf.families import mixtral
     from moekit.hf.io import read_config
 
-    config = TO_MOEKIT["mixtral"](read_config(path))
+    config = mixtral.to_moekit(read_config(path))
     with torch.device("meta"):
         moekit.MoETransformer(config)  # warm-up: one-off lazy initialisation inside torch
     base = _rss()

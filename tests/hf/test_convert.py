@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 
 import moekit
 from moekit.cli import main
-from moekit.hf.checkpoint import load_moekit
 from tests.hf.tiny import save_tiny, tiny_hf_model
 
 
@@ -25,7 +24,7 @@ def test_hf_moekit_hf_bit_exact(tmp_path, model_type, capsys):
         assert torch.equal(again[key], tensor), key
     # the moekit layout holds moekit's names: 3-D expert weights
     assert any(k.endswith("experts.w_gate_EDF") for k in load_file(mk / "model.safetensors"))
-    a, b = moekit.from_pretrained(src), load_moekit(mk)
+    a, b = moekit.from_pretrained(src), moekit.from_pretrained(mk)
     tokens = torch.randint(0, 64, (1, 5))
     with torch.no_grad():
         assert torch.equal(a(tokens).logits, b(tokens).logits)

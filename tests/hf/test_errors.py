@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moekit
-from moekit.hf.checkpoint import save_pretrained
+from moekit.hf.save import save_pretrained
 from tests.hf.tiny import save_tiny
 
 

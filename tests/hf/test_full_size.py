@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-from moekit.hf.checkpoint import build, tied_copies
-from moekit.hf.configs import TO_MOEKIT
+from moekit.hf.checkpoint import build
 from moekit.hf.convert import model_to_checkpoint
 from moekit.hf.families import family
+from moekit.hf.save import tied_copies
 from tests.hf.tiny import MODEL_TYPES
 
 TYPES = [*MODEL_TYPES, "switch_transformers"]
@@ -36,7 +36,7 @@ def test_meta_shapes_match_transformers(model_type):
             hf_model = transformers.SwitchTransformersForConditionalGeneration(hf_config)
         else:
             hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        config = TO_MOEKIT[model_type](hf_config.to_dict())
+        config = family(model_type).to_moekit(hf_config.to_dict())
         model = build(config)
     copies = tied_copies(config)
     state = {k: v for k, v in model.state_dict().items() if k not in copies}

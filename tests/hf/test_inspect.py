@@ -7,7 +7,8 @@ import json
 import pytest
 
 from moekit.cli import main
-from moekit.hf.checkpoint import from_pretrained, save_moekit
+from moekit.hf.checkpoint import from_pretrained
+from moekit.hf.native import save_native
 from moekit.hf.inspect import checkpoint_summary
 from tests.hf.tiny import save_tiny
 
@@ -35,7 +36,7 @@ def test_cli_inspect_directory(tmp_path, capsys):
     assert main(["inspect", str(hf_dir)]) == 0
     out = capsys.readouterr().out
     assert "model_type=mixtral" in out and "model.safetensors" in out and "experts=4" in out
-    save_moekit(from_pretrained(hf_dir), mk_dir)
+    save_native(from_pretrained(hf_dir), mk_dir)
     assert main(["inspect", str(mk_dir)]) == 0
     out = capsys.readouterr().out
     assert "moekit checkpoint" in out and "moekit (3-D experts)" in out

@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from moekit.hf.io import INDEX_FILE, SINGLE_FILE, CheckpointReader, parse_size, plan_shards, write_checkpoint
+from moekit.hf.io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointReader,
+    parse_size,
+    plan_shards,
+    prepare_destination,
+    write_checkpoint,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -69,10 +77,16 @@ def test_round_trip_bit_exact(tmp_path, max_size, n_files):
             assert (tmp_path / shard).stat().st_size < 600 + 1024  # data + a small header
 
 
-def test_rewrite_removes_stale_shards(tmp_path):
+def test_rewrite_refuses_existing_weights_and_overwrite_removes_stale_shards(tmp_path):
     write_checkpoint(tmp_path, _tensors(), max_shard_size=600)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="already holds checkpoint weights"):
+        write_checkpoint(tmp_path, _tensors(), max_shard_size="1GB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / "notes.txt").write_text("kept")
+    prepare_destination(tmp_path, overwrite=True)  # the stale shards and index go, the notes stay
     write_checkpoint(tmp_path, _tensors(), max_shard_size="1GB")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [SINGLE_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SINGLE_FILE, "notes.txt"]
 
 
 def test_missing_shard_names_file_and_key(tmp_path):

@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 
 import moekit
-from moekit.hf.checkpoint import save_pretrained
+from moekit.hf.save import save_pretrained
 from moekit.hf.io import CheckpointReader
 from tests.hf.tiny import CASES, MODEL_TYPES, VOCAB, hf_router_ids, save_tiny
 

@@ -9,7 +9,8 @@ import transformers
 from safetensors.torch import load_file
 
 import moekit
-from moekit.hf.checkpoint import load_moekit, save_moekit, save_pretrained
+from moekit.hf.native import save_native
+from moekit.hf.save import save_pretrained
 from moekit.hf.inspect import checkpoint_summary
 from moekit.model.encoder_decoder import SwitchTransformer
 
@@ -116,8 +117,8 @@ def test_inspect_and_convert(pair, tmp_path):
     assert summary["model_type"] == "switch_transformers"
     assert summary["expert_layout"] == "split (per-expert 2-D)"
     assert summary["config"]["params"] == hf_model.num_parameters()
-    save_moekit(model, tmp_path / "mk")
-    again = load_moekit(tmp_path / "mk")
+    save_native(model, tmp_path / "mk")
+    again = moekit.from_pretrained(tmp_path / "mk")
     assert isinstance(again, SwitchTransformer)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name

@@ -3,15 +3,17 @@ dropping included), decoder KV cache equals the full forward, parameter counts, 
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 
+import moekit
 from moekit.dispatch.capacity import apply_capacity
 from moekit.model.encoder_decoder import (
     FeedForwardLayer,
     SwitchConfig,
     SwitchTransformer,
-    from_transformers_state_dict,
     relative_position_bucket,
 )
 from moekit.routing.base import counts_from_ids
@@ -23,7 +25,7 @@ TINY = dict(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=4, num_decode
 
 
 def hf_pair(seed: int = 0, **overrides):
-    """A random transformers Switch model and ours with its weights."""
+    """A random transformers Switch model and ours, loaded from its saved checkpoint."""
     from transformers import SwitchTransformersConfig
     from transformers.models.switch_transformers.modeling_switch_transformers import (
         SwitchTransformersForConditionalGeneration,
@@ -35,9 +37,10 @@ def hf_pair(seed: int = 0, **overrides):
     with torch.no_grad():  # transformers 5 unties these too when tie_word_embeddings=False
         hf.encoder.embed_tokens.weight.copy_(hf.shared.weight)
         hf.decoder.embed_tokens.weight.copy_(hf.shared.weight)
-    config = SwitchConfig.from_transformers(hf_config.to_dict())
-    ours = SwitchTransformer(config).eval()
-    ours.load_state_dict(from_transformers_state_dict(hf.state_dict(), config), strict=True)
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(path)
+        ours = moekit.from_pretrained(path)
+    assert isinstance(ours, SwitchTransformer)
     return hf, ours
 
 
@@ -209,12 +212,13 @@ def test_bad_config_raises_naming_the_field(overrides, field):
         SwitchConfig(**{**TINY, **overrides})
 
 
-def test_conversion_refuses_untied_input_embeddings():
-    hf, ours = hf_pair(tie_word_embeddings=False)
+def test_loading_refuses_untied_input_embeddings(tmp_path):
+    hf, _ = hf_pair(tie_word_embeddings=False)
     with torch.no_grad():
         hf.decoder.embed_tokens.weight.add_(1.0)
-    with pytest.raises(ValueError, match="decoder.embed_tokens.weight differs"):
-        from_transformers_state_dict(hf.state_dict(), ours.config)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="decoder.embed_tokens.weight in .* differs from shared.weight"):
+        moekit.from_pretrained(tmp_path)
 
 
 def test_bad_inputs_raise():

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from moekit.cli import main
 from moekit.model import MoETransformer
-from moekit.train.compare import VARIANTS, CompareConfig, check_variants, flops_per_token, model_config, run_compare
+from moekit.train.compare import (
+    DEFAULT_TRAIN,
+    VARIANTS,
+    CompareConfig,
+    check_variants,
+    flops_per_token,
+    model_config,
+    run_compare,
+)
 from moekit.train.report import markdown, steps_to_reach, summarize
 
 from .helpers import FIXTURE
 
 SMALL = CompareConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, active_d_ff=64, num_experts=4,
-                      steps=6, batch_size=4, seq_len=16, warmup_steps=2, eval_every=3, eval_sequences=8)
+                      train=replace(DEFAULT_TRAIN, steps=6, batch_size=4, seq_len=16, warmup_steps=2, eval_every=3,
+                                    eval_sequences=8))
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in VARIANTS])
@@ -24,9 +35,9 @@ def test_every_variant_uses_the_dense_ffn_width_per_token(name):
         return
     assert moe.top_k * moe.d_ff + moe.shared_width == SMALL.active_d_ff
     # Same FLOPs per token up to the router (D x E per layer, x2 with a noise gate).
-    dense = flops_per_token(model_config("dense", SMALL), SMALL.seq_len)
+    dense = flops_per_token(model_config("dense", SMALL), SMALL.train.seq_len)
     router = 6 * SMALL.n_layers * SMALL.d_model * SMALL.num_experts * 2
-    assert abs(flops_per_token(cfg, SMALL.seq_len) - dense) <= router
+    assert abs(flops_per_token(cfg, SMALL.train.seq_len) - dense) <= router
 
 
 def test_config_param_counts_match_built_models():
@@ -85,3 +96,14 @@ def test_tiny_compare_end_to_end_writes_the_report(tmp_path):
     before = (tmp_path / "runs" / "dense" / "metrics.jsonl").read_text()
     run_compare(SMALL, variants=["dense"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
     assert (tmp_path / "runs" / "dense" / "metrics.jsonl").read_text() == before
+
+
+def test_flags_set_the_shape_and_the_training_run():
+    from moekit.cli import build_parser
+    from moekit.commands.compare import compare_config
+
+    args = build_parser(only="compare").parse_args(["compare", "--steps", "7", "--seq-len", "32", "--top-k", "2",
+                                                    "--lr", "0.01"])
+    config = compare_config(args)
+    assert config == CompareConfig(top_k=2, train=replace(DEFAULT_TRAIN, steps=7, seq_len=32, lr=0.01))
+    assert model_config("dense", config).max_seq_len == 32
