@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from moekit.files import chmod_like_open
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -229,11 +231,13 @@ def write_checkpoint(
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
         save_file(_contiguous(tensors, names), str(out / SINGLE_FILE), metadata=meta)
+        chmod_like_open(out / SINGLE_FILE)  # save_file makes it 0600; follow the umask
         return [SINGLE_FILE]
     written, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(_contiguous(tensors, shard), str(out / file), metadata=meta)
+        chmod_like_open(out / file)
         weight_map.update({name: file for name in shard})
         written.append(file)
     total = sum(tensor_bytes(t) for t in tensors.values())

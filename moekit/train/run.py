@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from moekit.files import chmod_like_open
 from moekit.model.config import ModelConfig
 from moekit.train.batches import PackedSequences, encode_documents
 from moekit.train.data import Corpus, load_corpus
@@ -99,6 +100,7 @@ def save_final(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, fold
         return folder
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
+    chmod_like_open(folder / "model.safetensors")  # save_file makes it 0600; follow the umask
     config.save(folder / NATIVE_CONFIG)
     save_tokenizer(tokenizer, folder)
     return folder

@@ -42,7 +42,7 @@ def eos_id(tokenizer: Tokenizer) -> int:
 
 def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> Path:
     """Write `folder/tokenizer.json` atomically (whole or not at all); an identical file is left as is."""
-    from moekit.train.runfolder import atomic_write
+    from moekit.files import atomic_write
 
     path = Path(folder) / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import pytest
 from moekit import fetch
 from moekit.cli import main
 from moekit.train import data
-from moekit.train.runfolder import dir_mode, file_mode
+from moekit.files import dir_mode, file_mode
 
 WORKS = {"hamlet": "To be, or not to be\n", "macbeth": "Out, damned spot\n", "tempest": "Full fathom five\n"}
 
