@@ -73,7 +73,11 @@ class RunLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
-            raise storage_error(err, doing="create the run folder's lock file", path=self.path) from err
+            why = WRITE_ERRNOS.get(err.errno or -1, err.strerror or str(err))
+            raise StorageError(f"could not create the run folder's lock file {self.path}: {why} "
+                               f"[{errno.errorcode.get(err.errno or -1, 'OSError')}]; nothing in "
+                               f"{self.folder} was changed. Make the folder writable or choose another "
+                               f"--out") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -5,6 +5,7 @@ The test with two real `moekit train` processes is in test_kills.py (it shares t
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -69,3 +70,24 @@ def test_lock_on_a_new_folder_that_fails_leaves_no_folder(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         (tmp_path / "f").write_text("x")
         RunLock(tmp_path / "f").acquire()
+
+
+def test_a_read_only_run_folder_is_said_plainly(tmp_path, monkeypatch, capsys):
+    from moekit.cli import main
+
+    from ..train.helpers import FIXTURE
+
+    (tmp_path / "run").mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(LOCK_FILE):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert main(["train", "--out", str(tmp_path / "run"), "--corpus", str(FIXTURE), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"could not create the run folder's lock file {tmp_path / 'run' / LOCK_FILE}" in err
+    assert "the file system is read-only [EROFS]" in err and "nothing in" in err
+    assert "Traceback" not in err
