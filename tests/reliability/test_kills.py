@@ -145,27 +145,43 @@ def test_concurrent_train_is_refused_and_a_killed_holder_does_not_block(tmp_path
 
 @pytest.mark.skipif(CAMPAIGN == 0, reason="set MOEKIT_KILL_CAMPAIGN=N for a campaign of N random kills")
 def test_random_kill_campaign(tmp_path, reference):
-    """N kills, each at a random wrapper point or after a random time (uniform over one whole run)."""
+    """N kills, each at a random wrapper point or after a random time (uniform over one whole run).
+
+    The kills come in chains on one run folder: a chain ends (resumed to the end and compared with
+    the reference) once its run was killed after resuming from the last checkpoint before the end,
+    and the next chain starts in a new folder, so the kills spread over the whole run.
+    """
     rng = random.Random(SEED)
     duration = float((reference.parent / "seconds").read_text())
-    out, log = tmp_path / "run", []
+    log: list[str] = []
+    chain = 0
+    out = tmp_path / f"chain{chain}"
     for _ in range(CAMPAIGN):
-        kind = rng.choice(["metrics", "ckpt", "step", "time"])
         fresh = not (out / "tokenizer.json").exists()
+        resume_from = last_good_step(out) if out.exists() else 0
+        kind = rng.choice(["metrics", "ckpt", "step", "time"])
         if kind == "time":
-            log.append(timed_kill(out, rng.uniform(0.0, duration), fresh=fresh))
+            log.append(f"chain {chain}: " + timed_kill(out, rng.uniform(0.0, duration), fresh=fresh))
         else:
-            point = kill_point(rng, last_good_step(out) if out.exists() else 0, kind)
+            point = kill_point(rng, resume_from, kind)
             result = train(out, kill=point, resume=not fresh)
             assert result.returncode == -signal.SIGKILL, f"{point}: exit {result.returncode}: {result.stderr}"
-            log.append(f"{point}: killed, resumes from step {last_good_step(out)}")
-        if log[-1].endswith("finished"):
-            break
+            log.append(f"chain {chain}: {point}: killed, resumes from step {last_good_step(out)}")
+        if log[-1].endswith("finished") or resume_from == STEPS - EVERY:
+            finish_and_compare(out, reference, log)
+            chain += 1
+            out = tmp_path / f"chain{chain}"
+    if out.exists():
+        finish_and_compare(out, reference, log)
+    print("\n" + "\n".join(log))
+
+
+def finish_and_compare(out: Path, reference: Path, log: list[str]) -> None:
     if not log[-1].endswith("finished"):
         final = train(out, resume=(out / "tokenizer.json").exists())
         assert final.returncode == 0, f"the resume after {log} failed: {final.stderr}"
-    print("\n".join(log))
     assert_same_run(out, reference)
+    log.append("  -> resumed to the end: metrics, final weights and last checkpoint equal the reference")
 
 
 def timed_kill(out: Path, seconds: float, *, fresh: bool) -> str:
