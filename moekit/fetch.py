@@ -98,12 +98,18 @@ def fetch_pypi_file(project: str, filename: str, sha256: str, dest_dir: str | Pa
     target = dest_dir / filename
     if target.is_file() and sha256_file(target) == sha256:
         return target
+    created = not dest_dir.exists()
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
-        part = Path(tmp) / filename
-        _download(pypi_file_url(project, filename), part)
-        verify_sha256(part, sha256, what=f"{project}: {filename}")
-        part.replace(target)
+    try:
+        with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
+            part = Path(tmp) / filename
+            _download(pypi_file_url(project, filename), part)
+            verify_sha256(part, sha256, what=f"{project}: {filename}")
+            part.replace(target)
+    except BaseException:
+        if created and not any(dest_dir.iterdir()):
+            dest_dir.rmdir()  # a failed fetch leaves nothing behind, not even the folder it made
+        raise
     return target
 
 

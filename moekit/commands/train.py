@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,24 +35,92 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def check_device(name: str) -> None:
+    """Refuse a device string torch does not know, or a device this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a torch device ({err}); use cpu, cuda, cuda:N or "
+                         f"mps") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA device (or this torch build has "
+                             f"no CUDA support); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: there are only {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+        return
+    try:
+        torch.empty(0, device=device)
+    except Exception as err:  # torch raises RuntimeError or AssertionError for an absent backend
+        raise ValueError(f"--device {name} is not available here ({err}); use --device cpu") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags before anything is read or written (preparing the corpus takes a while)."""
+    from moekit.train.tokenizer import MIN_VOCAB_SIZE
+
+    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"--vocab-size {args.vocab_size} is invalid: must be an integer >= {MIN_VOCAB_SIZE} "
+                         f"(256 bytes + the end-of-text token)")
+    noise = args.upcycle_noise
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"--upcycle-noise {noise} is invalid: must be a finite number >= 0 (the noise std "
+                         f"relative to each weight's std; 0 gives exact copies)")
+    if noise and args.init_from is None:
+        raise ValueError("--upcycle-noise only applies with --init-from DIR (sparse upcycling); pass both "
+                         "or neither")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; pass a folder (new or a run folder)")
+    if args.init_from is not None and not args.init_from.exists():
+        raise FileNotFoundError(f"--init-from {args.init_from} does not exist; pass a dense run folder, "
+                                f"checkpoint folder or final-model folder")
+    check_device(args.device)
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.train.presets import get_preset
-    from moekit.train.run import build_model, check_final, config_json, prepare_data, save_final
+    from moekit.train.run import check_final
+    from moekit.train.runfolder import WRITE_ERRNOS, RunLock, StorageError, storage_error
+
+    preset = get_preset(args.preset)
+    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    config = replace(preset.train, **overrides, bf16=args.bf16 or preset.train.bf16)
+    check_args(args)
+    check_final(args.out / "final", overwrite=args.resume)  # before training, not after it
+    try:
+        with RunLock(args.out):
+            return _train(args, preset, config)
+    except StorageError as err:
+        raise ValueError(str(err)) from err
+    except OSError as err:  # a write outside the trainer (tokenizer, final weights)
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        from moekit.train import checkpoint as ckpt
+
+        good = ckpt.latest_checkpoint(args.out / "checkpoints")[0]
+        raise ValueError(str(storage_error(err, doing=f"write into {args.out}", checkpoint=good))) from err
+
+
+def _train(args: argparse.Namespace, preset, config) -> int:
+    from moekit.train.run import build_model, config_json, prepare_data, save_final
     from moekit.train.tokenizer import save_tokenizer
     from moekit.train.trainer import NonFiniteLossError, Trainer
 
-    preset = get_preset(args.preset)
-    check_final(args.out / "final", overwrite=args.resume)  # before training, not after it
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    config = replace(preset.train, **overrides, bf16=args.bf16 or preset.train.bf16)
-    vocab_size = args.vocab_size or preset.vocab_size
+    vocab_size = args.vocab_size if args.vocab_size is not None else preset.vocab_size
     data = prepare_data(args.corpus, seq_len=config.seq_len, vocab_size=vocab_size,
                         out_dir=args.out if args.resume else None, cache_dir=args.cache_dir)
     model_config = preset.model(vocab_size).replace(max_seq_len=config.seq_len)
     model = build_model(model_config, seed=config.seed, device=args.device)
     if args.init_from is not None:
-        from moekit.train.upcycle import upcycle_from
+        from moekit.train.upcycle import check_parent_tokenizer, upcycle_from
 
+        check_parent_tokenizer(args.init_from, data.tokenizer)
         upcycle_from(model, args.init_from, noise=args.upcycle_noise, seed=config.seed)
     trainer = Trainer(model, config=config, train=data.train, val=data.val, out_dir=args.out,
                       run_info={"preset": preset.name, "model": config_json(model_config)},
@@ -62,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
               f"{data.train.num_sequences:,} training sequences of {config.seq_len} tokens")
     if not args.resume:
         trainer.ensure_fresh()
-    save_tokenizer(data.tokenizer, args.out)  # before training: a resumed run must tokenize alike
+    # Before training, once (an identical file is left alone): a resumed run must tokenize alike.
+    save_tokenizer(data.tokenizer, args.out)
     try:
         result = trainer.fit(resume=args.resume)
     except NonFiniteLossError as err:

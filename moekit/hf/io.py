@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from moekit.files import chmod_like_open
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -100,23 +102,10 @@ def prepare_destination(path: str | Path, *, overwrite: bool = False, also: tupl
     return path
 
 
-def user_umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # elsewhere: the only portable way is to set it and put it back
-    os.umask(mask)
-    return mask
-
-
 def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
     """`safetensors.save_file`, then the mode every other file gets (it writes through a 0600 temp file)."""
     save_file(tensors, str(file), metadata=metadata)
-    os.chmod(file, 0o666 & ~user_umask())
+    chmod_like_open(file)
 
 
 def read_config(path: str | Path) -> dict:

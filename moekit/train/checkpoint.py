@@ -71,25 +71,57 @@ def save_checkpoint(
     tmp = root / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     files: dict[str, bytes] = {
         f"{stem}.safetensors": save_safetensors(
             {k: v.detach().to("cpu").contiguous().clone() for k, v in named.items()})
         for stem, named in tensors.items()
     }
     files[STATE] = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
-    for name, data in files.items():
-        _write_file(tmp / name, data)
-    manifest = {"step": step, "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
-    _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-    _fsync_dir(tmp)
-    if final.exists():  # a torn folder of the same step: replace it
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        manifest = {"step": step, "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
+        _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        _fsync_dir(tmp)
+        if final.exists():  # a torn folder of the same step: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder must not outlive a failed write
+        raise
     _fsync_dir(root)
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final
+
+
+def remove_stale_tmp(root: str | Path) -> list[Path]:
+    """Delete `.tmp-step_*` folders of processes that died mid-write; returns what was removed.
+
+    A folder's name ends in the writer's PID; one of a live process other than this one is kept.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.glob(f"{_TMP_PREFIX}{_PREFIX}*")):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -15,6 +15,7 @@ from moekit.config import MoEConfig, check
 from moekit.model.config import ModelConfig
 from moekit.train.metrics import read_metrics
 from moekit.train.run import build_model, config_json, prepare_data
+from moekit.train.runfolder import RunLock
 from moekit.train.tokenizer import save_tokenizer
 from moekit.train.trainer import TrainConfig, Trainer
 
@@ -142,12 +143,19 @@ def run_compare(
 ) -> Path:
     """Train each variant into `out_dir/runs/<name>` (resuming any it finds) and write the report.
 
-    Returns the report folder.
+    Returns the report folder. Holds a RunLock on `out_dir` (RunFolderBusy if another process has it).
     """
-    from moekit.train.report import write_report
-
     check_variants(variants)
     out_dir = Path(out_dir)
+    with RunLock(out_dir):  # one comparison per folder at a time; each variant's run folder too
+        return _run_compare(config, variants=variants, out_dir=out_dir, corpus=corpus,
+                            cache_dir=cache_dir, progress=progress)
+
+
+def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, corpus: str | Path | None,
+                 cache_dir: Path | None, progress: bool) -> Path:
+    from moekit.train.report import write_report
+
     data = prepare_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size, out_dir=out_dir)
     save_tokenizer(data.tokenizer, out_dir)
     vocab = data.tokenizer.get_vocab_size()
@@ -166,7 +174,8 @@ def run_compare(
         if progress:
             print(f"{name}: {VARIANTS[name].description}; {mc.num_params():,} parameters, "
                   f"{mc.active_params():,} active")
-        result = trainer.fit(resume=(run_dir / "checkpoints").is_dir())
+        with RunLock(run_dir):
+            result = trainer.fit(resume=(run_dir / "checkpoints").is_dir())
         if result.interrupted:
             raise KeyboardInterrupt(f"compare interrupted during {name}; rerun the same command to resume")
         runs[name] = {

