@@ -10,7 +10,6 @@ holds files this call did not write. Never pickle.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from contextlib import ExitStack
