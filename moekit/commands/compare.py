@@ -48,18 +48,17 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.hf.io import check_not_a_file
     from moekit.train.compare import check_variants, run_compare
     from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
     from moekit.train.runfolder import StorageError
-    from moekit.train.tokenizer import MIN_VOCAB_SIZE
+    from moekit.train.tokenizer import check_vocab_size
     from moekit.train.trainer import NonFiniteLossError
 
     check_variants(args.variants)
-    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"--vocab-size {args.vocab_size} is invalid: must be an integer >= {MIN_VOCAB_SIZE} "
-                         f"(256 bytes + the end-of-text token)")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; pass a folder (new or an earlier comparison's)")
+    if args.vocab_size is not None:
+        check_vocab_size(args.vocab_size, "--vocab-size")
+    check_not_a_file(args.out, "--out")
     config = compare_config(args)
     if args.corpus is None:
         cache = args.cache_dir or default_cache_dir()

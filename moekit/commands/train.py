@@ -63,11 +63,11 @@ def check_device(name: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad flags before anything is read or written (preparing the corpus takes a while)."""
-    from moekit.train.tokenizer import MIN_VOCAB_SIZE
+    from moekit.hf.io import check_not_a_file
+    from moekit.train.tokenizer import check_vocab_size
 
-    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"--vocab-size {args.vocab_size} is invalid: must be an integer >= {MIN_VOCAB_SIZE} "
-                         f"(256 bytes + the end-of-text token)")
+    if args.vocab_size is not None:
+        check_vocab_size(args.vocab_size, "--vocab-size")
     noise = args.upcycle_noise
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"--upcycle-noise {noise} is invalid: must be a finite number >= 0 (the noise std "
@@ -75,8 +75,7 @@ def check_args(args: argparse.Namespace) -> None:
     if noise and args.init_from is None:
         raise ValueError("--upcycle-noise only applies with --init-from DIR (sparse upcycling); pass both "
                          "or neither")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; pass a folder (new or a run folder)")
+    check_not_a_file(args.out, "--out")
     if args.init_from is not None and not args.init_from.exists():
         raise FileNotFoundError(f"--init-from {args.init_from} does not exist; pass a dense run folder, "
                                 f"checkpoint folder or final-model folder")

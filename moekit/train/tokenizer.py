@@ -15,11 +15,16 @@ EOS_TOKEN = "<|endoftext|>"
 MIN_VOCAB_SIZE = 257  # the 256 byte symbols + the end-of-text token
 
 
+def check_vocab_size(vocab_size: object, what: str = "vocab_size") -> None:
+    """Refuse a BPE vocabulary smaller than the byte alphabet plus the end-of-text token."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"{what} {vocab_size!r} is invalid: must be an integer >= {MIN_VOCAB_SIZE} "
+                         f"(256 bytes + the end-of-text token)")
+
+
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE with `vocab_size` tokens (including `<|endoftext|>`, id 0)."""
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an integer >= {MIN_VOCAB_SIZE} "
-                         f"(256 bytes + the end-of-text token)")
+    check_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

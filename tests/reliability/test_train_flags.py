@@ -47,9 +47,9 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys, no_data_preparation):
     out = tmp_path / "notes.txt"
     out.write_text("mine")
     assert main(["train", "--out", str(out), "--steps", "1", *FAST]) == 2
-    assert f"--out {out} is a file" in capsys.readouterr().err
+    assert f"--out {out}: {out} is an existing file, not a directory" in capsys.readouterr().err
     assert main(["compare", "--out", str(out), "--steps", "1", "--corpus", str(FIXTURE), "--quiet"]) == 2
-    assert f"--out {out} is a file" in capsys.readouterr().err
+    assert f"--out {out}: {out} is an existing file, not a directory" in capsys.readouterr().err
     assert out.read_text() == "mine"
 
 
