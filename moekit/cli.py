@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("moekit.commands.convert", "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
     "catalog": ("moekit.commands.catalog", "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
     "inspect": ("moekit.commands.inspect", "show one catalog architecture layer by layer with parameter counts"),
+    "generate": ("moekit.commands.generate", "generate text from a model directory, streamed, with tokens/s"),
+    "serve": ("moekit.commands.serve", "serve a model over an OpenAI-compatible HTTP API (continuous batching)"),
 }
 
 
