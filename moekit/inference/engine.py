@@ -56,7 +56,8 @@ class Request:
     prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # with finish_reason "error": what went wrong
     cancelled: bool = False
     routing_counts: dict[int, torch.Tensor] = field(default_factory=dict)
     t_submit: float = 0.0
@@ -135,13 +136,25 @@ class Engine:
             return bool(self.waiting or self.running)
 
     def run(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
-        """Step until `stop` is set, sleeping while there is nothing to do."""
+        """Step until `stop` is set, sleeping while there is nothing to do. A step that raises ends
+        the requests it was running with finish_reason "error"; the loop goes on serving."""
         while not stop.is_set():
             if not self.has_work():
                 self.wakeup.wait(idle_wait)
                 self.wakeup.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
+                self.fail_running(f"{type(err).__name__}: {err}")
+
+    def fail_running(self, message: str) -> None:
+        """End every running request with finish_reason "error" and free the slots."""
+        for request in list(self.running):
+            if not request.done:
+                request.error = message
+                self._finish(request, "error")
+        self._retire()
 
     # ---- the engine's own thread ----
     @torch.inference_mode()
@@ -238,7 +251,7 @@ class Engine:
             request.on_event(request, delta)
 
     def _finish(self, request: Request, reason: str, delta: str = "") -> None:
-        if request._stream is not None and reason != "cancelled":
+        if request._stream is not None and reason not in ("cancelled", "error"):
             delta += request._stream.flush()
             request.text = request._stream.text
         request.finish_reason = reason

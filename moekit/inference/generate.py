@@ -44,6 +44,8 @@ def prompt_ids(loaded: LoadedModel, prompt: str | list[int] | list[dict], *, cha
     """Token ids of a prompt: text (through the chat template with `chat`), a list of messages (chat),
     or ids as they are."""
     tok = loaded.tokenizer
+    if isinstance(prompt, list) and not prompt:
+        return []  # the engine refuses it with a clear error
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt) and prompt:
         return list(prompt)
     if chat or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
@@ -94,6 +96,8 @@ def generate(
     engine.submit(request)
     while not request.done:
         engine.step()
+    if request.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {request.error}")
     assert request.t_first is not None and request.t_done is not None
     return Generation(
         text=request.text, token_ids=request.output_ids, prompt_ids=ids, finish_reason=request.finish_reason or "",

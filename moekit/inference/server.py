@@ -30,6 +30,8 @@ from moekit.inference.sampling import SamplingParams
 from moekit.inference.tokenizer import check_messages
 
 MAX_N = 16
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
+               "suffix")
 
 
 class APIError(Exception):
@@ -136,6 +138,10 @@ class Server:
         if isinstance(model, str) and model != self.name:
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")
+        for name in UNSUPPORTED:
+            if body.get(name) not in (None, False, 0, [], {}):
+                raise APIError(400, f"'{name}' is not supported by this server; leave it out", param=name,
+                               code="unsupported_parameter")
         tok = self.engine.loaded
         if chat:
             messages = body.get("messages")
@@ -293,7 +299,9 @@ def create_app(engine: Engine, *, name: str | None = None) -> FastAPI:
         try:
             pending = len(requests)
             while pending:
-                _, _, finish = await events.get()
+                request, _, finish = await events.get()
+                if finish == "error":
+                    raise APIError(500, f"generation failed: {request.error}", type="server_error")
                 pending -= finish is not None
         finally:
             for r in requests:
@@ -339,6 +347,11 @@ async def _stream(server: Server, parsed: Parsed, requests: list[Request], event
         while pending:
             request, delta, finish = await events.get()
             i = index[request.id]
+            if finish == "error":
+                error = {"message": f"generation failed: {request.error}", "type": "server_error",
+                         "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                break
             finished = finish is not None
             if not delta and not finished:
                 continue

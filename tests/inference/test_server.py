@@ -144,6 +144,7 @@ def test_eight_concurrent_clients(served, loaded):
     pytest.param("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", id="stream-type"),
     pytest.param("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", id="n-zero"),
     pytest.param("/v1/completions", {"prompt": "hi", "model": "other"}, 404, "model", id="unknown-model"),
+    pytest.param("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs", id="unsupported"),
     pytest.param("/v1/chat/completions", {"messages": []}, 400, "messages", id="no-messages"),
     pytest.param("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", id="no-content"),
 ])
@@ -177,6 +178,28 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(loaded, monkeypatch):
             assert time.time() < deadline, "the slot of a disconnected client was not freed"
             time.sleep(0.05)
         assert [r.finish_reason for r in cancelled] == ["cancelled"]
+        out = running.client().completions.create(model=NAME, prompt="hello", max_tokens=4, temperature=0)
+        assert out.choices[0].text == _alone(loaded, "hello", 4).text
+    finally:
+        running.stop()
+
+
+def test_a_failing_step_is_a_500_and_the_server_goes_on(loaded, monkeypatch):
+    engine = Engine(loaded, max_batch_size=2)
+    forward, calls = engine._forward, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(engine, "_forward", flaky)
+    running = Running(engine)
+    try:
+        status, payload = running.post("/v1/completions", {"prompt": "hello", "max_tokens": 3})
+        assert status == 500 and "injected failure" in payload["error"]["message"]
+        assert not engine.running and sorted(engine.free) == [0, 1]
         out = running.client().completions.create(model=NAME, prompt="hello", max_tokens=4, temperature=0)
         assert out.choices[0].text == _alone(loaded, "hello", 4).text
     finally:
