@@ -204,3 +204,33 @@ def test_a_failing_step_is_a_500_and_the_server_goes_on(loaded, monkeypatch):
         assert out.choices[0].text == _alone(loaded, "hello", 4).text
     finally:
         running.stop()
+
+
+@pytest.mark.slow
+def test_serve_command_starts_answers_and_stops(loaded):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", str(loaded.path), "--port", str(port),
+                             "--max-batch-size", "2", "--name", NAME], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.time() + 120
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.stdout else ""
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == [NAME]
+        out = client.completions.create(model=NAME, prompt="hello", max_tokens=4, temperature=0)
+        assert out.choices[0].text == _alone(loaded, "hello", 4).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
