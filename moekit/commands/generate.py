@@ -12,7 +12,8 @@ DEFAULTS = SamplingParams()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="model directory (Hugging Face layout) or a `moekit train` run folder")
+    p.add_argument("path", type=Path,
+                   help="model directory (Hugging Face layout) or a `moekit train` run folder")
     p.add_argument("--prompt", required=True, help="the prompt text (with --chat: the user message)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
     p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="0 is greedy")
@@ -37,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.chat:
         show(args.prompt)
     result = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), chat=args.chat,
-                      on_text=show)
+                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                      chat=args.chat, on_text=show)
     print()
     print(f"[{len(result.prompt_ids)} prompt tokens, {result.prompt_tokens_per_s:.1f} tokens/s; "
           f"{len(result.token_ids)} generated tokens, {result.generated_tokens_per_s:.1f} tokens/s; "

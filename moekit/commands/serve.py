@@ -7,14 +7,16 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="model directory (Hugging Face layout) or a `moekit train` run folder")
+    p.add_argument("path", type=Path,
+                   help="model directory (Hugging Face layout) or a `moekit train` run folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (cache slots)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get HTTP 429")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond those; more get HTTP 429")
     p.add_argument("--max-len", type=int, default=None,
-                   help="tokens per request, prompt + completion (default: the model's context, at most 4096); "
-                        "sizes the preallocated cache")
+                   help="tokens per request, prompt + completion (default: the model's context, at most "
+                        "4096); sizes the preallocated cache")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: the checkpoint's)")

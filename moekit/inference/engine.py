@@ -112,8 +112,11 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if n + request.params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({request.params.max_new_tokens}) is "
-                             f"{n + request.params.max_new_tokens}, beyond the context window of {self.max_len}")
-        seed = request.params.seed if request.params.seed is not None else random.SystemRandom().getrandbits(63)
+                             f"{n + request.params.max_new_tokens}, beyond the context window of "
+                             f"{self.max_len}")
+        seed = request.params.seed
+        if seed is None:
+            seed = random.SystemRandom().getrandbits(63)
         request._generator = torch.Generator().manual_seed(seed)
         request._stream = TextStream(self.loaded.tokenizer, request.params.stop)
         request.t_submit = time.perf_counter()

@@ -46,14 +46,16 @@ def prompt_ids(loaded: LoadedModel, prompt: str | list[int] | list[dict], *, cha
     tok = loaded.tokenizer
     if isinstance(prompt, list) and not prompt:
         return []  # the engine refuses it with a clear error
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt) and prompt:
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
     if chat or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         # the template writes the special tokens it wants (e.g. the BOS), so none are added again
-        return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, a list of token ids or a list of messages, not {prompt!r:.60}")
+        raise TypeError(f"prompt must be a string, a list of token ids or a list of messages, not "
+                        f"{prompt!r:.60}")
     return tok.encode(prompt)
 
 
@@ -76,7 +78,8 @@ def generate(
     """Generate one completion.
 
     Args:
-        model: a model directory (Hugging Face layout or a `moekit train` run) or `moekit.inference.load(...)`.
+        model: a model directory (Hugging Face layout or a `moekit train` run), or
+            `moekit.inference.load(...)`.
         prompt: text, token ids, or chat messages [{"role": ..., "content": ...}].
         temperature: 0 is greedy; top_p, top_k filter the distribution; seed makes sampling reproducible.
         stop: strings that end the completion (cut from its text). EOS ends it too.
@@ -100,6 +103,7 @@ def generate(
         raise RuntimeError(f"generation failed: {request.error}")
     assert request.t_first is not None and request.t_done is not None
     return Generation(
-        text=request.text, token_ids=request.output_ids, prompt_ids=ids, finish_reason=request.finish_reason or "",
+        text=request.text, token_ids=request.output_ids, prompt_ids=ids,
+        finish_reason=request.finish_reason or "",
         prompt_seconds=request.t_first - request.t_submit, decode_seconds=request.t_done - request.t_first,
         routing={k: v.tolist() for k, v in request.routing_counts.items()} if routing else None)

@@ -88,7 +88,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         if dtype is not None:
             model = model.to(dtype)
     else:
-        raise FileNotFoundError(f"{folder} has neither config.json nor moekit_config.json: not a model directory")
+        raise FileNotFoundError(f"{folder} has neither config.json nor moekit_config.json: not a model "
+                                "directory")
     if not isinstance(model, MoETransformer):
         raise ValueError(f"{folder} holds a {type(model).__name__}; generation runs decoder-only models")
     model.eval()

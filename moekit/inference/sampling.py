@@ -40,8 +40,8 @@ class SamplingParams:
         check(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
               and math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
               "must be a number >= 0 (0 is greedy)")
-        check(isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1,
-              "top_p", self.top_p, "must be a number in (0, 1]")
+        check(isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool)
+              and 0 < self.top_p <= 1, "top_p", self.top_p, "must be a number in (0, 1]")
         check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0, "top_k",
               self.top_k, "must be an integer >= 0 (0 keeps every token)")
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",

@@ -30,8 +30,8 @@ from moekit.inference.sampling import SamplingParams
 from moekit.inference.tokenizer import check_messages
 
 MAX_N = 16
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
-               "suffix")
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias",
+               "tools", "suffix")
 
 
 class APIError(Exception):
@@ -119,7 +119,8 @@ class Server:
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.engine.run, args=(self.stop,), name="moekit-engine", daemon=True)
+        self.thread = threading.Thread(target=self.engine.run, args=(self.stop,), name="moekit-engine",
+                                       daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -167,8 +168,9 @@ class Server:
                               default_max, 1)
         assert max_tokens is not None
         if longest + max_tokens > max_len:
-            raise APIError(400, f"the prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                           f"window of {max_len} tokens", param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"the prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
+                           f"context window of {max_len} tokens", param="max_tokens",
+                           code="context_length_exceeded")
         n = _integer(body, "n", 1, 1, MAX_N)
         assert n is not None
         extension = _object(body, "moekit")
@@ -192,7 +194,8 @@ class Server:
             raise _bad("prompt", "is required")
         if isinstance(prompt, str):
             return [prompt_ids(tok, prompt, chat=False) if prompt else []]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        is_id = lambda t: isinstance(t, int) and not isinstance(t, bool)  # noqa: E731
+        if isinstance(prompt, list) and prompt and all(is_id(t) for t in prompt):
             vocab = tok.model.config.vocab_size
             if not all(0 <= t < vocab for t in prompt):
                 raise _bad("prompt", f"token ids must be in [0, {vocab})")
@@ -216,8 +219,8 @@ class Server:
         try:
             for i, params in enumerate(parsed.params):
                 ids = parsed.prompts[i // parsed.n]
-                requests.append(self.engine.submit(Request(prompt_ids=ids, params=params, routing=parsed.routing,
-                                                           on_event=on_event)))
+                request = Request(prompt_ids=ids, params=params, routing=parsed.routing, on_event=on_event)
+                requests.append(self.engine.submit(request))
         except QueueFull as err:
             for r in requests:
                 self.engine.cancel(r)
@@ -233,7 +236,8 @@ def _flatten(message: Any) -> Any:
     """OpenAI content parts [{"type": "text", "text": ...}] joined into one string."""
     if isinstance(message, dict) and isinstance(message.get("content"), list):
         parts = message["content"]
-        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+               for p in parts):
             return {**message, "content": "".join(p["text"] for p in parts)}
     return message
 
@@ -336,7 +340,8 @@ async def _stream(server: Server, parsed: Parsed, requests: list[Request], event
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra: Any) -> str:
-        data = {"id": rid, "object": obj, "created": created, "model": server.name, "choices": choices, **extra}
+        data = {"id": rid, "object": obj, "created": created, "model": server.name, "choices": choices,
+                **extra}
         return f"data: {json.dumps(data)}\n\n"
 
     try:

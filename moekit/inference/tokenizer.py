@@ -64,10 +64,12 @@ class TextTokenizer:
                 raise ValueError(f"{config_file} is not valid JSON: {err}") from err
             if not isinstance(config, dict):
                 raise ValueError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
-        special = {name: text for name in SPECIAL_NAMES if (text := _token_text(config.get(name))) is not None}
+        special = {name: text for name in SPECIAL_NAMES
+                   if (text := _token_text(config.get(name))) is not None}
         if "eos_token" not in special and tokenizer.token_to_id(TRAIN_EOS) is not None:
             special["eos_token"] = TRAIN_EOS  # a `moekit train` run folder: no tokenizer_config.json
-        return cls(tokenizer=tokenizer, special=special, chat_template=_find_template(path, config), source=path)
+        return cls(tokenizer=tokenizer, special=special, chat_template=_find_template(path, config),
+                   source=path)
 
     @property
     def vocab_size(self) -> int:
@@ -136,7 +138,8 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
 
     def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
                sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
@@ -146,7 +149,7 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **variables)
+        return env.from_string(template).render(messages=messages,
+                                                add_generation_prompt=add_generation_prompt, **variables)
     except TemplateError as err:
         raise ValueError(f"chat template failed: {err}") from err

@@ -109,7 +109,7 @@ class RowCache(KVCache):
     store: SlotStore | None = None
     slots_B: Tensor | None = None
     start_B: Tensor | None = None
-    first_slot: int | None = None  # set when slots_B is first, first + 1, ...: buffers are then sliced, not gathered
+    first_slot: int | None = None  # set when slots_B is first, first + 1, ...: slice buffers, no gather
 
     def query_positions(self, S: int) -> Tensor:
         """long (B, S): the position of each new token."""

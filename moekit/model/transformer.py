@@ -98,9 +98,10 @@ class MoETransformer(nn.Module):
     ) -> ModelOutput:
         cfg = self.config
         self._check_inputs(tokens_BS, targets_BS, mask_BS, cache)
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0 or (logits_to_keep and targets_BS is not None):
-            raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid: must be an integer >= 0 (0 keeps "
-                             "all positions), and 0 when targets are given")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0 or (
+                logits_to_keep and targets_BS is not None):
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid: must be an integer >= 0 (0 "
+                             "keeps all positions), and 0 when targets are given")
         B, S = tokens_BS.shape
         device = tokens_BS.device
         start = cache.position if cache is not None else 0
@@ -199,8 +200,8 @@ def row_cos_sin(cfg: ModelConfig, pos_BS: Tensor, *, dtype: torch.dtype) -> tupl
                 for b in range(B)]
         cos_BSR, sin_BSR = torch.stack([c for c, _ in rows]), torch.stack([s for _, s in rows])
     else:
-        cos_TR, sin_TR = rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS.reshape(-1), max_seq_len=cfg.max_seq_len,
-                                      dtype=dtype)
+        cos_TR, sin_TR = rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS.reshape(-1),
+                                      max_seq_len=cfg.max_seq_len, dtype=dtype)
         cos_BSR, sin_BSR = cos_TR.view(B, S, -1), sin_TR.view(B, S, -1)
     return cos_BSR[:, None], sin_BSR[:, None]
 
