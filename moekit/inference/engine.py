@@ -34,6 +34,25 @@ from moekit.inference.text import TextStream
 from moekit.model.cache import SlotStore
 
 
+# Routers whose choice for one token depends on the other tokens of the forward.
+COUPLED_ROUTERS = ("expert_choice", "balanced", "soft")
+
+
+def batch_coupling(model: torch.nn.Module) -> str | None:
+    """Why rows of one forward would change each other's routing, or None when they cannot.
+
+    Expert-choice, balanced (Sinkhorn / BASE) and Soft MoE routing, and any expert capacity
+    (token dropping), decide per batch, so a request's output would depend on its neighbours.
+    """
+    for i, layer in enumerate(model.moe_layers()):  # type: ignore[operator]
+        cfg = layer.config
+        if cfg.router in COUPLED_ROUTERS:
+            return f"MoE layer {i} uses router={cfg.router!r}, which routes each token against the whole batch"
+        if cfg.capacity_factor is not None or cfg.expert_capacity is not None:
+            return f"MoE layer {i} limits expert capacity (tokens are dropped depending on the batch)"
+    return None
+
+
 class QueueFull(RuntimeError):
     """The engine's waiting queue is at its limit (the server answers 429)."""
 
@@ -91,6 +110,10 @@ class Engine:
         if not isinstance(self.max_len, int) or not 1 <= self.max_len <= context:
             raise ValueError(f"max_len={max_len!r} is invalid: must be an integer in [1, {context}] "
                              f"(the model's context length)")
+        coupling = batch_coupling(self.model)
+        if coupling is not None and max_batch_size > 1:
+            raise ValueError(f"max_batch_size={max_batch_size} is invalid for this model: {coupling}, so "
+                             f"batched requests would change each other's output; use max_batch_size=1")
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.store = SlotStore(self.model.config.n_layers, max_batch_size, self.max_len)
         self.free: list[int] = list(range(max_batch_size))

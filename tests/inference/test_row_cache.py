@@ -70,3 +70,18 @@ def test_logits_to_keep_equals_full_logits():
         assert torch.allclose(model(tokens, logits_to_keep=3).logits, full[:, -3:], atol=1e-6)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(tokens, logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("change", [pytest.param(dict(router="expert_choice"), id="expert-choice"),
+                                    pytest.param(dict(capacity_factor=1.25), id="capacity")])
+def test_batch_coupled_routing_refuses_batching(change):
+    from dataclasses import replace
+
+    loaded = _loaded("Mixtral 8x7B")
+    config = loaded.model.config
+    coupled = MoETransformer(replace(config, moe=replace(config.moe, **change))).eval()
+    loaded = LoadedModel(model=coupled, tokenizer=loaded.tokenizer, eos_ids=frozenset(), name="x",
+                         path=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_batch_size=1"):
+        Engine(loaded, max_batch_size=2)
+    assert _engine_run(loaded, PROMPTS[:1], max_batch_size=1)[0] == _cache_decode(coupled, PROMPTS[0])
