@@ -27,7 +27,8 @@ def build_checkpoint(path: Path, *, vocab: int = 32000) -> None:
 
     config = transformers.MixtralConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1024,
                                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                                        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096)
+                                        num_local_experts=8, num_experts_per_tok=2,
+                                        max_position_embeddings=4096)
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config).eval()
     model.save_pretrained(path)
@@ -84,13 +85,39 @@ def moekit_speed(loaded, ids: list[int], new: int) -> tuple[float, float]:
     return out.prompt_tokens_per_s, out.generated_tokens_per_s
 
 
+def step_times(hf_model, loaded, ids: list[int], steps: int) -> tuple[float, float]:
+    """Median seconds of one batch-1 decode forward (after the prompt), transformers and moekit
+    alternating step by step, so both see the same machine load: the steadiest figure on a busy
+    machine."""
+    from moekit.model.cache import SlotStore
+
+    model = loaded.model
+    x = torch.tensor([ids])
+    tok = torch.tensor([[ids[-1]]])
+    with torch.inference_mode():
+        pkv = hf_model(x, use_cache=True).past_key_values
+        store = SlotStore(model.config.n_layers, 1, len(ids) + steps + 1)
+        slot = torch.tensor([0])
+        model(x, cache=store.view(slot, torch.tensor([0])), logits_to_keep=1)
+        hf_t, mk_t = [], []
+        for i in range(steps):
+            t = time.perf_counter()
+            pkv = hf_model(tok, past_key_values=pkv, use_cache=True).past_key_values
+            hf_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            model(tok, cache=store.view(slot, torch.tensor([len(ids) + i])), logits_to_keep=1)
+            mk_t.append(time.perf_counter() - t)
+    return statistics.median(hf_t), statistics.median(mk_t)
+
+
 def engine_throughput(loaded, concurrent: int, prompt: int, new: int) -> float:
     """Generated tokens/s over all requests when `concurrent` requests run at once."""
     from moekit.inference import Engine, Request, SamplingParams
 
     engine = Engine(loaded, max_batch_size=concurrent, max_len=prompt + new, prefill_chunk=256)
     gen = torch.Generator().manual_seed(concurrent)
-    requests = [Request(prompt_ids=torch.randint(0, loaded.model.config.vocab_size, (prompt,), generator=gen).tolist(),
+    vocab = loaded.model.config.vocab_size
+    requests = [Request(prompt_ids=torch.randint(0, vocab, (prompt,), generator=gen).tolist(),
                         params=SamplingParams(max_new_tokens=new, temperature=0)) for _ in range(concurrent)]
     t = time.perf_counter()
     for r in requests:
@@ -106,6 +133,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=21, help="decode steps of the interleaved step timing")
+    parser.add_argument("--skip-engine", action="store_true", help="leave out the concurrency throughput")
     parser.add_argument("--dir", type=Path, default=None, help="reuse / keep the checkpoint here")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
@@ -123,7 +152,8 @@ def main() -> None:
     results["copy_GBps"] = bandwidth / 1e9
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads")
     for dtype in ("float32", "bfloat16"):
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        hf_model = hf_model.eval()
         loaded = load(folder, dtype=dtype)
         loaded = dataclasses.replace(loaded, eos_ids=frozenset())  # always `new` tokens, like min_new_tokens
         hf_runs, mk_runs = [], []
@@ -133,13 +163,18 @@ def main() -> None:
         hf = [statistics.median(r[i] for r in hf_runs) for i in (0, 1)]
         mk = [statistics.median(r[i] for r in mk_runs) for i in (0, 1)]
         limit = bandwidth / active_bytes(loaded.model)
+        hf_step, mk_step = step_times(hf_model, loaded, ids, args.steps)
         row = {"hf_prefill": hf[0], "hf_decode": hf[1], "moekit_prefill": mk[0], "moekit_decode": mk[1],
-               "bandwidth_limit": limit, "active_MB": active_bytes(loaded.model) / 1e6}
-        print(f"{dtype}: prefill tok/s moekit {mk[0]:.0f} vs transformers {hf[0]:.0f} ({mk[0] / hf[0]:.2f}x); "
+               "bandwidth_limit": limit, "active_MB": active_bytes(loaded.model) / 1e6,
+               "hf_step_ms": hf_step * 1e3, "moekit_step_ms": mk_step * 1e3}
+        print(f"{dtype}: one decode step, interleaved, median of {args.steps}: moekit "
+              f"{mk_step * 1e3:.1f} ms vs transformers {hf_step * 1e3:.1f} ms ({hf_step / mk_step:.2f}x)")
+        print(f"{dtype}: prefill tok/s moekit {mk[0]:.0f} vs transformers {hf[0]:.0f} "
+              f"({mk[0] / hf[0]:.2f}x); "
               f"decode tok/s moekit {mk[1]:.1f} vs transformers {hf[1]:.1f} ({mk[1] / hf[1]:.2f}x); "
               f"bandwidth limit {limit:.0f} tok/s ({row['active_MB']:.0f} MB active), moekit at "
               f"{mk[1] / limit:.0%}")
-        if dtype == "float32":
+        if dtype == "float32" and not args.skip_engine:
             tput = {c: engine_throughput(loaded, c, 32, 64) for c in (1, 4, 16)}
             row["engine_throughput"] = tput
             print("engine aggregate tok/s (32-token prompts, 64 new each): " + ", ".join(
