@@ -40,8 +40,10 @@ class MoETransformer(nn.Module):
     Forward:
         tokens_BS: long (B, S).
         targets_BS: long (B, S), already shifted (logits[:, t] predicts targets[:, t]); -100 = ignore.
-        cache: a KVCache (from `new_cache`) to decode incrementally; updated in place.
+        cache: a KVCache (from `new_cache`) to decode incrementally; updated in place. Or a RowCache
+            (`SlotStore.view`): each row continues its own sequence at its own position (batching).
         mask_BS: bool (B, S), False for padding tokens (hidden from attention, routed nowhere).
+        logits_to_keep: N > 0 runs the LM head on the last N positions only (logits (B, N, V)).
         Returns ModelOutput(logits (B, S, V), loss, aux_loss (None without MoE layers), routing
         (one RoutingDecision per layer, None for dense layers), cache).
     """
