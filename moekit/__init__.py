@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from moekit.config import MoEConfig
     from moekit.hf.checkpoint import from_pretrained
+    from moekit.inference.generate import generate
     from moekit.layer import MoELayer
     from moekit.model import ModelConfig, MoETransformer
     from moekit.soft_layer import SoftMoELayer
@@ -23,6 +24,7 @@ _EXPORTS = {
     "MoEOutput": "moekit.types", "ModelConfig": "moekit.model", "ModelOutput": "moekit.types",
     "MoETransformer": "moekit.model", "RoutingDecision": "moekit.types",
     "from_pretrained": "moekit.hf.checkpoint", "SoftMoELayer": "moekit.soft_layer",
+    "generate": "moekit.inference.generate",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

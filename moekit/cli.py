@@ -11,7 +11,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from moekit.commands import catalog, compare, convert, data, demo, inspect, train
+from moekit.commands import catalog, compare, convert, data, demo, generate, inspect, serve, train
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "convert": (convert, "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
     "catalog": (catalog, "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
     "inspect": (inspect, "show one catalog architecture layer by layer, or a checkpoint directory"),
+    "generate": (generate, "generate text from a model directory, streamed, with tokens/s"),
+    "serve": (serve, "serve a model over an OpenAI-compatible HTTP API (continuous batching)"),
 }
 # What a user can get wrong and the CLI reports in one line (exit 2). Anything else is a defect and
 # keeps its traceback.

@@ -30,17 +30,20 @@ def additive_mask(
 ) -> Tensor:
     """(B or 1, 1, S, T) float mask: 0 where query i may see key j, the dtype's minimum elsewhere.
 
+    q_pos_S is (S,), or (B, S) when each row has its own positions (a `RowCache`).
+
     Causal (j <= i); with a window, also j > i - window (transformers' sliding_window_overlay);
     with a chunk, also j // chunk == i // chunk (Llama 4's chunked attention); padding keys
     (key_mask False) are hidden. A finite minimum, not -inf, keeps rows with no
     visible key (padding queries) free of NaN, as transformers does.
     """
-    allowed_ST = k_pos_T[None, :] <= q_pos_S[:, None]
+    q_pos = q_pos_S[..., None]  # (S, 1), or (B, S, 1) for per-row positions
+    allowed_ST = k_pos_T <= q_pos
     if window is not None:
-        allowed_ST = allowed_ST & (k_pos_T[None, :] > q_pos_S[:, None] - window)
+        allowed_ST = allowed_ST & (k_pos_T > q_pos - window)
     if chunk is not None:
-        allowed_ST = allowed_ST & (k_pos_T[None, :] // chunk == q_pos_S[:, None] // chunk)
-    allowed = allowed_ST[None, None]
+        allowed_ST = allowed_ST & (k_pos_T // chunk == q_pos // chunk)
+    allowed = allowed_ST[None, None] if q_pos_S.dim() == 1 else allowed_ST[:, None]
     if key_mask_BT is not None:
         allowed = allowed & key_mask_BT[:, None, None, :].bool()
     zero = torch.zeros((), dtype=dtype, device=q_pos_S.device)

@@ -17,7 +17,7 @@ from moekit.inputs import bool_mask, check_token_range
 from moekit.layer import MoELayer, RoutedLayer
 from moekit.model.attention import additive_mask
 from moekit.model.block import DecoderLayer
-from moekit.model.cache import KVCache
+from moekit.model.cache import KVCache, RowCache
 from moekit.model.config import ModelConfig
 from moekit.model.init import INIT_STD, init_decoder
 from moekit.model.norm import make_norm
@@ -44,10 +44,12 @@ class MoETransformer(nn.Module):
     Forward:
         tokens_BS: long (B, S).
         targets_BS: long (B, S), already shifted (logits[:, t] predicts targets[:, t]); -100 = ignore.
-        cache: a KVCache (from `new_cache`) to decode incrementally; updated in place.
+        cache: a KVCache (from `new_cache`) to decode incrementally; updated in place. Or a RowCache
+            (`SlotStore.view`): each row continues its own sequence at its own position (batching).
         mask_BS: bool (B, S), False for padding tokens (hidden from attention, routed nowhere); an
             integer 0/1 mask is converted, any other mask refused (moekit/inputs.py).
         Token ids and targets outside [0, vocab_size) are refused (targets may be -100).
+        logits_to_keep: N > 0 runs the LM head on the last N positions only (logits (B, N, V)).
         Returns ModelOutput(logits (B, S, V), loss, aux_loss (None without MoE layers), routing
         (one RoutingDecision per layer, None for dense layers), cache, aux_losses (unweighted, by
         name), attention_routing (mixture of attention)).
@@ -102,10 +104,15 @@ class MoETransformer(nn.Module):
         targets_BS: Tensor | None = None,
         cache: KVCache | None = None,
         mask_BS: Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         cfg = self.config
         mask_BS = bool_mask(mask_BS, "mask_BS")
         self._check_inputs(tokens_BS, targets_BS, mask_BS, cache)
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0 or (
+                logits_to_keep and targets_BS is not None):
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid: must be an integer >= 0 (0 "
+                             "keeps all positions), and 0 when targets are given")
         B, S = tokens_BS.shape
         device = tokens_BS.device
         start = cache.position if cache is not None else 0
@@ -114,20 +121,29 @@ class MoETransformer(nn.Module):
             x_BSD = x_BSD * cfg.embedding_multiplier
 
         key_mask_BT = mask_BS
-        if cache is not None:
+        q_pos_S = torch.arange(start, start + S, device=device)
+        k_pos_T = torch.arange(0, start + S, device=device)
+        if isinstance(cache, RowCache):
+            # Independent sequences at their own positions (the batching engine's slots).
+            if mask_BS is not None:
+                raise ValueError("mask_BS is not supported with a RowCache: its rows are unpadded sequences")
+            q_pos_S = cache.query_positions(S)  # (B, S) here
+            k_pos_T = torch.arange(0, int(q_pos_S.max()) + 1, device=device)
+        elif cache is not None:
             if mask_BS is not None or cache.key_mask_BT is not None:
                 old = cache.key_mask_BT if cache.key_mask_BT is not None else torch.ones(
                     B, start, dtype=torch.bool, device=device)
                 new = torch.ones(B, S, dtype=torch.bool, device=device) if mask_BS is None else mask_BS.bool()
                 cache.key_mask_BT = torch.cat((old, new), dim=1)
             key_mask_BT = cache.key_mask_BT
-        q_pos_S = torch.arange(start, start + S, device=device)
-        k_pos_T = torch.arange(0, start + S, device=device)
         masks: dict[tuple[int | None, int | None], Tensor] = {}
         cos_sin = None
         if cfg.rope is not None:
             rot = cfg.rotary_dim
-            cos_sin = rope_cos_sin(cfg.rope, rot, q_pos_S, max_seq_len=cfg.max_seq_len, dtype=x_BSD.dtype)
+            if q_pos_S.dim() == 1:
+                cos_sin = rope_cos_sin(cfg.rope, rot, q_pos_S, max_seq_len=cfg.max_seq_len, dtype=x_BSD.dtype)
+            else:
+                cos_sin = row_cos_sin(cfg, q_pos_S, dtype=x_BSD.dtype)
 
         routing: list[RoutingDecision | None] = []
         attention_routing: list[RoutingDecision | None] = []
@@ -160,9 +176,13 @@ class MoETransformer(nn.Module):
                 aux_named[name] = value if name not in aux_named else aux_named[name] + value
             if out.aux_loss is not None:
                 aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
-        if cache is not None:
+        if isinstance(cache, RowCache):
+            cache.commit()
+        elif cache is not None:
             cache.position, cache.batch_size = start + S, B
 
+        if logits_to_keep:
+            x_BSD = x_BSD[:, -logits_to_keep:]  # the LM head only where logits are wanted
         logits_BSV = self.lm_head(self.model.norm(x_BSD))
         if cfg.logits_scaling != 1.0:
             logits_BSV = logits_BSV / cfg.logits_scaling
@@ -192,6 +212,22 @@ class MoETransformer(nn.Module):
         if cache is not None and cache.batch_size not in (None, tokens_BS.shape[0]):
             raise ValueError(f"cache holds {cache.batch_size} sequences but tokens_BS has "
                              f"{tokens_BS.shape[0]}; start a new one with model.new_cache()")
+
+
+def row_cos_sin(cfg: ModelConfig, pos_BS: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, 1, S, R) for per-row positions: each row as if it were alone (the
+    length-dependent RoPE kinds, dynamic NTK and longrope, see only that row's length)."""
+    assert cfg.rope is not None
+    B, S = pos_BS.shape
+    if cfg.rope.scaling in ("dynamic", "longrope"):
+        rows = [rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS[b], max_seq_len=cfg.max_seq_len, dtype=dtype)
+                for b in range(B)]
+        cos_BSR, sin_BSR = torch.stack([c for c, _ in rows]), torch.stack([s for _, s in rows])
+    else:
+        cos_TR, sin_TR = rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS.reshape(-1),
+                                      max_seq_len=cfg.max_seq_len, dtype=dtype)
+        cos_BSR, sin_BSR = cos_TR.view(B, S, -1), sin_TR.view(B, S, -1)
+    return cos_BSR[:, None], sin_BSR[:, None]
 
 
 def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:

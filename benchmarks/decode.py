@@ -1,0 +1,189 @@
+"""Decoding speed, side by side in one run: moekit vs transformers `generate` on the same locally
+built Hugging Face checkpoint (random Mixtral-shaped: hidden 512, 8 layers, 8 experts top-2 of
+width 1024, vocab 32000; 139M parameters), batch 1, fp32 and bf16; the batching engine's aggregate
+throughput at 1/4/16 concurrent requests; and the memory-bandwidth limit of a decode step.
+
+    nice -n 10 python benchmarks/decode.py [--prompt 512] [--new 128] [--threads 2] [--repeats 1]
+
+llama.cpp is not compared here (see README). Figures are medians of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_checkpoint(path: Path, *, vocab: int = 32000) -> None:
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    config = transformers.MixtralConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1024,
+                                        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                                        num_local_experts=8, num_experts_per_tok=2,
+                                        max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    model.save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.save(str(path / "tokenizer.json"))
+
+
+def active_bytes(model) -> int:
+    """Bytes a batch-1 decode step reads: every weight except the embedding table (one row) and the
+    unselected experts (top_k of num_experts per MoE layer)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name == "model.embed_tokens.weight" and not model.config.tie_embeddings:
+            total += p.shape[1] * p.element_size()
+        elif ".experts." in name and p.dim() == 3:
+            moe = model.config.moe
+            total += p.numel() * p.element_size() * moe.top_k // moe.num_experts
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted once each, as STREAM's copy)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def hf_speed(hf_model, ids: list[int], new: int) -> tuple[float, float]:
+    """(prompt tokens/s, decode tokens/s) of transformers generate, greedy, no EOS stop."""
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        t = time.perf_counter()
+        hf_model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        hf_model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
+        full = time.perf_counter() - t
+    return len(ids) / prefill, (new - 1) / max(full - prefill, 1e-9)
+
+
+def moekit_speed(loaded, ids: list[int], new: int) -> tuple[float, float]:
+    from moekit.inference import generate
+
+    out = generate(loaded, ids, max_new_tokens=new, temperature=0)
+    assert len(out.token_ids) == new
+    return out.prompt_tokens_per_s, out.generated_tokens_per_s
+
+
+def step_times(hf_model, loaded, ids: list[int], steps: int) -> tuple[float, float]:
+    """Median seconds of one batch-1 decode forward (after the prompt), transformers and moekit
+    alternating step by step, so both see the same machine load: the steadiest figure on a busy
+    machine."""
+    from moekit.model.cache import SlotStore
+
+    model = loaded.model
+    x = torch.tensor([ids])
+    tok = torch.tensor([[ids[-1]]])
+    with torch.inference_mode():
+        pkv = hf_model(x, use_cache=True).past_key_values
+        store = SlotStore(model.config.n_layers, 1, len(ids) + steps + 1)
+        slot = torch.tensor([0])
+        model(x, cache=store.view(slot, torch.tensor([0])), logits_to_keep=1)
+        hf_t, mk_t = [], []
+        for i in range(steps):
+            t = time.perf_counter()
+            pkv = hf_model(tok, past_key_values=pkv, use_cache=True).past_key_values
+            hf_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            model(tok, cache=store.view(slot, torch.tensor([len(ids) + i])), logits_to_keep=1)
+            mk_t.append(time.perf_counter() - t)
+    return statistics.median(hf_t), statistics.median(mk_t)
+
+
+def engine_throughput(loaded, concurrent: int, prompt: int, new: int) -> float:
+    """Generated tokens/s over all requests when `concurrent` requests run at once."""
+    from moekit.inference import Engine, Request, SamplingParams
+
+    engine = Engine(loaded, max_batch_size=concurrent, max_len=prompt + new, prefill_chunk=256)
+    gen = torch.Generator().manual_seed(concurrent)
+    vocab = loaded.model.config.vocab_size
+    requests = [Request(prompt_ids=torch.randint(0, vocab, (prompt,), generator=gen).tolist(),
+                        params=SamplingParams(max_new_tokens=new, temperature=0)) for _ in range(concurrent)]
+    t = time.perf_counter()
+    for r in requests:
+        engine.submit(r)
+    while not all(r.done for r in requests):
+        engine.step()
+    return sum(len(r.output_ids) for r in requests) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=21, help="decode steps of the interleaved step timing")
+    parser.add_argument("--skip-engine", action="store_true", help="leave out the concurrency throughput")
+    parser.add_argument("--dir", type=Path, default=None, help="reuse / keep the checkpoint here")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from moekit.inference import load
+
+    folder = args.dir or Path(tempfile.mkdtemp(prefix="moekit-decode-"))
+    if not (folder / "config.json").is_file():
+        build_checkpoint(folder)
+    ids = torch.randint(0, 32000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    results: dict = {"prompt": args.prompt, "new": args.new, "threads": args.threads}
+    bandwidth = copy_bandwidth()
+    results["copy_GBps"] = bandwidth / 1e9
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads")
+    for dtype in ("float32", "bfloat16"):
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        hf_model = hf_model.eval()
+        loaded = load(folder, dtype=dtype)
+        loaded = dataclasses.replace(loaded, eos_ids=frozenset())  # always `new` tokens, like min_new_tokens
+        hf_runs, mk_runs = [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            hf_runs.append(hf_speed(hf_model, ids, args.new))
+            mk_runs.append(moekit_speed(loaded, ids, args.new))
+        hf = [statistics.median(r[i] for r in hf_runs) for i in (0, 1)]
+        mk = [statistics.median(r[i] for r in mk_runs) for i in (0, 1)]
+        limit = bandwidth / active_bytes(loaded.model)
+        hf_step, mk_step = step_times(hf_model, loaded, ids, args.steps)
+        row = {"hf_prefill": hf[0], "hf_decode": hf[1], "moekit_prefill": mk[0], "moekit_decode": mk[1],
+               "bandwidth_limit": limit, "active_MB": active_bytes(loaded.model) / 1e6,
+               "hf_step_ms": hf_step * 1e3, "moekit_step_ms": mk_step * 1e3}
+        print(f"{dtype}: one decode step, interleaved, median of {args.steps}: moekit "
+              f"{mk_step * 1e3:.1f} ms vs transformers {hf_step * 1e3:.1f} ms ({hf_step / mk_step:.2f}x)")
+        print(f"{dtype}: prefill tok/s moekit {mk[0]:.0f} vs transformers {hf[0]:.0f} "
+              f"({mk[0] / hf[0]:.2f}x); "
+              f"decode tok/s moekit {mk[1]:.1f} vs transformers {hf[1]:.1f} ({mk[1] / hf[1]:.2f}x); "
+              f"bandwidth limit {limit:.0f} tok/s ({row['active_MB']:.0f} MB active), moekit at "
+              f"{mk[1] / limit:.0%}")
+        if dtype == "float32" and not args.skip_engine:
+            tput = {c: engine_throughput(loaded, c, 32, 64) for c in (1, 4, 16)}
+            row["engine_throughput"] = tput
+            print("engine aggregate tok/s (32-token prompts, 64 new each): " + ", ".join(
+                f"{c} concurrent {v:.0f} ({v / tput[1]:.1f}x)" for c, v in tput.items()))
+        results[dtype] = row
+        del hf_model, loaded
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
