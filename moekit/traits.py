@@ -103,3 +103,10 @@ def batch_ranked_warning(router: str) -> str:
     return (f"router={router!r} in a decoder ranks tokens over the whole batch, so a token's routing "
             "depends on later tokens and on other sequences: usable to train and compare (as Zhou et al. "
             "2022 did), but not to generate, so a forward with a KV cache is refused")
+
+
+def generation_error(router: str) -> str | None:
+    """Why a decoder routed by `router` cannot generate (decode with a KV cache), or None."""
+    if ROUTER_TRAITS[router].causal != "batch":
+        return None
+    return batch_ranked_warning(router) + "; choose a causal router to generate"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-
-import torch
 from torch import Tensor
 
 from moekit.types import RoutingDecision

@@ -32,21 +32,19 @@ from moekit.inference.load import LoadedModel
 from moekit.inference.sampling import SamplingParams, sample
 from moekit.inference.text import TextStream
 from moekit.model.cache import SlotStore
-
-
-# Routers whose choice for one token depends on the other tokens of the forward.
-COUPLED_ROUTERS = ("expert_choice", "balanced", "soft")
+from moekit.traits import ROUTER_TRAITS, generation_error
 
 
 def batch_coupling(model: torch.nn.Module) -> str | None:
     """Why rows of one forward would change each other's routing, or None when they cannot.
 
-    Expert-choice, balanced (Sinkhorn / BASE) and Soft MoE routing, and any expert capacity
-    (token dropping), decide per batch, so a request's output would depend on its neighbours.
+    A router whose eval-mode routing looks at other tokens (its `causal` trait in moekit/traits.py)
+    and any expert capacity (token dropping) decide per batch, so a request's output would depend
+    on its neighbours.
     """
     for i, layer in enumerate(model.moe_layers()):  # type: ignore[operator]
         cfg = layer.config
-        if cfg.router in COUPLED_ROUTERS:
+        if ROUTER_TRAITS[cfg.router].causal not in ("token", "at_eval"):
             return f"MoE layer {i} uses router={cfg.router!r}, which routes each token against the whole batch"
         if cfg.capacity_factor is not None or cfg.expert_capacity is not None:
             return f"MoE layer {i} limits expert capacity (tokens are dropped depending on the batch)"
@@ -110,6 +108,8 @@ class Engine:
         if not isinstance(self.max_len, int) or not 1 <= self.max_len <= context:
             raise ValueError(f"max_len={max_len!r} is invalid: must be an integer in [1, {context}] "
                              f"(the model's context length)")
+        if self.model.config.moe is not None and (err := generation_error(self.model.config.moe.router)):
+            raise ValueError(err)
         coupling = batch_coupling(self.model)
         if coupling is not None and max_batch_size > 1:
             raise ValueError(f"max_batch_size={max_batch_size} is invalid for this model: {coupling}, so "

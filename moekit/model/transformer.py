@@ -22,7 +22,7 @@ from moekit.model.config import ModelConfig
 from moekit.model.init import INIT_STD, init_decoder
 from moekit.model.norm import make_norm
 from moekit.model.rope import rope_cos_sin
-from moekit.traits import ROUTER_TRAITS, batch_ranked_warning
+from moekit.traits import ROUTER_TRAITS, batch_ranked_warning, generation_error
 from moekit.types import ModelOutput, RoutingDecision
 
 IGNORE_INDEX = -100
@@ -205,8 +205,8 @@ class MoETransformer(nn.Module):
             check_token_range(targets_BS, cfg.vocab_size, "targets_BS", ignore_index=IGNORE_INDEX)
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache (from model.new_cache()), not {type(cache).__name__}")
-        if cache is not None and cfg.moe is not None and ROUTER_TRAITS[cfg.moe.router].causal == "batch":
-            raise ValueError(batch_ranked_warning(cfg.moe.router) + "; choose a causal router to generate")
+        if cache is not None and cfg.moe is not None and (err := generation_error(cfg.moe.router)):
+            raise ValueError(err)
         if cache is not None and len(cache.layers) != self.config.n_layers:
             raise ValueError(f"cache has {len(cache.layers)} layers; this model has {self.config.n_layers}")
         if cache is not None and cache.batch_size not in (None, tokens_BS.shape[0]):

@@ -72,16 +72,23 @@ def test_logits_to_keep_equals_full_logits():
         model(tokens, logits_to_keep=-1)
 
 
-@pytest.mark.parametrize("change", [pytest.param(dict(router="expert_choice"), id="expert-choice"),
-                                    pytest.param(dict(capacity_factor=1.25), id="capacity")])
-def test_batch_coupled_routing_refuses_batching(change):
+def _coupled(change: dict) -> LoadedModel:
     from dataclasses import replace
 
     loaded = _loaded("Mixtral 8x7B")
     config = loaded.model.config
     coupled = MoETransformer(replace(config, moe=replace(config.moe, **change))).eval()
-    loaded = LoadedModel(model=coupled, tokenizer=loaded.tokenizer, eos_ids=frozenset(), name="x",
-                         path=None)  # type: ignore[arg-type]
+    return LoadedModel(model=coupled, tokenizer=loaded.tokenizer, eos_ids=frozenset(), name="x",
+                       path=None)  # type: ignore[arg-type]
+
+
+def test_capacity_refuses_batching_but_generates_alone():
+    loaded = _coupled(dict(capacity_factor=1.25))
     with pytest.raises(ValueError, match="max_batch_size=1"):
         Engine(loaded, max_batch_size=2)
-    assert _engine_run(loaded, PROMPTS[:1], max_batch_size=1)[0] == _cache_decode(coupled, PROMPTS[0])
+    assert _engine_run(loaded, PROMPTS[:1], max_batch_size=1)[0] == _cache_decode(loaded.model, PROMPTS[0])
+
+
+def test_expert_choice_cannot_generate():
+    with pytest.raises(ValueError, match="not to generate"):
+        Engine(_coupled(dict(router="expert_choice")), max_batch_size=1)
