@@ -287,15 +287,3 @@ class MoEConfig(JsonConfig):
         if self.num_shared_experts == 0:
             return 0
         return self.shared_d_ff if self.shared_d_ff is not None else self.num_shared_experts * self.d_ff
-
-    def num_params(self) -> int:
-        """Parameters of the layer this config builds (counted on the meta device)."""
-        from moekit.model.accounting import moe_layer_params
-
-        return moe_layer_params(self)
-
-    def active_params(self) -> int:
-        """Parameters one token touches: router, top_k of the routed experts, shared and dense parts."""
-        from moekit.model.accounting import moe_layer_params
-
-        return moe_layer_params(self, active=True)

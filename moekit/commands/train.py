@@ -125,7 +125,9 @@ def _train(args: argparse.Namespace, preset, config) -> int:
                       run_info={"preset": preset.name, "model": config_json(model_config)},
                       progress=not args.quiet)
     if not args.quiet:
-        total, active = model_config.num_params(), model_config.active_params()
+        from moekit.model.accounting import active_params, num_params
+
+        total, active = num_params(model_config), active_params(model_config)
         print(f"{data.corpus.describe()}\n{preset.name}: {total:,} parameters ({active:,} active), "
               f"{data.train.num_sequences:,} training sequences of {config.seq_len} tokens")
     if not args.resume:

@@ -13,6 +13,7 @@ from typing import Any
 from moekit.hf.families import FAMILIES
 from moekit.hf.io import CONFIG_FILE, CheckpointReader, read_config
 from moekit.hf.native import is_native, read_native
+from moekit.model.accounting import active_params, num_params
 from moekit.model.config import ModelConfig
 from moekit.model.encoder_decoder import SwitchConfig
 
@@ -24,12 +25,12 @@ def _config_summary(cfg: ModelConfig | SwitchConfig) -> dict[str, Any]:
     if isinstance(cfg, SwitchConfig):
         return {"encoder_layers": cfg.num_layers, "decoder_layers": cfg.decoder_layers,
                 "d_model": cfg.d_model,
-                "heads": cfg.num_heads, "vocab": cfg.vocab_size, "params": cfg.num_params(),
+                "heads": cfg.num_heads, "vocab": cfg.vocab_size, "params": num_params(cfg),
                 "experts": cfg.num_experts, "top_k": 1, "expert_capacity": cfg.expert_capacity}
     moe = cfg.moe
     out: dict[str, Any] = {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                            "kv_heads": cfg.kv_heads, "vocab": cfg.vocab_size, "context": cfg.max_seq_len,
-                           "params": cfg.num_params(), "active_params": cfg.active_params()}
+                           "params": num_params(cfg), "active_params": active_params(cfg)}
     if moe is not None:
         out.update(experts=moe.num_experts, top_k=moe.top_k, expert_d_ff=moe.d_ff,
                    shared_experts=moe.num_shared_experts, router=f"{moe.router}/{moe.score_func}",

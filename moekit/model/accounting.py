@@ -2,6 +2,8 @@
 
 Counts come from the modules: total = every parameter once (tied weights once); active = total
 minus the routed experts a token does not visit, (E - k) / E of every MoE layer's expert tensors.
+`num_params(config)` / `active_params(config)` count the module any moekit config builds; they
+live here, not on the configs, so that the torch-free configs never import the modules back.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from moekit.model.moa import MixtureOfAttention
 if TYPE_CHECKING:
     from moekit.config import MoEConfig
     from moekit.model.config import ModelConfig
+    from moekit.model.encoder_decoder import SwitchConfig
+    from moekit.model.mamba import MambaConfig
 
 BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -63,6 +67,38 @@ def decoder_params(config: "ModelConfig", *, active: bool = False, embedding: bo
         core -= inactive_expert_params(model)
     total = core + (V * D if embedding else 0) + (head if lm_head else 0)
     return total - (V * D if config.tie_embeddings and embedding and lm_head else 0)
+
+
+def num_params(config: "MoEConfig | ModelConfig | MambaConfig | SwitchConfig") -> int:
+    """Parameters of the module `config` builds (a tied head counted once), counted on the meta device."""
+    from moekit.config import MoEConfig
+    from moekit.model.config import ModelConfig
+    from moekit.model.encoder_decoder import SwitchConfig, SwitchTransformer
+    from moekit.model.mamba import MambaConfig, MambaMixer
+
+    if isinstance(config, MoEConfig):
+        return moe_layer_params(config)
+    if isinstance(config, ModelConfig):
+        return decoder_params(config)
+    if isinstance(config, MambaConfig):
+        return count_params(meta_build(lambda: MambaMixer(config)))
+    if isinstance(config, SwitchConfig):
+        return count_params(meta_build(lambda: SwitchTransformer(config)))
+    raise TypeError(f"num_params takes a moekit config, not {type(config).__name__}")
+
+
+def active_params(config: "MoEConfig | ModelConfig", *, embedding: bool = True, lm_head: bool = True) -> int:
+    """Parameters one token touches: routed experts count top_k of E.
+
+    For a ModelConfig, `embedding` counts the embedding matrix (one row is read; the convention
+    counts it all) and `lm_head` the LM head (a tied head's V x D matrix is counted here even
+    though it is the embedding, since the head multiplies by all of it).
+    """
+    from moekit.config import MoEConfig
+
+    if isinstance(config, MoEConfig):
+        return moe_layer_params(config, active=True)
+    return decoder_params(config, active=True, embedding=embedding, lm_head=lm_head)
 
 
 def count_params(module: nn.Module) -> int:

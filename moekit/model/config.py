@@ -360,24 +360,6 @@ class ModelConfig(JsonConfig):
         return i - i % self.kv_share_every
 
     # ---- parameter counts (of the module this config builds, on the meta device) ----------
-    def num_params(self) -> int:
-        """Total parameters (a tied head counted once)."""
-        from moekit.model.accounting import decoder_params
-
-        return decoder_params(self)
-
-    def active_params(self, *, embedding: bool = True, lm_head: bool = True) -> int:
-        """Parameters one token touches: routed experts count top_k of E.
-
-        Args:
-            embedding: count the embedding matrix (one row is read; the convention counts it all).
-            lm_head: count the LM head (for a tied head, its V x D matrix is counted here even
-                though it is the embedding, since the head multiplies by all of it).
-        """
-        from moekit.model.accounting import decoder_params
-
-        return decoder_params(self, active=True, embedding=embedding, lm_head=lm_head)
-
     # ---- serialisation -------------------------------------------------------------------
     def replace(self, **changes: Any) -> "ModelConfig":
         return replace(self, **changes)

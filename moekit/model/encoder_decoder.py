@@ -118,13 +118,6 @@ class SwitchConfig:
             load_balance_granularity="sequence",
         )
 
-    def num_params(self) -> int:
-        """Parameters of the built model (the tied embedding counted once; on the meta device)."""
-        from moekit.model.accounting import count_params, meta_build
-
-        return count_params(meta_build(lambda: SwitchTransformer(self)))
-
-
 def relative_position_bucket(rel_QK: Tensor, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Tensor:
     """T5's bucket of each relative position (key - query): exact up to num_buckets / 2 (per

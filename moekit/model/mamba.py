@@ -73,13 +73,6 @@ class MambaConfig:
         """The dt rank R actually used."""
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
 
-    def num_params(self) -> int:
-        """Parameters of one mixer (counted on the meta device)."""
-        from moekit.model.accounting import count_params, meta_build
-
-        return count_params(meta_build(lambda: MambaMixer(self)))
-
-
 @dataclass
 class MambaCache:
     """Recurrent state of one Mamba layer, updated in place by `MambaMixer.forward`.

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from moekit.config import MoEConfig, check
+from moekit.model.accounting import active_params, num_params
 from moekit.model.config import ModelConfig
 from moekit.train.metrics import read_metrics
 from moekit.train.run import build_model, config_json, prepare_data
 from moekit.train.runfolder import RunLock
 from moekit.train.tokenizer import save_tokenizer
 from moekit.train.trainer import TrainConfig, Trainer
-
 
 # The training budget of a comparison: every variant runs exactly this. Chosen so the default run
 # (3 variants) takes about 10 minutes on 2 CPU cores. No intermediate checkpoints (a finished
@@ -133,7 +133,7 @@ def model_config(name: str, c: CompareConfig) -> ModelConfig:
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active non-embedding params + attention scores (Kaplan et al.
     2020, eq. 2.2 tripled for forward + backward): 6N + 6 L S D."""
-    n_active = config.active_params(embedding=False)
+    n_active = active_params(config, embedding=False)
     return 6.0 * n_active + 6.0 * config.n_layers * seq_len * config.d_model
 
 
@@ -172,16 +172,16 @@ def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, c
                           run_info={"variant": name, "model": config_json(mc)}, progress=progress,
                           label=f"{name:>16}")
         if progress:
-            print(f"{name}: {VARIANTS[name].description}; {mc.num_params():,} parameters, "
-                  f"{mc.active_params():,} active")
+            print(f"{name}: {VARIANTS[name].description}; {num_params(mc):,} parameters, "
+                  f"{active_params(mc):,} active")
         with RunLock(run_dir):
             result = trainer.fit(resume=(run_dir / "checkpoints").is_dir())
         if result.interrupted:
             raise KeyboardInterrupt(f"compare interrupted during {name}; rerun the same command to resume")
         runs[name] = {
             "metrics": read_metrics(run_dir / "metrics.jsonl"),
-            "total_params": mc.num_params(),
-            "active_params": mc.active_params(),
+            "total_params": num_params(mc),
+            "active_params": active_params(mc),
             "flops_per_token": flops_per_token(mc, config.train.seq_len),
             "description": VARIANTS[name].description,
             "balanced": VARIANTS[name].balanced,

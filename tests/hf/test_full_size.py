@@ -12,6 +12,7 @@ from moekit.hf.checkpoint import build
 from moekit.hf.convert import model_to_checkpoint
 from moekit.hf.families import family
 from moekit.hf.save import tied_copies
+from moekit.model.accounting import num_params
 from tests.hf.tiny import MODEL_TYPES
 
 TYPES = [*MODEL_TYPES, "switch_transformers"]
@@ -46,4 +47,4 @@ def test_meta_shapes_match_transformers(model_type):
     for key, tensor in hf_state.items():
         assert tuple(mapped[key].shape) == tuple(tensor.shape), key
     # parameters only (DeepSeek-V3's selection bias is a buffer in both); shared tensors counted once
-    assert config.num_params() == sum(p.numel() for p in hf_model.parameters())
+    assert num_params(config) == sum(p.numel() for p in hf_model.parameters())

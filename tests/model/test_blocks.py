@@ -11,6 +11,7 @@ from moekit.config import MoEConfig
 from moekit.experts.activations import glu
 from moekit.layer import MoELayer
 from moekit.model import ModelConfig, MoETransformer, RopeConfig
+from moekit.model.accounting import num_params
 from moekit.model.attention import additive_mask
 from moekit.model.mamba import MambaConfig, MambaMixer
 from moekit.model.rope import rope_cos_sin
@@ -81,7 +82,7 @@ def test_arctic_parallel_moe_block_equals_its_formula() -> None:
         expected = h + layer.residual_mlp(layer.residual_layernorm(h)) + moe_out
     torch.testing.assert_close(y, expected)
     assert decision is not None and aux is not None
-    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
 
 
 def test_jamba_style_stack_places_mamba_and_attention_layers() -> None:
@@ -93,7 +94,7 @@ def test_jamba_style_stack_places_mamba_and_attention_layers() -> None:
     kinds = [(hasattr(layer, "self_attn"), isinstance(layer.mlp, MoELayer)) for layer in model.model.layers]
     assert kinds == [(False, False), (False, True), (True, False), (False, True)]
     assert all(isinstance(layer.mamba, MambaMixer) for i, layer in enumerate(model.model.layers) if i != 2)
-    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
 
 
 def test_mamba_layer_ignores_padding_tokens() -> None:

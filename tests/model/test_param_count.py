@@ -6,6 +6,7 @@ import pytest
 
 from moekit.config import MoEConfig
 from moekit.model import ModelConfig
+from moekit.model.accounting import active_params, num_params
 from moekit.model.mamba import MambaConfig
 
 D, F, E, V = 8, 16, 4, 50
@@ -25,7 +26,7 @@ D, F, E, V = 8, 16, 4, 50
 ])
 def test_moe_layer_counts_by_hand(kw: dict, total: int, active: int) -> None:
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=2, **kw)
-    assert (cfg.num_params(), cfg.active_params()) == (total, active)
+    assert (num_params(cfg), active_params(cfg)) == (total, active)
 
 
 def test_decoder_counts_by_hand() -> None:
@@ -34,13 +35,13 @@ def test_decoder_counts_by_hand() -> None:
     block = 4 * D * D + D * E + E * 3 * D * F + 2 * D
     block_active = 4 * D * D + D * E + 2 * 3 * D * F + 2 * D
     untied = ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2, moe=moe)
-    assert untied.num_params() == V * D + 2 * block + D + V * D
-    assert untied.active_params() == V * D + 2 * block_active + D + V * D
-    assert untied.active_params(embedding=False, lm_head=False) == 2 * block_active + D
+    assert num_params(untied) == V * D + 2 * block + D + V * D
+    assert active_params(untied) == V * D + 2 * block_active + D + V * D
+    assert active_params(untied, embedding=False, lm_head=False) == 2 * block_active + D
     tied = untied.replace(tie_embeddings=True, lm_head_bias=True)
-    assert tied.num_params() == V * D + 2 * block + D + V
-    assert tied.active_params(embedding=False) == 2 * block_active + D + V * D + V
-    assert tied.active_params(lm_head=False) == V * D + 2 * block_active + D
+    assert num_params(tied) == V * D + 2 * block + D + V
+    assert active_params(tied, embedding=False) == 2 * block_active + D + V * D + V
+    assert active_params(tied, lm_head=False) == V * D + 2 * block_active + D
 
 
 def test_mamba_counts_by_hand() -> None:
@@ -48,4 +49,4 @@ def test_mamba_counts_by_hand() -> None:
     m = MambaConfig(d_model=D, d_state=4, expand=2, d_conv=4, dt_rank=2)
     I, R, N = 2 * D, 2, 4  # in_proj, depthwise conv (+bias), x_proj, dt_proj (+bias), A_log, D, out_proj
     by_hand = D * 2 * I + I * 4 + I + I * (R + 2 * N) + R * I + I + I * N + I + I * D
-    assert m.num_params() == by_hand + R + 2 * N  # + the dt/B/C RMSNorms (dt_layernorm=True)
+    assert num_params(m) == by_hand + R + 2 * N  # + the dt/B/C RMSNorms (dt_layernorm=True)

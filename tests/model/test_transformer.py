@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moekit.config import MoEConfig
 from moekit.model import MLAConfig, ModelConfig, MoETransformer, RopeConfig
+from moekit.model.accounting import num_params
 from moekit.model.mamba import MambaConfig
 
 D = 32
@@ -51,7 +52,7 @@ VARIANTS = [
 @pytest.mark.parametrize("cfg", VARIANTS)
 def test_param_count_matches_built_module(cfg: ModelConfig) -> None:
     model = MoETransformer(cfg)
-    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
 
 
 @pytest.mark.parametrize("cfg", VARIANTS)

@@ -14,6 +14,7 @@ import torch
 from moekit.analysis.stats import routing_stats
 from moekit.config import MoEConfig
 from moekit.layer import MoELayer
+from moekit.model.accounting import num_params
 from moekit.soft_layer import make_moe_layer
 from tests.reference.moe import reference_moe
 
@@ -99,7 +100,7 @@ ALL = [
 @pytest.mark.parametrize("kw", ALL)
 def test_parameter_count_matches_config(kw: dict) -> None:
     layer, _, _ = build(kw, 1, 1)
-    assert sum(p.numel() for p in layer.parameters()) == layer.config.num_params()
+    assert sum(p.numel() for p in layer.parameters()) == num_params(layer.config)
 
 
 @pytest.mark.parametrize("kw", ALL)
