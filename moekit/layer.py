@@ -17,9 +17,9 @@ from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch.capacity import apply_capacity, expert_capacity
 from moekit.dispatch.sort import SortDispatcher
-from moekit.inputs import bool_mask, check_float_input
 from moekit.experts.dense import DenseMLP
 from moekit.experts.grouped import Experts
+from moekit.inputs import bool_mask, check_float_input
 from moekit.routing import ROUTERS, Router
 from moekit.traits import ROUTER_TRAITS
 from moekit.types import MoEOutput, RoutingDecision

@@ -63,7 +63,7 @@ def _imports(module: str) -> set[str]:
     path = ROOT.parent / (module.replace(".", "/") + ".py")
     tree = ast.parse(path.read_text())
     found = set()
-    for node in ast.walk(tree):
+    for node in tree.body:  # module-level imports (those inside functions run only when called)
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
