@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit import losses
@@ -66,6 +67,9 @@ class MoELayer(nn.Module):
         )
         # Tokens routed to each expert since the last `update_expert_bias` (training only).
         self.register_buffer("load_counts_E", torch.zeros(config.num_experts), persistent=False)
+        # The process group whose ranks together hold one micro-batch (set by moekit.parallel):
+        # balance-loss expert fractions are counted over all of its tokens. None: this process only.
+        self.batch_group: dist.ProcessGroup | None = None
 
     def forward(
         self,
@@ -151,6 +155,7 @@ class MoELayer(nn.Module):
                 mask_T=mask_T,
                 num_sequences=num_sequences,
                 granularity=cfg.load_balance_granularity,
+                group=self.batch_group,
             )
         if cfg.z_loss_coef > 0 and cfg.router != "hash":
             out["z"] = losses.z_loss(logits_TE=decision.logits_TE, mask_T=mask_T)

@@ -160,11 +160,16 @@ class Trainer:
         out_dir: run folder: `checkpoints/`, `metrics.jsonl`.
         run_info: JSON-able description of the model (its config); a resumed checkpoint must match it.
         progress: show progress (a bar on a TTY, plain lines otherwise).
+        parallel: the process layout (`moekit.parallel.Distributed` under torchrun): every rank
+            trains its share of each global micro-batch; rank 0 alone writes files. Default: one process.
     """
 
     def __init__(self, model: nn.Module, *, config: TrainConfig, train: PackedSequences,
                  val: PackedSequences | None, out_dir: str | Path, run_info: dict | None = None,
-                 progress: bool = True, label: str = "train") -> None:
+                 progress: bool = True, label: str = "train", parallel=None) -> None:
+        from moekit.parallel.context import SingleProcess  # here: moekit.parallel imports moekit.train
+
+        self.parallel = parallel if parallel is not None else SingleProcess()
         if train.seq_len != config.seq_len:
             raise ValueError(f"train sequences have seq_len={train.seq_len}, config has {config.seq_len}")
         self.model, self.config, self.train, self.val = model, config, train, val
@@ -196,12 +201,13 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        opt_tensors, opt_meta = ckpt.optimizer_tensors(self.optimizer)
-        return ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step,
-            tensors={"model": ckpt.model_tensors(self.model), "optimizer": opt_tensors,
-                     "rng": ckpt.rng_tensors()},
-            state=self.state(opt_meta), keep_last=self.config.keep_last)
+        opt_tensors, opt_meta = self.parallel.optimizer_tensors(self.optimizer, self.model)
+        tensors = {"model": self.parallel.model_tensors(self.model), "optimizer": opt_tensors,
+                   "rng": ckpt.rng_tensors()}
+        self.parallel.on_writer(lambda: ckpt.save_checkpoint(
+            self.checkpoint_dir, self.step, tensors=tensors, state=self.state(opt_meta),
+            keep_last=self.config.keep_last))
+        return self.checkpoint_dir / ckpt.checkpoint_name(self.step)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything from checkpoint `path`; nothing is changed if it does not fit."""
@@ -217,8 +223,8 @@ class Trainer:
             if data[key] != ours:
                 raise ValueError(f"checkpoint {path} was trained with {key}={data[key]}, this run has "
                                  f"{ours}; the batches would differ. Resume with the same data settings")
-        ckpt.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
-        ckpt.load_optimizer_tensors(self.optimizer, tensors["optimizer"], state["optimizer"])
+        self.parallel.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
+        self.parallel.load_optimizer_tensors(self.optimizer, self.model, tensors["optimizer"], state["optimizer"])
         ckpt.set_rng_tensors(tensors["rng"])
         self.step = int(state["step"])
 
@@ -241,13 +247,14 @@ class Trainer:
             print(f"warning: {note}")
         if path is not None:
             self.load_checkpoint(path)
-            self.metrics.truncate_after(self.step)
+            self.parallel.on_writer(lambda: self.metrics.truncate_after(self.step))
         return path
 
     # ---- one step -------------------------------------------------------------------------------
     def _forward(self, micro_step: int):
         idx_B = batch_indices(micro_step, seed=self.config.seed, batch_size=self.config.batch_size,
                               num_sequences=self.train.num_sequences)
+        idx_B = self.parallel.local_indices(idx_B)
         inputs_BS, targets_BS = (t.to(self.device) for t in self.train.batch(idx_B))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             return self.model(inputs_BS, targets_BS=targets_BS)
@@ -279,25 +286,30 @@ class Trainer:
             for i, (layer, decision) in enumerate(zip(layers, moe_decisions)):
                 decisions[i].append(detach_decision(decision))  # stats only: free the graph
                 with torch.no_grad():
-                    for name, value in layer.aux_losses(decision, None, cfg.batch_size).items():
+                    num_seq = decision.logits_TE.shape[0] // cfg.seq_len  # this rank's sequences
+                    for name, value in layer.aux_losses(decision, None, num_seq).items():
                         aux_named[name] = aux_named.get(name, 0.0) + float(value) / cfg.grad_accum
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.parallel.reduce_gradients(self.model)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.parallel.clip_grad_norm(self.model, max_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(
                 f"gradient norm became {grad_norm} at step {self.step}; training stopped and the last "
                 f"good checkpoint in {self.checkpoint_dir} is intact. Lower --lr or turn off --bf16")
         self.optimizer.step()
         if hasattr(self.model, "update_expert_biases"):
+            self.parallel.before_bias_update(self.model)
             self.model.update_expert_biases()
         self.step += 1
+        means = self.parallel.mean({"loss": loss_sum, "aux_loss": aux_sum, **aux_named})
+        loss_sum, aux_sum = means.pop("loss"), means.pop("aux_loss")
+        aux_named = means
         elapsed = time.perf_counter() - start
         record = {"step": self.step, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / max(elapsed, 1e-9),
                   "tokens": self.step * cfg.tokens_per_step}
         record.update({f"aux/{k}": v for k, v in aux_named.items()})
-        record["moe"] = [summarize_routing(ds) for ds in decisions if ds]
+        record["moe"] = self.parallel.routing_summaries([summarize_routing(ds) for ds in decisions if ds])
         return record
 
     @torch.no_grad()
@@ -334,7 +346,7 @@ class Trainer:
             self.resume()
         else:
             self.ensure_fresh()
-            self.metrics.truncate_after(0)
+            self.parallel.on_writer(lambda: self.metrics.truncate_after(0))
         progress = Progress(cfg.steps, start=self.step, label=self.label, enabled=self.progress,
                             every=max(1, cfg.steps // 20))
         last_ckpt: Path | None = None
@@ -347,7 +359,7 @@ class Trainer:
                                                  or self.step == cfg.steps):
                         record.update(self.evaluate())
                         val_loss = record["val_loss"]
-                    self.metrics.write(record)
+                    self.parallel.on_writer(lambda: self.metrics.write(record))
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
                             or self.step == cfg.steps:
                         last_ckpt = self.save_checkpoint()
