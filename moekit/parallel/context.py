@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
 
-from moekit.parallel.shard import ExpertShard, full_tensors, gather_dim0, local_tensors
+from moekit.parallel.shard import ExpertShard, full_tensors, gather_dim0, local_tensors, parallelize
 from moekit.train import checkpoint as ckpt
 
 
@@ -34,6 +34,10 @@ class SingleProcess:
     is_writer = True
     world_size = 1
     rank = 0
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model as this layout runs it (sharded experts, all-to-all dispatch under Distributed)."""
+        return model
 
     def local_indices(self, idx_B: Tensor) -> Tensor:
         """This rank's share of a global micro-batch's sequence indices."""
@@ -79,6 +83,10 @@ class SingleProcess:
     def describe(self) -> dict:
         return {"world_size": 1, "expert_parallel": 1}
 
+    def full_model(self, model: nn.Module, config) -> nn.Module | None:
+        """The one-process model (rank 0; None elsewhere); every rank must call it."""
+        return model
+
 
 class Distributed(SingleProcess):
     """Ranks of `mesh` (dims "dp", "ep", spanning the default process group); see the module doc."""
@@ -91,6 +99,9 @@ class Distributed(SingleProcess):
         self.ep_group = mesh["ep"].get_group()
         self.dp_group = mesh["dp"].get_group()
         self.dp_size = mesh["dp"].size()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return parallelize(model, self.mesh)
 
     def local_indices(self, idx_B: Tensor) -> Tensor:
         B = idx_B.shape[0]
@@ -238,3 +249,15 @@ class Distributed(SingleProcess):
 
     def describe(self) -> dict:
         return {"world_size": self.world_size, "expert_parallel": self.mesh["ep"].size()}
+
+    def full_model(self, model: nn.Module, config) -> nn.Module | None:
+        from moekit.model import MoETransformer
+
+        tensors = self.model_tensors(model)
+        if not self.is_writer:
+            return None
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[]):  # its throw-away init must not advance the RNG
+            full = MoETransformer(config).to(device)
+        ckpt.load_model_tensors(full, tensors, source="the gathered expert shards")
+        return full.train(model.training)

@@ -117,6 +117,13 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
+def ensure_fresh(checkpoint_dir: Path) -> None:
+    """Refuse to start a new run over an earlier run's checkpoints in `checkpoint_dir`."""
+    if ckpt.list_checkpoints(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue "
+                         f"that run, or choose a new --out (nothing was overwritten)")
+
+
 class _StopFlag:
     """Turns the first Ctrl-C into a request to stop at the next step boundary (the second one raises)."""
 
@@ -195,6 +202,7 @@ class Trainer:
             "run_info": self.run_info,
             "optimizer": optimizer_meta,
             "scheduler": {"kind": "warmup_cosine", "step": self.step},
+            "parallel": self.parallel.describe(),  # informational: tensors are saved unsharded
             "data": {"seed": self.config.seed, "next_step": self.step,
                      "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum,
                      "seq_len": self.config.seq_len, "num_sequences": self.train.num_sequences},
@@ -230,9 +238,7 @@ class Trainer:
 
     def ensure_fresh(self) -> None:
         """Refuse to start a new run over an earlier run's checkpoints."""
-        if ckpt.list_checkpoints(self.checkpoint_dir):
-            raise ValueError(f"{self.checkpoint_dir} already holds checkpoints; pass --resume to continue "
-                             f"that run, or choose a new --out (nothing was overwritten)")
+        ensure_fresh(self.checkpoint_dir)
 
     def resume(self) -> Path | None:
         """Load the newest complete checkpoint, skipping torn or corrupt ones; None if there is none.
