@@ -99,6 +99,7 @@ class Distributed(SingleProcess):
         self.ep_group = mesh["ep"].get_group()
         self.dp_group = mesh["dp"].get_group()
         self.dp_size = mesh["dp"].size()
+        self.gathers = mesh["dp"].get_local_rank() == 0  # rank 0's ep group gathers for the writer
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return parallelize(model, self.mesh)
@@ -201,13 +202,14 @@ class Distributed(SingleProcess):
         return {i: shard_of[id(p)] for i, p in enumerate(flat) if id(p) in shard_of}
 
     def optimizer_tensors(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict, dict]:
+        """One-process optimizer tensors on rank 0 (others: their own), as `full_tensors` for weights."""
         tensors, meta = ckpt.optimizer_tensors(optimizer)
         shards = self._optimizer_shards(optimizer, model)
         out = {}
         for key in sorted(tensors):  # the same order on every rank: the gathers pair up
             t, shard = tensors[key], shards.get(int(key.split(".", 1)[0]))
             sharded = shard is not None and t.dim() > 0 and t.shape[0] == shard.num_experts
-            out[key] = gather_dim0(t, self.ep_group) if sharded else t
+            out[key] = gather_dim0(t, self.ep_group) if sharded and self.gathers else t
         return out, meta
 
     def load_optimizer_tensors(self, optimizer: torch.optim.Optimizer, model: nn.Module,

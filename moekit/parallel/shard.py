@@ -96,24 +96,28 @@ def expert_shard_names(model: nn.Module) -> dict[str, ExpertShard]:
 
 
 def gather_dim0(t: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """Concatenate `t` of every rank of `group` along dim 0, in group-rank order."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
+    """On group rank 0: `t` of every rank of `group` concatenated along dim 0 (group-rank order).
+    Elsewhere `t` itself (only the writing rank needs the whole)."""
+    root = dist.get_rank(group) == 0
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))] if root else None
+    dist.gather(t.contiguous(), parts, group=group, group_dst=0)
+    return torch.cat(parts) if parts is not None else t
 
 
 def full_tensors(model: nn.Module, named: dict[str, Tensor], mesh: DeviceMesh) -> dict[str, Tensor]:
-    """One-process tensors from this rank's `named` ones (every rank must call it).
+    """One-process tensors on rank 0 from every rank's `named` ones (every rank must call it).
 
-    Expert-shard parameters (and tensors of their shapes keyed by the same names) are gathered
-    over mesh["ep"]; routing counters are summed over all ranks; the rest is replicated as is.
+    Expert-shard parameters are gathered over the ep group of rank 0 (the other dp groups hold
+    copies and skip it); routing counters are summed over all ranks; the rest is replicated as is.
+    Ranks other than 0 get their own tensors back for the sharded names.
     """
     shards = expert_shard_names(model)
     group = mesh["ep"].get_group()
+    gathers = mesh["dp"].get_local_rank() == 0
     out = {}
     for name, t in named.items():
         if name in shards:
-            out[name] = gather_dim0(t.detach(), group)
+            out[name] = gather_dim0(t.detach(), group) if gathers else t
         elif name.endswith(LOAD_COUNTS):
             total = t.detach().clone()
             dist.all_reduce(total)

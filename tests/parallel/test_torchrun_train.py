@@ -1,6 +1,6 @@
 """`moekit train` under torchrun (gloo, CPU) trains exactly like one process, and resumes across layouts.
 
-Run A: 1 process for 2 steps, then resumed on 4 processes (expert parallel 4) to step 3.
+Run A: 1 process for 2 steps, then resumed on 4 processes (2 data-parallel x 2 expert-parallel) to step 3.
 Run B: 2 processes (expert parallel 2) for 2 steps, then resumed on 1 process to step 3.
 Every step's loss, gradient norm, validation loss and routing counts agree (fp32 round-off), and
 so do the final weights: the 2-process steps equal the 1-process ones, and each cross-layout
@@ -54,7 +54,7 @@ def test_torchrun_training_equals_one_process_and_resumes_on_another_layout(tmp_
     a, b = tmp_path / "a", tmp_path / "b"
     train(a, 2, 1, None)
     train(b, 2, 2, 2)
-    train(a, 3, 4, 4, resume=True)
+    train(a, 3, 4, 2, resume=True)
     train(b, 3, 1, None, resume=True)
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3]
