@@ -136,18 +136,30 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 def run_compare(
     config: CompareConfig, *, variants: list[str], out_dir: str | Path, corpus: str | Path | None = None,
-    cache_dir: Path | None = None, progress: bool = True,
+    cache_dir: Path | None = None, progress: bool = True, parallel=None,
 ) -> Path:
     """Train each variant into `out_dir/runs/<name>` (resuming any it finds) and write the report.
 
-    Returns the report folder.
+    parallel: the process layout (`moekit.parallel.Distributed` under torchrun; rank 0 alone
+    prints and writes). Returns the report folder.
     """
+    from moekit.parallel import SingleProcess
     from moekit.train.report import write_report
 
+    parallel = parallel if parallel is not None else SingleProcess()
+    progress = progress and parallel.is_writer
     check_variants(variants)
     out_dir = Path(out_dir)
-    data = prepare_data(corpus, seq_len=config.seq_len, vocab_size=config.vocab_size, out_dir=out_dir)
-    save_tokenizer(data.tokenizer, out_dir)
+    holder: dict = {}
+
+    def prepare() -> None:  # rank 0 trains the tokenizer; the others read it
+        holder["data"] = prepare_data(corpus, seq_len=config.seq_len, vocab_size=config.vocab_size,
+                                      out_dir=out_dir, cache_dir=cache_dir)
+        save_tokenizer(holder["data"].tokenizer, out_dir)
+
+    parallel.on_writer(prepare)
+    data = holder.get("data") or prepare_data(corpus, seq_len=config.seq_len, vocab_size=config.vocab_size,
+                                              out_dir=out_dir, cache_dir=cache_dir)
     vocab = data.tokenizer.get_vocab_size()
     if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
         config = CompareConfig(**{**asdict(config), "vocab_size": vocab})
@@ -157,10 +169,10 @@ def run_compare(
     for name in variants:
         mc = model_config(name, config)
         run_dir = out_dir / "runs" / name
-        model = build_model(mc, seed=config.seed)
+        model = parallel.prepare(build_model(mc, seed=config.seed))
         trainer = Trainer(model, config=config.train_config(), train=data.train, val=data.val, out_dir=run_dir,
                           run_info={"variant": name, "model": config_json(mc)}, progress=progress,
-                          label=f"{name:>16}")
+                          label=f"{name:>16}", parallel=parallel)
         if progress:
             print(f"{name}: {VARIANTS[name].description}; {mc.num_params():,} parameters, "
                   f"{mc.active_params():,} active")
@@ -175,4 +187,6 @@ def run_compare(
             "description": VARIANTS[name].description,
             "balanced": VARIANTS[name].balanced,
         }
-    return write_report(out_dir / "report", runs, config=asdict(config), corpus=data.corpus.describe())
+    parallel.on_writer(lambda: write_report(out_dir / "report", runs, config=asdict(config),
+                                            corpus=data.corpus.describe()))
+    return out_dir / "report"
