@@ -116,7 +116,8 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, out: dic
                 log = timed_forward(lay, x_TD)
                 if i >= 2:  # two warm-up repeats
                     logs[name].append(log)
-        results = {name: {k: statistics.median(lg[k] for lg in ls) for k in ls[0]} for name, ls in logs.items()}
+        results = {name: {k: statistics.median(lg[k] for lg in ls) for k in ls[0]}
+                   for name, ls in logs.items()}
         out[rank] = results
     finally:
         dist.destroy_process_group()
@@ -159,12 +160,14 @@ def main() -> None:
     print("times in ms; dispatch/combine include their local sort and weighted sum; a2a = the exchanges "
           "alone (4 per forward+backward), replayed with the layer's splits")
     print(f"{'W':>2} {'variant':<17} {'fwd':>7} {'experts':>8} {'dispatch':>9} {'combine':>8} "
-          f"{'fwd+bwd':>8} {'a2a':>7} {'a2a %':>6} {'weak eff':>8} {'B/token':>8} {'analytic':>8} {'uniform':>8}")
+          f"{'fwd+bwd':>8} {'a2a':>7} {'a2a %':>6} {'weak eff':>8} {'B/token':>8} {'analytic':>8} "
+          f"{'uniform':>8}")
     for r in rows:
         eff = base["step_s"] / r["step_s"]
         a2a = r.get("a2a_fwd_bwd_s")
         comm = f"{a2a * 1e3:7.1f} {100 * a2a / r['step_s']:6.1f}" if a2a is not None else f"{'':7} {'':6}"
-        extra = (f"{r['bytes_per_token']:8.0f} {r['analytic_measured_fraction']:8.0f} {r['analytic_uniform']:8.0f}"
+        extra = (f"{r['bytes_per_token']:8.0f} {r['analytic_measured_fraction']:8.0f} "
+                 f"{r['analytic_uniform']:8.0f}"
                  if "bytes_per_token" in r else "")
         print(f"{r['world']:>2} {r['variant']:<17} {r['forward_s'] * 1e3:7.1f} {r['experts_s'] * 1e3:8.1f} "
               f"{r['dispatch_s'] * 1e3:9.1f} {r['combine_s'] * 1e3:8.1f} {r['step_s'] * 1e3:8.1f} "

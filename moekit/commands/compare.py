@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder or file of UTF-8 text (default: Shakespeare, fetched on demand)")
     p.add_argument("--cache-dir", type=Path, default=None, help="Shakespeare cache folder")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="EP",
-                   help="under torchrun: shard each MoE variant's experts over EP ranks (data over all ranks)")
+                   help="under torchrun: shard each MoE variant's experts over EP ranks "
+                        "(data over all ranks)")
     defaults = CompareConfig()
     for f in fields(CompareConfig):
         value = getattr(defaults, f.name)
@@ -37,9 +38,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(CompareConfig)
                  if getattr(args, f.name) is not None}
     config = replace(CompareConfig(), **overrides)
-    moe = [mc.moe.num_experts for mc in (model_config(n, config) for n in args.variants) if mc.moe is not None]
+    configs = [model_config(name, config) for name in args.variants]
+    moe = [mc.moe.num_experts for mc in configs if mc.moe is not None]
     for num_experts in sorted(set(moe)) or [None]:
-        check_launch(expert_parallel=args.expert_parallel, num_experts=num_experts, batch_size=config.batch_size)
+        check_launch(expert_parallel=args.expert_parallel, num_experts=num_experts,
+                     batch_size=config.batch_size)
     parallel, _ = init_from_environment(expert_parallel=args.expert_parallel, device="cpu")
     say = print if parallel.is_writer else (lambda *a, **k: None)
     try:

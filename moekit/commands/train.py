@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from moekit.model.config import ModelConfig
+    from moekit.parallel.context import SingleProcess
+    from moekit.train.presets import Preset
+    from moekit.train.trainer import TrainConfig
 
 # flag -> TrainConfig field, for the settings a user can override on the command line.
 TRAIN_FLAGS = {
@@ -30,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sparse upcycling: start from this dense run folder, checkpoint or final model")
     p.add_argument("--upcycle-noise", type=float, default=0.0,
                    help="relative noise added to each upcycled expert copy (default 0: exact copies)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda: cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (default cpu; cuda: cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="EP",
                    help="under torchrun: shard each MoE layer's experts over EP ranks (data over all ranks)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -55,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         shutdown()
 
 
-def _train(args: argparse.Namespace, preset, config, model_config, vocab_size: int, parallel,
-           device) -> int:
+def _train(args: argparse.Namespace, preset: Preset, config: TrainConfig, model_config: ModelConfig,
+           vocab_size: int, parallel: SingleProcess, device: torch.device) -> int:
     """The run itself, on every rank of `parallel` (rank 0 alone prints and writes files)."""
     from moekit.train.run import build_model, config_json, prepare_data, save_final
     from moekit.train.tokenizer import save_tokenizer
@@ -80,7 +90,8 @@ def _train(args: argparse.Namespace, preset, config, model_config, vocab_size: i
     # Saved before training (a resumed run must tokenize alike), after every check that can refuse.
     parallel.on_writer(lambda: save_tokenizer(holder["data"].tokenizer, args.out))
     data = holder["data"] if "data" in holder else prepare_data(
-        args.corpus, seq_len=config.seq_len, vocab_size=vocab_size, out_dir=args.out, cache_dir=args.cache_dir)
+        args.corpus, seq_len=config.seq_len, vocab_size=vocab_size, out_dir=args.out,
+        cache_dir=args.cache_dir)
     model = parallel.prepare(model)  # expert shards and all-to-all dispatch over the mesh
     trainer = Trainer(model, config=config, train=data.train, val=data.val, out_dir=args.out,
                       run_info={"preset": preset.name, "model": config_json(model_config)},
@@ -101,5 +112,6 @@ def _train(args: argparse.Namespace, preset, config, model_config, vocab_size: i
     parallel.on_writer(lambda: save_final(full, model_config, data.tokenizer, args.out / "final",
                                           model_type=preset.hf_model_type))
     val = "" if result.final_val_loss is None else f", final validation loss {result.final_val_loss:.4f}"
-    say(f"trained {result.step} steps{val}; model in {args.out / 'final'}, metrics in {args.out / 'metrics.jsonl'}")
+    say(f"trained {result.step} steps{val}; model in {args.out / 'final'}, "
+        f"metrics in {args.out / 'metrics.jsonl'}")
     return 0

@@ -107,7 +107,8 @@ class Distributed(SingleProcess):
     def local_indices(self, idx_B: Tensor) -> Tensor:
         B = idx_B.shape[0]
         if B % self.world_size:
-            raise ValueError(f"a micro-batch of {B} sequences does not split over {self.world_size} processes; "
+            raise ValueError(f"a micro-batch of {B} sequences does not split over {self.world_size} "
+                             f"processes; "
                              f"use a --batch-size divisible by {self.world_size}")
         b = B // self.world_size
         return idx_B[self.rank * b:(self.rank + 1) * b]
@@ -129,7 +130,8 @@ class Distributed(SingleProcess):
         # Each rank's loss is the mean over its 1/N of the tokens: the one-process gradient is
         # the sum over ranks divided by N, for expert shards too (their gradient already holds
         # the contributions of their ep peers' tokens, through the all-to-all backward).
-        for group_params, group, size in ((dense, None, self.world_size), (expert, self.dp_group, self.dp_size)):
+        layout = ((dense, None, self.world_size), (expert, self.dp_group, self.dp_size))
+        for group_params, group, size in layout:
             grads = [p.grad for p in group_params if p.grad is not None]
             if not grads:
                 continue

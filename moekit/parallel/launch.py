@@ -29,7 +29,8 @@ def check_launch(*, expert_parallel: int | None, num_experts: int | None, batch_
     ep = 1 if expert_parallel is None else expert_parallel
     if not launched_by_torchrun(env):
         if ep != 1:
-            raise ValueError(f"--expert-parallel {ep} needs {ep} or a multiple of {ep} processes; launch with "
+            raise ValueError(f"--expert-parallel {ep} needs {ep} or a multiple of {ep} processes; "
+                             f"launch with "
                              f"torchrun --nproc-per-node {ep} -m moekit train ... (WORLD_SIZE is not set)")
         return 1
     world = int(env["WORLD_SIZE"])

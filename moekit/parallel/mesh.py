@@ -20,7 +20,8 @@ def check_sizes(*, world_size: int, expert_parallel: int, num_experts: int | Non
         raise ValueError(f"world size {world_size} is not divisible by --expert-parallel {expert_parallel}; "
                          f"launch a multiple of {expert_parallel} processes (torchrun --nproc-per-node)")
     if num_experts is not None and num_experts % expert_parallel:
-        raise ValueError(f"num_experts={num_experts} is not divisible by --expert-parallel {expert_parallel}; "
+        raise ValueError(f"num_experts={num_experts} is not divisible by --expert-parallel "
+                         f"{expert_parallel}; "
                          f"each rank must hold the same number of experts")
     if batch_size is not None and batch_size % world_size:
         raise ValueError(f"--batch-size {batch_size} (the global batch) does not split over {world_size} "

@@ -76,7 +76,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
             raise ValueError("router='soft' mixes every token into every expert's slots; it has no "
                              "expert-parallel dispatch (use a token-choice router)")
         if not isinstance(layer.experts, Experts) or isinstance(layer.experts, ExpertShard):
-            raise TypeError(f"parallelize expects unsharded moekit Experts, got {type(layer.experts).__name__}")
+            raise TypeError(f"parallelize expects unsharded moekit Experts, got "
+                            f"{type(layer.experts).__name__}")
     group = ep_mesh.get_group()
     for layer in layers:
         layer.experts = shard_experts(layer.experts, rank=rank, size=ep)

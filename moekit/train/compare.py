@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.config import MoEConfig, check
 from moekit.model.config import ModelConfig
@@ -17,6 +18,9 @@ from moekit.train.metrics import read_metrics
 from moekit.train.run import build_model, config_json, prepare_data
 from moekit.train.tokenizer import save_tokenizer
 from moekit.train.trainer import TrainConfig, Trainer
+
+if TYPE_CHECKING:
+    from moekit.parallel.context import SingleProcess
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +140,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 def run_compare(
     config: CompareConfig, *, variants: list[str], out_dir: str | Path, corpus: str | Path | None = None,
-    cache_dir: Path | None = None, progress: bool = True, parallel=None,
+    cache_dir: Path | None = None, progress: bool = True, parallel: SingleProcess | None = None,
 ) -> Path:
     """Train each variant into `out_dir/runs/<name>` (resuming any it finds) and write the report.
 

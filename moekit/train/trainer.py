@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,9 @@ from moekit.routing.base import detach_decision
 from moekit.train import checkpoint as ckpt
 from moekit.train.batches import PackedSequences, batch_indices, eval_indices
 from moekit.train.metrics import MetricsLog, Progress, summarize_routing
+
+if TYPE_CHECKING:
+    from moekit.parallel.context import SingleProcess
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,7 +177,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, *, config: TrainConfig, train: PackedSequences,
                  val: PackedSequences | None, out_dir: str | Path, run_info: dict | None = None,
-                 progress: bool = True, label: str = "train", parallel=None) -> None:
+                 progress: bool = True, label: str = "train",
+                 parallel: SingleProcess | None = None) -> None:
         from moekit.parallel.context import SingleProcess  # here: moekit.parallel imports moekit.train
 
         self.parallel = parallel if parallel is not None else SingleProcess()
@@ -232,7 +237,8 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} was trained with {key}={data[key]}, this run has "
                                  f"{ours}; the batches would differ. Resume with the same data settings")
         self.parallel.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
-        self.parallel.load_optimizer_tensors(self.optimizer, self.model, tensors["optimizer"], state["optimizer"])
+        self.parallel.load_optimizer_tensors(self.optimizer, self.model, tensors["optimizer"],
+                                             state["optimizer"])
         ckpt.set_rng_tensors(tensors["rng"])
         self.step = int(state["step"])
 

@@ -14,13 +14,15 @@ TORCHRUN = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"}
 
 @pytest.mark.parametrize("kwargs, env, message", [
     pytest.param(dict(expert_parallel=2, num_experts=4, batch_size=4), {},
-                 "--expert-parallel 2 needs 2 or a multiple of 2 processes; launch with torchrun", id="no-torchrun"),
+                 "--expert-parallel 2 needs 2 or a multiple of 2 processes; launch with torchrun",
+                 id="no-torchrun"),
     pytest.param(dict(expert_parallel=3, num_experts=6, batch_size=12), TORCHRUN,
                  "world size 4 is not divisible by --expert-parallel 3", id="world-not-divisible"),
     pytest.param(dict(expert_parallel=4, num_experts=6, batch_size=8), TORCHRUN,
                  "num_experts=6 is not divisible by --expert-parallel 4", id="experts-not-divisible"),
     pytest.param(dict(expert_parallel=2, num_experts=4, batch_size=6), TORCHRUN,
-                 "--batch-size 6 (the global batch) does not split over 4 processes", id="batch-not-divisible"),
+                 "--batch-size 6 (the global batch) does not split over 4 processes",
+                 id="batch-not-divisible"),
     pytest.param(dict(expert_parallel=0, num_experts=4, batch_size=8), TORCHRUN,
                  "--expert-parallel 0 is invalid", id="ep-zero"),
     pytest.param(dict(expert_parallel=2, num_experts=None, batch_size=8), TORCHRUN,

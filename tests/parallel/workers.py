@@ -25,7 +25,8 @@ T_PER_RANK, D, E = 12, 8, 8
 
 
 def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"rank {dist.get_rank()}: {what}: {m}")
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL,
+                               msg=lambda m: f"rank {dist.get_rank()}: {what}: {m}")
 
 
 def skewed_decision(T: int, K: int, *, seed: int, rank: int) -> RoutingDecision:
