@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit import losses
@@ -37,6 +38,9 @@ class RoutedLayer(nn.Module):
         self.router = router if router is not None else ROUTERS[config.router](config)
         # Tokens routed to each expert since the last `update_expert_bias` (training only).
         self.register_buffer("load_counts_E", torch.zeros(config.num_experts), persistent=False)
+        # The process group whose ranks together hold one micro-batch (set by moekit.parallel):
+        # balance-loss expert fractions are counted over all of its tokens. None: this process only.
+        self.batch_group: dist.ProcessGroup | None = None
 
     def count_loads(self, decision: RoutingDecision) -> None:
         """Add a training forward's expert loads to `load_counts_E` (for `update_expert_bias`)."""
@@ -62,6 +66,7 @@ class RoutedLayer(nn.Module):
                 mask_T=mask_T,
                 num_sequences=num_sequences,
                 granularity=cfg.load_balance_granularity,
+                group=self.batch_group,
             )
         if cfg.z_loss_coef > 0 and "z" in applies:
             out["z"] = losses.z_loss(logits_TE=decision.logits_TE, mask_T=mask_T)
@@ -217,3 +222,10 @@ class MoELayer(RoutedLayer):
         if tuple(t.shape) != tuple(lead):
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(lead)} to match the input")
         return t.reshape(-1)
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """A model's MoE layers in depth order (`model.moe_layers()` when the model provides it)."""
+    if hasattr(model, "moe_layers"):
+        return list(model.moe_layers())
+    return [m for m in model.modules() if isinstance(m, MoELayer)]

@@ -30,6 +30,21 @@ def expert_fraction_E(selected_TK: Tensor, *, num_experts: int, mask_T: Tensor |
     return counts_E / (m_T.sum() * K).clamp_min(1.0)
 
 
+def global_expert_fraction_E(
+    selected_TK: Tensor, *, num_experts: int, mask_T: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """f_e over the tokens of every rank of `group`: slot counts and token counts summed, then divided."""
+    T, K = selected_TK.shape
+    m_T = _mask_T(mask_T, T, selected_TK.device)
+    valid_TK = (selected_TK >= 0).float() * m_T[:, None]
+    counts_E1 = torch.zeros(num_experts + 1, device=selected_TK.device)
+    counts_E1[:num_experts].index_add_(0, selected_TK.clamp_min(0).reshape(-1), valid_TK.reshape(-1))
+    counts_E1[num_experts] = m_T.sum()
+    dist.all_reduce(counts_E1, group=group)  # integer-valued floats: the sum is exact
+    return counts_E1[:num_experts] / (counts_E1[num_experts] * K).clamp_min(1.0)
+
+
 def mean_prob_E(probs_TE: Tensor, *, mask_T: Tensor | None = None) -> Tensor:
     """P_e: the mean router probability of expert e over real tokens."""
     m_T = _mask_T(mask_T, probs_TE.shape[0], probs_TE.device)
@@ -56,6 +71,9 @@ def load_balance_loss(
         "global":      f over the whole data-parallel batch: the expert counts are summed over
                        `group` (the default group when torch.distributed is initialised), P stays
                        local (Qiu et al. 2025, global-batch balance).
+    group: the ranks that together hold this micro-batch (moekit.parallel sets it on each layer).
+        Given, "micro_batch" and "global" count f over all their tokens, so the loss averaged over
+        the ranks equals the one-process loss of the whole batch. "sequence" needs no exchange.
     """
     T, E = probs_TE.shape
     if granularity == "sequence":
@@ -72,11 +90,10 @@ def load_balance_loss(
         return torch.where(present, torch.stack(losses), 0.0).sum() / present.sum().clamp_min(1)
     if granularity not in ("micro_batch", "global"):
         raise ValueError(f"granularity={granularity!r} is invalid: 'micro_batch', 'sequence' or 'global'")
-    f_E = expert_fraction_E(selected_TK, num_experts=E, mask_T=mask_T)
-    if granularity == "global" and dist.is_available() and dist.is_initialized():
-        f_E = f_E.clone()
-        dist.all_reduce(f_E, group=group)
-        f_E = f_E / dist.get_world_size(group)
+    if group is not None or (granularity == "global" and dist.is_available() and dist.is_initialized()):
+        f_E = global_expert_fraction_E(selected_TK, num_experts=E, mask_T=mask_T, group=group)
+    else:
+        f_E = expert_fraction_E(selected_TK, num_experts=E, mask_T=mask_T)
     return E * (f_E.detach() * mean_prob_E(probs_TE, mask_T=mask_T)).sum()
 
 

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", type=Path, default=None,
                    help="folder or file of UTF-8 text (default: Shakespeare, fetched on demand)")
     p.add_argument("--cache-dir", type=Path, default=None, help="Shakespeare cache folder")
+    p.add_argument("--expert-parallel", type=int, default=None, metavar="EP",
+                   help="under torchrun: shard each MoE variant's experts over EP ranks "
+                        "(data over all ranks)")
     defaults = CompareConfig()
     for f in fields(CompareConfig):
         if f.name != "train":
@@ -49,7 +52,8 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.hf.io import check_not_a_file
-    from moekit.train.compare import check_variants, run_compare
+    from moekit.parallel import check_launch, init_from_environment, shutdown
+    from moekit.train.compare import check_variants, model_config, run_compare
     from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
     from moekit.train.runfolder import StorageError
     from moekit.train.tokenizer import check_vocab_size
@@ -60,22 +64,34 @@ def run(args: argparse.Namespace) -> int:
         check_vocab_size(args.vocab_size, "--vocab-size")
     check_not_a_file(args.out, "--out")
     config = compare_config(args)
-    if args.corpus is None:
-        cache = args.cache_dir or default_cache_dir()
-        if not is_fetched(cache):
-            print(f"fetching the Shakespeare corpus into {cache} ...")
-            try:
-                fetch_shakespeare(cache)
-            except RuntimeError as err:
-                raise ValueError(str(err)) from err
+    configs = [model_config(name, config) for name in args.variants]
+    moe = [mc.moe.num_experts for mc in configs if mc.moe is not None]
+    for num_experts in sorted(set(moe)) or [None]:
+        check_launch(expert_parallel=args.expert_parallel, num_experts=num_experts,
+                     batch_size=config.train.batch_size)
+    parallel, _ = init_from_environment(expert_parallel=args.expert_parallel, device="cpu")
+    say = print if parallel.is_writer else (lambda *a, **k: None)
     try:
-        report = run_compare(config, variants=args.variants, out_dir=args.out, corpus=args.corpus,
-                             cache_dir=args.cache_dir, progress=not args.quiet)
-    except (NonFiniteLossError, StorageError) as err:
-        raise ValueError(str(err)) from err
-    except KeyboardInterrupt as stop:
-        print(f"\n{stop or 'interrupted'}")
-        return 130
-    print((report / "summary.md").read_text())
-    print(f"report: {report / 'summary.md'} (plots beside it)")
+        def fetch() -> None:
+            cache = args.cache_dir or default_cache_dir()
+            if args.corpus is None and not is_fetched(cache):
+                print(f"fetching the Shakespeare corpus into {cache} ...")
+                try:
+                    fetch_shakespeare(cache)
+                except RuntimeError as err:
+                    raise ValueError(str(err)) from err
+
+        parallel.on_writer(fetch)
+        try:
+            report = run_compare(config, variants=args.variants, out_dir=args.out, corpus=args.corpus,
+                                 cache_dir=args.cache_dir, progress=not args.quiet, parallel=parallel)
+        except (NonFiniteLossError, StorageError) as err:
+            raise ValueError(str(err)) from err
+        except KeyboardInterrupt as stop:
+            say(f"\n{stop or 'interrupted'}")
+            return 130
+    finally:
+        shutdown()
+    say((report / "summary.md").read_text())
+    say(f"report: {report / 'summary.md'} (plots beside it)")
     return 0

@@ -8,8 +8,10 @@ of the dense MLP of width `active_d_ff` (and a shared expert takes its share of 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.config import MoEConfig, check
 from moekit.model.accounting import active_params, num_params
@@ -27,6 +29,9 @@ DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=3e-3, war
                             eval_sequences=64, checkpoint_every=0, keep_last=1, seed=0)
 # TrainConfig fields `moekit compare` takes as flags (the rest keep DEFAULT_TRAIN's values)
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed")
+
+if TYPE_CHECKING:
+    from moekit.parallel.context import SingleProcess
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,25 +144,39 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 def run_compare(
     config: CompareConfig, *, variants: list[str], out_dir: str | Path, corpus: str | Path | None = None,
-    cache_dir: Path | None = None, progress: bool = True,
+    cache_dir: Path | None = None, progress: bool = True, parallel: SingleProcess | None = None,
 ) -> Path:
     """Train each variant into `out_dir/runs/<name>` (resuming any it finds) and write the report.
 
-    Returns the report folder. Holds a RunLock on `out_dir` (RunFolderBusy if another process has it).
+    Holds a RunLock on `out_dir` (RunFolderBusy if another process has it). parallel: the process
+    layout (`moekit.parallel.Distributed` under torchrun; rank 0 alone prints, writes and locks).
+    Returns the report folder.
     """
+    from moekit.parallel import SingleProcess
+
+    parallel = parallel if parallel is not None else SingleProcess()
     check_variants(variants)
     out_dir = Path(out_dir)
-    with RunLock(out_dir):  # one comparison per folder at a time; each variant's run folder too
+    # one comparison per folder at a time; each variant's run folder too
+    with RunLock(out_dir) if parallel.is_writer else nullcontext():
         return _run_compare(config, variants=variants, out_dir=out_dir, corpus=corpus,
-                            cache_dir=cache_dir, progress=progress)
+                            cache_dir=cache_dir, progress=progress and parallel.is_writer, parallel=parallel)
 
 
 def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, corpus: str | Path | None,
-                 cache_dir: Path | None, progress: bool) -> Path:
+                 cache_dir: Path | None, progress: bool, parallel: SingleProcess) -> Path:
     from moekit.train.report import write_report
 
-    data = prepare_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size, out_dir=out_dir)
-    save_tokenizer(data.tokenizer, out_dir)
+    holder: dict = {}
+
+    def prepare() -> None:  # rank 0 trains the tokenizer; the others read it
+        holder["data"] = prepare_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size,
+                                      out_dir=out_dir, cache_dir=cache_dir)
+        save_tokenizer(holder["data"].tokenizer, out_dir)
+
+    parallel.on_writer(prepare)
+    data = holder.get("data") or prepare_data(corpus, seq_len=config.train.seq_len,
+                                              vocab_size=config.vocab_size, out_dir=out_dir, cache_dir=cache_dir)
     vocab = data.tokenizer.get_vocab_size()
     if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
         config = replace(config, vocab_size=vocab)
@@ -167,14 +186,14 @@ def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, c
     for name in variants:
         mc = model_config(name, config)
         run_dir = out_dir / "runs" / name
-        model = build_model(mc, seed=config.train.seed)
+        model = parallel.prepare(build_model(mc, seed=config.train.seed))
         trainer = Trainer(model, config=config.train, train=data.train, val=data.val, out_dir=run_dir,
                           run_info={"variant": name, "model": config_json(mc)}, progress=progress,
-                          label=f"{name:>16}")
+                          label=f"{name:>16}", parallel=parallel)
         if progress:
             print(f"{name}: {VARIANTS[name].description}; {num_params(mc):,} parameters, "
                   f"{active_params(mc):,} active")
-        with RunLock(run_dir):
+        with RunLock(run_dir) if parallel.is_writer else nullcontext():
             result = trainer.fit(resume=(run_dir / "checkpoints").is_dir())
         if result.interrupted:
             raise KeyboardInterrupt(f"compare interrupted during {name}; rerun the same command to resume")
@@ -186,4 +205,6 @@ def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, c
             "description": VARIANTS[name].description,
             "balanced": VARIANTS[name].balanced,
         }
-    return write_report(out_dir / "report", runs, config=config.settings(), corpus=data.corpus.describe())
+    parallel.on_writer(lambda: write_report(out_dir / "report", runs, config=config.settings(),
+                                            corpus=data.corpus.describe()))
+    return out_dir / "report"

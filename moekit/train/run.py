@@ -24,7 +24,6 @@ from moekit.train.data import Corpus, load_corpus
 from moekit.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
-
 @dataclass(frozen=True)
 class PreparedData:
     tokenizer: Tokenizer

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,9 @@ from moekit.train import checkpoint as ckpt
 from moekit.train.batches import PackedSequences, batch_indices, eval_indices
 from moekit.train.metrics import MetricsLog, Progress, summarize_routing
 from moekit.train.runfolder import storage_error
+
+if TYPE_CHECKING:
+    from moekit.parallel.context import SingleProcess
 
 
 class NonFiniteLossError(RuntimeError):
@@ -126,12 +130,11 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig) -
         group.update(weight_decay=weight_decay, betas=(config.beta1, config.beta2), eps=config.eps)
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's MoE layers in depth order (`model.moe_layers()` when the model provides it)."""
-    if hasattr(model, "moe_layers"):
-        return list(model.moe_layers())
-    from moekit.layer import MoELayer
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+def ensure_fresh(checkpoint_dir: Path) -> None:
+    """Refuse to start a new run over an earlier run's checkpoints in `checkpoint_dir`."""
+    if ckpt.list_checkpoints(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue "
+                         f"that run, or choose a new --out (nothing was overwritten)")
 
 
 class _StopFlag:
@@ -177,11 +180,17 @@ class Trainer:
         out_dir: run folder: `checkpoints/`, `metrics.jsonl`.
         run_info: JSON-able description of the model (its config); a resumed checkpoint must match it.
         progress: show progress (a bar on a TTY, plain lines otherwise).
+        parallel: the process layout (`moekit.parallel.Distributed` under torchrun): every rank
+            trains its share of each global micro-batch; rank 0 alone writes files. Default: one process.
     """
 
     def __init__(self, model: nn.Module, *, config: TrainConfig, train: PackedSequences,
                  val: PackedSequences | None, out_dir: str | Path, run_info: dict | None = None,
-                 progress: bool = True, label: str = "train") -> None:
+                 progress: bool = True, label: str = "train",
+                 parallel: SingleProcess | None = None) -> None:
+        from moekit.parallel.context import SingleProcess  # here: moekit.parallel imports moekit.train
+
+        self.parallel = parallel if parallel is not None else SingleProcess()
         if train.seq_len != config.seq_len:
             raise ValueError(f"train sequences have seq_len={train.seq_len}, config has {config.seq_len}")
         self.model, self.config, self.train, self.val = model, config, train, val
@@ -209,18 +218,20 @@ class Trainer:
             "run_info": self.run_info,
             "optimizer": optimizer_meta,
             "scheduler": {"kind": "warmup_cosine", "step": self.step},
+            "parallel": self.parallel.describe(),  # informational: tensors are saved unsharded
             "data": {"seed": self.config.seed, "next_step": self.step,
                      "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum,
                      "seq_len": self.config.seq_len, "num_sequences": self.train.num_sequences},
         }
 
     def save_checkpoint(self) -> Path:
-        opt_tensors, opt_meta = ckpt.optimizer_tensors(self.optimizer)
-        return ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step,
-            tensors={"model": ckpt.model_tensors(self.model), "optimizer": opt_tensors,
-                     "rng": ckpt.rng_tensors()},
-            state=self.state(opt_meta), keep_last=self.config.keep_last)
+        opt_tensors, opt_meta = self.parallel.optimizer_tensors(self.optimizer, self.model)
+        tensors = {"model": self.parallel.model_tensors(self.model), "optimizer": opt_tensors,
+                   "rng": ckpt.rng_tensors()}
+        self.parallel.on_writer(lambda: ckpt.save_checkpoint(
+            self.checkpoint_dir, self.step, tensors=tensors, state=self.state(opt_meta),
+            keep_last=self.config.keep_last))
+        return self.checkpoint_dir / ckpt.checkpoint_name(self.step)
 
     def _save_checkpoint_or_say(self) -> Path:
         """save_checkpoint (after the metrics up to this step are on disk), failures said plainly."""
@@ -248,8 +259,9 @@ class Trainer:
         saved = state.get("train_config") or {}
         changed = {k: [saved[k], v] for k, v in ours.items()
                    if k in saved and k not in DATA_SETTINGS and saved[k] != v}
-        ckpt.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
-        ckpt.load_optimizer_tensors(self.optimizer, tensors["optimizer"], state["optimizer"])
+        self.parallel.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
+        self.parallel.load_optimizer_tensors(self.optimizer, self.model, tensors["optimizer"],
+                                             state["optimizer"])
         set_hyperparameters(self.optimizer, self.config)  # the saved groups hold the old values
         ckpt.set_rng_tensors(tensors["rng"])
         self.step = int(state["step"])
@@ -261,9 +273,7 @@ class Trainer:
 
     def ensure_fresh(self) -> None:
         """Refuse to start a new run over an earlier run's checkpoints."""
-        if ckpt.list_checkpoints(self.checkpoint_dir):
-            raise ValueError(f"{self.checkpoint_dir} already holds checkpoints; pass --resume to continue "
-                             f"that run, or choose a new --out (nothing was overwritten)")
+        ensure_fresh(self.checkpoint_dir)
 
     def resume(self) -> Path | None:
         """Load the newest complete checkpoint, skipping torn or corrupt ones; None if there is none.
@@ -278,7 +288,8 @@ class Trainer:
             print(f"warning: {note}")
         if path is not None:
             self.load_checkpoint(path)
-        self._write(lambda: self.metrics.truncate_after(self.step), f"rewrite {self.metrics.path}")
+        self.parallel.on_writer(lambda: self._write(lambda: self.metrics.truncate_after(self.step),
+                                                    f"rewrite {self.metrics.path}"))
         return path
 
     def last_good_checkpoint(self) -> Path | None:
@@ -302,6 +313,7 @@ class Trainer:
     def _forward(self, micro_step: int):
         idx_B = batch_indices(micro_step, seed=self.config.seed, batch_size=self.config.batch_size,
                               num_sequences=self.train.num_sequences)
+        idx_B = self.parallel.local_indices(idx_B)
         inputs_BS, targets_BS = (t.to(self.device) for t in self.train.batch(idx_B))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             return self.model(inputs_BS, targets_BS=targets_BS)
@@ -337,25 +349,30 @@ class Trainer:
                     decisions[kind] = [[] for _ in per_layer]
                 for bucket, decision in zip(decisions[kind], per_layer):
                     bucket.append(decision)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.parallel.reduce_gradients(self.model)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.parallel.clip_grad_norm(self.model, max_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(
                 f"gradient norm became {grad_norm} at step {self.step}; training stopped and "
                 f"{self._after_stop()}. Lower --lr or turn off --bf16")
         self.optimizer.step()
         if hasattr(self.model, "update_expert_biases"):
+            self.parallel.before_bias_update(self.model)
             self.model.update_expert_biases()
         self.step += 1
+        means = self.parallel.mean({"loss": loss_sum, "aux_loss": aux_sum, **aux_named})
+        loss_sum, aux_sum = means.pop("loss"), means.pop("aux_loss")
+        aux_named = means
         elapsed = time.perf_counter() - start
         record = {"step": self.step, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / max(elapsed, 1e-9),
                   "tokens": self.step * cfg.tokens_per_step}
         record.update({f"aux/{k}": v for k, v in aux_named.items()})
-        record["moe"] = [summarize_routing(ds) for ds in decisions["moe"] if ds]
+        record["moe"] = self.parallel.routing_summaries([summarize_routing(ds) for ds in decisions["moe"] if ds])
         if decisions["moa"]:
-            record["moa"] = [summarize_routing(ds) for ds in decisions["moa"] if ds]
+            record["moa"] = self.parallel.routing_summaries(
+                [summarize_routing(ds) for ds in decisions["moa"] if ds])
         return record
 
     @torch.no_grad()
@@ -397,9 +414,14 @@ class Trainer:
             self.resume()
         else:
             self.ensure_fresh()
-            self._write(lambda: self.metrics.truncate_after(0), f"rewrite {self.metrics.path}")
-        for stale in ckpt.remove_stale_tmp(self.checkpoint_dir):
-            print(f"note: removed {stale}, a checkpoint a stopped run did not finish writing")
+            self.parallel.on_writer(lambda: self._write(lambda: self.metrics.truncate_after(0),
+                                                        f"rewrite {self.metrics.path}"))
+
+        def remove_stale() -> None:
+            for stale in ckpt.remove_stale_tmp(self.checkpoint_dir):
+                print(f"note: removed {stale}, a checkpoint a stopped run did not finish writing")
+
+        self.parallel.on_writer(remove_stale)
         progress = Progress(cfg.steps, start=self.step, label=self.label, enabled=self.progress,
                             every=max(1, cfg.steps // 20))
         last_ckpt: Path | None = None
@@ -412,8 +434,9 @@ class Trainer:
                                                  or self.step == cfg.steps):
                         record.update(self.evaluate())
                         val_loss = record["val_loss"]
-                    self._write(lambda: self.metrics.write(record),
-                                f"append step {self.step}'s metrics to {self.metrics.path}")
+                    self.parallel.on_writer(lambda: self._write(
+                        lambda: self.metrics.write(record),
+                        f"append step {self.step}'s metrics to {self.metrics.path}"))
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
                             or self.step == cfg.steps:
                         last_ckpt = self._save_checkpoint_or_say()
