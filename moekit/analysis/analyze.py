@@ -1,0 +1,202 @@
+"""`analyze(model, batches, labels) -> Analysis`: run a model, trace its routing, compute every metric.
+
+The model is any module whose forward returns a `ModelOutput` with `routing` (one RoutingDecision per
+layer, None for dense ones), e.g. `MoETransformer`. Batches are token tensors (B, S) or
+(tokens_BS, mask_BS) pairs; labels give each sequence's domain. The result holds the routing
+trace, per-layer metrics with their baselines, and (optionally) knock-out and saturation results;
+`Analysis.to_dict()` is what `analysis.json` holds (keys documented in `ANALYSIS_KEYS`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moekit.analysis import metrics as m
+from moekit.analysis.trace import LayerTrace, RoutingTrace, concat_traces, trace_from_routing
+
+Batch = Tensor | tuple[Tensor, Tensor | None]
+
+# analysis.json: key -> meaning (README's table is generated from the same words).
+ANALYSIS_KEYS: dict[str, str] = {
+    "info": "model/corpus description: tokens, sequences, label_names, num_moe_layers",
+    "layers[].layer": "decoder-layer index of this MoE layer",
+    "layers[].num_experts, .k": "experts in the layer; mean valid slots per token (top_k)",
+    "layers[].load": "tokens_per_expert, load_fraction, max_vio, max_vio_uniform (random routing)",
+    "layers[].dropped_fraction": "capacity-dropped slots / chosen slots",
+    "layers[].entropy": "router_entropy (nats), router_entropy_normalized (/log E), router_entropy_uniform",
+    "layers[].domain": "share[g][e] (share of domain g's tokens at expert e), tokens_per_domain, max_share, "
+                       "mean_max_share, mean_max_share_shuffled (shuffled labels), uniform (k/E)",
+    "layers[].vocabulary": "score, score_shuffled, uniform (k/E), min_count, distinct_tokens, "
+                           "top_tokens[e] = [[token id, share, occurrences, text], ...]",
+    "layers[].coactivation": "p_b_given_a[a][b], mean_max, uniform ((k-1)/(E-1))",
+    "layers[].locality": "same_first, share_any and their *_uniform, *_load, *_random_pairs baselines",
+    "layers[].cache": "per capacity: lru_hit_rate, lru_hit_rate_shuffled, uniform (capacity/E)",
+    "knockout": "method, base_loss, experts[l][i] = {expert, tokens, loss, delta}, shared[l], top_n",
+    "saturation": "steps, overlap[c][l]: mean top-k overlap of checkpoint c with the final model",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnalysisConfig:
+    """Settings of the metrics.
+
+    Args:
+        min_count: token ids seen fewer times are left out of vocabulary specialization.
+        top_n: top tokens kept per expert.
+        cache_capacities: LRU cache sizes (experts per layer) to simulate; None = (1, k, 2k).
+        seed: seed of every shuffled or random baseline.
+    """
+
+    min_count: int = 5
+    top_n: int = 10
+    cache_capacities: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_count, int) or self.min_count < 1:
+            raise ValueError(f"min_count={self.min_count!r} is invalid: must be a positive integer")
+        if not isinstance(self.top_n, int) or self.top_n < 0:
+            raise ValueError(f"top_n={self.top_n!r} is invalid: must be an integer >= 0")
+        if self.cache_capacities is not None and any(c < 1 for c in self.cache_capacities):
+            raise ValueError(f"cache_capacities={self.cache_capacities!r} is invalid: each must be >= 1")
+
+
+@dataclass
+class Analysis:
+    """A routing trace and everything computed from it; `to_dict()` is analysis.json."""
+
+    trace: RoutingTrace
+    layers: list[dict]
+    info: dict = field(default_factory=dict)
+    knockout: dict | None = None
+    saturation: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"info": self.info, "layers": self.layers, "knockout": self.knockout,
+                "saturation": self.saturation}
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+def split_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
+    """(tokens_BS, mask_BS or None) of one batch; a TypeError for anything else."""
+    if isinstance(batch, Tensor):
+        tokens_BS, mask_BS = batch, None
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        tokens_BS, mask_BS = batch
+    else:
+        raise TypeError(f"a batch must be tokens_BS (B, S) or (tokens_BS, mask_BS); got {type(batch).__name__}")
+    if not isinstance(tokens_BS, Tensor) or tokens_BS.dim() != 2:
+        raise TypeError(f"tokens_BS must be a 2-D integer tensor (batch, seq); got "
+                        f"{getattr(tokens_BS, 'shape', type(tokens_BS).__name__)}")
+    if mask_BS is not None and tuple(mask_BS.shape) != tuple(tokens_BS.shape):
+        raise ValueError(f"mask_BS has shape {tuple(mask_BS.shape)}; expected {tuple(tokens_BS.shape)}")
+    return tokens_BS, mask_BS
+
+
+@torch.no_grad()
+def collect_trace(model: nn.Module, batches: Sequence[Batch], labels: Sequence[Tensor] | None = None, *,
+                  label_names: Sequence[str] = ()) -> RoutingTrace:
+    """Run `model` (eval mode) on each batch and trace its routing (padding left out).
+
+    labels: one long (B,) tensor per batch, each sequence's domain (index into label_names).
+    """
+    if labels is not None and len(labels) != len(batches):
+        raise ValueError(f"got {len(labels)} label tensors for {len(batches)} batches; give one (B,) "
+                         f"tensor of domain indices per batch")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    traces, first = [], 0
+    try:
+        for i, batch in enumerate(batches):
+            tokens_BS, mask_BS = split_batch(batch)
+            labels_B = None if labels is None else torch.as_tensor(labels[i]).long()
+            if labels_B is not None and labels_B.shape != (tokens_BS.shape[0],):
+                raise ValueError(f"labels[{i}] has shape {tuple(labels_B.shape)}; expected "
+                                 f"({tokens_BS.shape[0]},), one domain per sequence")
+            out = model(tokens_BS.to(device), mask_BS=None if mask_BS is None else mask_BS.to(device))
+            if not any(d is not None for d in out.routing):
+                raise ValueError("the model has no MoE layer (every routing entry is None); nothing to analyze")
+            traces.append(trace_from_routing(out.routing, tokens_BS, mask_BS=mask_BS, labels_B=labels_B,
+                                             label_names=tuple(label_names), first_sequence=first))
+            first += tokens_BS.shape[0]
+    finally:
+        model.train(was_training)
+    if not traces:
+        raise ValueError("no batches to analyze; pass at least one (B, S) token tensor")
+    return concat_traces(traces)
+
+
+def analyze_layer(lt: LayerTrace, trace: RoutingTrace, config: AnalysisConfig) -> dict:
+    """Every metric of one layer's routing, each beside its baselines."""
+    E, ids_NK = lt.num_experts, lt.expert_ids_NK
+    k = m.mean_slots(ids_NK)
+    capacities = config.cache_capacities or tuple(sorted({1, max(round(k), 1), max(2 * round(k), 1)}))
+    out: dict = {
+        "layer": lt.layer, "num_experts": E, "k": k,
+        "load": m.load_stats(ids_NK, E, seed=config.seed),
+        "dropped_fraction": m.dropped_fraction(ids_NK, lt.selected_NK),
+        "entropy": m.entropy_stats(lt.entropy_N, E),
+        "vocabulary": m.vocabulary_specialization(ids_NK, trace.token_ids_N, num_experts=E,
+                                                  min_count=config.min_count, top_n=config.top_n,
+                                                  seed=config.seed),
+        "coactivation": m.coactivation_stats(ids_NK, num_experts=E),
+        "locality": m.locality(ids_NK, trace.sequence_N, trace.position_N, num_experts=E, seed=config.seed),
+        "cache": m.cache_stats(ids_NK, trace.sequence_N, trace.position_N, num_experts=E,
+                               capacities=tuple(c for c in capacities if c <= E) or (1,), seed=config.seed),
+    }
+    if trace.labels_N is not None:
+        out["domain"] = m.domain_specialization(ids_NK, trace.labels_N, num_experts=E,
+                                                num_domains=len(trace.label_names),
+                                                sequence_N=trace.sequence_N, seed=config.seed)
+    return out
+
+
+def analyze_trace(trace: RoutingTrace, config: AnalysisConfig = AnalysisConfig(), *,
+                  decode=None) -> Analysis:
+    """All metrics of a recorded trace. `decode(token_id) -> str` adds text to the top tokens."""
+    layers = [analyze_layer(lt, trace, config) for lt in trace.layers]
+    if decode is not None:
+        for layer in layers:
+            for row in layer["vocabulary"]["top_tokens"]:
+                for entry in row:
+                    entry.append(decode(entry[0]))
+    info = {"tokens": trace.num_tokens, "sequences": int(torch.unique(trace.sequence_N).numel()),
+            "label_names": list(trace.label_names), "num_moe_layers": len(trace.layers)}
+    return Analysis(trace=trace, layers=layers, info=info)
+
+
+def analyze(model: nn.Module, batches: Iterable[Batch], labels: Sequence[Tensor] | None = None, *,
+            label_names: Sequence[str] = (), config: AnalysisConfig = AnalysisConfig(), decode=None,
+            knockout: bool | int = False, knockout_method: str = "auto") -> Analysis:
+    """Run `model` on `batches` and compute every routing metric (and, if asked, the knock-out).
+
+    Args:
+        model: forward(tokens_BS, mask_BS=...) -> ModelOutput with `routing`.
+        batches: token tensors (B, S) or (tokens_BS, mask_BS) pairs; mask False marks padding.
+        labels: one long (B,) tensor per batch (index into `label_names`), or None.
+        decode: token id -> text, for the top tokens per expert.
+        knockout: False; True for every expert of every layer; an int n for the n most used
+            experts of each layer (see `moekit.analysis.knockout`).
+    """
+    batches = list(batches)
+    trace = collect_trace(model, batches, labels, label_names=label_names)
+    result = analyze_trace(trace, config, decode=decode)
+    if knockout is not False:
+        from moekit.analysis.knockout import knockout_losses
+
+        top_n = None if knockout is True else int(knockout)
+        counts = [torch.tensor(layer["load"]["tokens_per_expert"]) for layer in result.layers]
+        result.knockout = knockout_losses(model, batches, counts=counts, top_n=top_n, method=knockout_method)
+    return result
