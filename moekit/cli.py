@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("moekit.commands.convert", "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
     "catalog": ("moekit.commands.catalog", "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
     "inspect": ("moekit.commands.inspect", "show one catalog architecture layer by layer with parameter counts"),
+    "analyze": ("moekit.commands.analyze", "what do the experts do? specialization, locality, knock-out; pictures"),
 }
 
 

@@ -36,7 +36,7 @@ ANALYSIS_KEYS: dict[str, str] = {
                            "top_tokens[e] = [[token id, share, occurrences, text], ...]",
     "layers[].coactivation": "p_b_given_a[a][b], mean_max, uniform ((k-1)/(E-1))",
     "layers[].locality": "same_first, share_any and their *_uniform, *_load, *_random_pairs baselines",
-    "layers[].cache": "per capacity: lru_hit_rate, lru_hit_rate_shuffled, uniform (capacity/E)",
+    "layers[].cache": "per capacity (experts cached per layer): lru_hit_rate, lru_hit_rate_shuffled, uniform (random routing)",
     "knockout": "method, base_loss, experts[l][i] = {expert, tokens, loss, delta}, shared[l], top_n",
     "saturation": "steps, overlap[c][l]: mean top-k overlap of checkpoint c with the final model",
 }

@@ -280,16 +280,19 @@ def lru_hit_rate(expert_ids_NK: Tensor, sequence_N: Tensor, position_N: Tensor, 
 def cache_stats(expert_ids_NK: Tensor, sequence_N: Tensor, position_N: Tensor, *, num_experts: int,
                 capacities: tuple[int, ...], seed: int = 0) -> list[dict]:
     """LRU hit rate per cache size, beside its baselines: the same replay with the tokens shuffled
-    across the trace (keeps every expert's frequency, removes order) and capacity/E, the hit rate
-    of a cache of that size under uniform random accesses."""
+    across the trace (keeps every expert's frequency, removes order), and the replay of uniformly
+    random top-k routing of the same tokens (which is capacity/E for top-1)."""
     gen = torch.Generator().manual_seed(seed)
-    shuffled_NK = expert_ids_NK[torch.randperm(expert_ids_NK.shape[0], generator=gen)]
+    N = expert_ids_NK.shape[0]
+    shuffled_NK = expert_ids_NK[torch.randperm(N, generator=gen)]
+    k = min(max(round(mean_slots(expert_ids_NK)), 1), num_experts)
+    uniform_NK = torch.rand(N, num_experts, generator=gen).topk(k, dim=-1).indices
     out = []
     for c in capacities:
         out.append({"capacity": c,
                     "lru_hit_rate": lru_hit_rate(expert_ids_NK, sequence_N, position_N, capacity=c),
                     "lru_hit_rate_shuffled": lru_hit_rate(shuffled_NK, sequence_N, position_N, capacity=c),
-                    "uniform": min(c / num_experts, 1.0)})
+                    "uniform": lru_hit_rate(uniform_NK, sequence_N, position_N, capacity=c)})
     return out
 
 
