@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "catalog": ("moekit.commands.catalog", "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
     "inspect": ("moekit.commands.inspect", "show one catalog architecture layer by layer with parameter counts"),
     "analyze": ("moekit.commands.analyze", "what do the experts do? specialization, locality, knock-out; pictures"),
+    "prune": ("moekit.commands.prune", "remove the least-used experts (optionally merging them); report the loss"),
 }
 
 

@@ -3,8 +3,8 @@
 Two ways to disable a routed expert (`method`):
     "router": its router logit is pushed to -1e9 (and its selection bias, if any), so every token
         picks its top-k among the other experts and the combine weights are renormalised over
-        them: the model as if the expert had been pruned (what `moekit prune` does). Token-choice
-        routers (`topk`, `sparsemixer`) only.
+        them: the model as if the expert had been pruned (what `moekit prune` does). The `topk`
+        router only (sparsemixer's gate has no bias to carry the mask).
     "zero": the expert's output projection is zeroed, so its slots contribute nothing and the
         other weights are not renormalised. Works for every router (expert choice, hash, ...).
 "auto" takes "router" where it applies, else "zero". A shared expert is always disabled by zeroing
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moekit.layer import MoELayer
 
 MASK_LOGIT = -1e9  # exp(-1e9 - max) is exactly 0 in fp32: the expert gets no probability
-TOKEN_CHOICE = ("topk", "sparsemixer")
+TOKEN_CHOICE = ("topk",)  # routers whose logits use gate.bias (sparsemixer ignores a bias)
 
 
 def resolve_method(layer: MoELayer, method: str) -> str:

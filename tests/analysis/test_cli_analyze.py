@@ -10,17 +10,7 @@ from moekit.cli import main
 
 from ..train.helpers import FIXTURE
 
-TRAIN = ["--preset", "tiny", "--steps", "4", "--corpus", str(FIXTURE), "--vocab-size", "300", "--batch-size",
-         "4", "--seq-len", "16", "--eval-every", "2", "--eval-sequences", "4", "--checkpoint-every", "2",
-         "--keep-last", "3", "--quiet"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("analyze") / "run"
-    assert main(["train", "--out", str(run), *TRAIN]) == 0
-    return run
 
 
 def test_analyze_a_trained_run_writes_json_pngs_and_html(tiny_run, tmp_path):
