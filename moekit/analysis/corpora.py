@@ -100,7 +100,9 @@ def read_labelled_lines(path: str | Path) -> list[tuple[str, str]]:
     """(label, text) of each non-empty `label<TAB>text` line; a ValueError names a bad line."""
     path = Path(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split on "\n" only: str.splitlines also breaks at U+0085 and U+2028, which occur inside sentences
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         label, sep, text = line.partition("\t")
@@ -129,6 +131,29 @@ def stdlib_python_files(limit: int = 40) -> list[Path]:
     """`limit` of the Python standard library's own top-level modules (sorted by name)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))[:limit]
+
+
+def build_code_vs_prose(dest: str | Path, *, shakespeare: str | Path | None = None,
+                        eld: str | Path | None = None, files: int = 40) -> Path:
+    """A three-domain folder: `python/` (standard-library modules, read from this machine),
+    `english_prose/` (eld's 1,000 English sentences) and `shakespeare/` (the two held-out works).
+    For `--labels folder`. Needs `moekit data fetch` (Shakespeare) and `fetch_eld`; idempotent."""
+    from moekit.train.data import VALIDATION_WORKS
+
+    dest = Path(dest)
+    (dest / "python").mkdir(parents=True, exist_ok=True)
+    for f in stdlib_python_files(files):
+        (dest / "python" / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    rows = read_labelled_lines(Path(eld or fetch_eld()) / "big-test.txt")
+    (dest / "english_prose").mkdir(exist_ok=True)
+    (dest / "english_prose" / "eld_en.txt").write_text("\n".join(t for lab, t in rows if lab == "en") + "\n",
+                                                      encoding="utf-8")
+    source = Path(shakespeare) if shakespeare is not None else default_cache_dir()
+    (dest / "shakespeare").mkdir(exist_ok=True)
+    for work in VALIDATION_WORKS:
+        text = (source / f"{work}_gut.txt").read_text(encoding="utf-8")
+        (dest / "shakespeare" / f"{work}.txt").write_text(text, encoding="utf-8")
+    return dest
 
 
 def _label_table(path: Path) -> dict[str, str]:

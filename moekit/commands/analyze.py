@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-NAMED_CORPORA = ("shakespeare", "eld")
+NAMED_CORPORA = ("shakespeare", "eld", "code-vs-prose")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "`moekit compare` (runs/NAME), a checkpoint folder, or a routing trace file")
     p.add_argument("--corpus", default=None,
                    help="folder or file of UTF-8 text, a `label<TAB>text` file, or a named corpus: "
-                        "shakespeare (fetched by `moekit data fetch`), eld (60 languages, fetched on demand)")
+                        "shakespeare (fetched by `moekit data fetch`), eld (60 languages, fetched on demand), "
+                        "code-vs-prose (stdlib Python / eld's English sentences / two Shakespeare plays)")
     p.add_argument("--labels", default=None,
                    help="how documents get domains: file | folder | genre (Shakespeare) | column | script "
                         "(`label<TAB>text` files) | a table file (JSON or `document<TAB>label`); default: "
@@ -34,20 +35,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=5, help="vocabulary metrics: ids seen fewer times are skipped")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the model's or run's)")
     p.add_argument("--trace", type=Path, default=None, help="also save the routing trace to this file")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where named corpora are cached")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the eld corpus is cached (default ~/.cache/moekit/eld)")
 
 
 def resolve_corpus(corpus: str, labels: str | None, cache_dir: Path | None) -> tuple[Path, str]:
-    from moekit.analysis.corpora import fetch_eld
+    from moekit.analysis.corpora import build_code_vs_prose, eld_cache_dir, fetch_eld
     from moekit.train.data import default_cache_dir, is_fetched
 
+    shakespeare = default_cache_dir()
+    if corpus in ("shakespeare", "code-vs-prose") and not is_fetched(shakespeare):
+        raise FileNotFoundError(f"the Shakespeare corpus is not in {shakespeare}; run `moekit data fetch` first")
     if corpus == "shakespeare":
-        cache = cache_dir or default_cache_dir()
-        if not is_fetched(cache):
-            raise FileNotFoundError(f"the Shakespeare corpus is not in {cache}; run `moekit data fetch` first")
-        return cache, labels or "genre"
+        return shakespeare, labels or "genre"
+    eld = cache_dir or eld_cache_dir()
     if corpus == "eld":
-        return fetch_eld(cache_dir) / "eld_heldout.tsv", labels or "column"
+        return fetch_eld(eld) / "eld_heldout.tsv", labels or "column"
+    if corpus == "code-vs-prose":
+        return build_code_vs_prose(eld / "code_vs_prose", shakespeare=shakespeare, eld=fetch_eld(eld)), \
+            labels or "folder"
     path = Path(corpus).expanduser()
     return path, labels or ("column" if path.suffix == ".tsv" else "file")
 
