@@ -34,6 +34,12 @@ def _grid(n: int, width: float = 4.0, height: float = 3.2):
     return fig, list(axes.flat[:n])
 
 
+def _integer_ticks(ax, *, y: bool = False) -> None:
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if y:
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -59,6 +65,7 @@ def domain_heatmaps(data: dict, path: Path) -> Path | None:
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if len(names) <= 40 else [""] * len(names), fontsize=6)
         ax.tick_params(axis="x", labelsize=7)
+        _integer_ticks(ax)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
 
@@ -73,6 +80,7 @@ def coactivation_heatmaps(data: dict, path: Path) -> Path:
         ax.set_xlabel("b", fontsize=8)
         ax.set_ylabel("a", fontsize=8)
         ax.tick_params(labelsize=7)
+        _integer_ticks(ax, y=True)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
 

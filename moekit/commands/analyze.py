@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             analysis.knockout = knockout_losses(model, ko_batches, counts=counts,
                                                 top_n=None if knock is True else knock,
                                                 method=args.knockout_method)
-        if source.checkpoints and not args.no_saturation:
+        if len(source.checkpoints) >= 2 and not args.no_saturation:
             sat_batches = _subset(data.batches, args.knockout_sequences)
             models = [(step, load_checkpoint_model(folder)) for step, folder in source.checkpoints]
             analysis.saturation = router_saturation(models, model, sat_batches)
