@@ -177,10 +177,23 @@ def analyze_trace(trace: RoutingTrace, config: AnalysisConfig = AnalysisConfig()
     return Analysis(trace=trace, layers=layers, info=info)
 
 
+def spread_batches(batches: Sequence[Batch], sequences: int) -> list[Batch]:
+    """Whole batches spread evenly over `batches` (so every domain appears) holding about
+    `sequences` sequences: the subset knock-out and saturation are measured on."""
+    if sequences < 1:
+        raise ValueError(f"sequences={sequences} is invalid: must be >= 1")
+    per = max(split_batch(batches[0])[0].shape[0], 1)
+    n = min(len(batches), max(1, -(-sequences // per)))
+    step = len(batches) / n
+    return [batches[int(i * step)] for i in range(n)]
+
+
 def analyze(model: nn.Module, batches: Iterable[Batch], labels: Sequence[Tensor] | None = None, *,
             label_names: Sequence[str] = (), config: AnalysisConfig = AnalysisConfig(), decode=None,
-            knockout: bool | int = False, knockout_method: str = "auto") -> Analysis:
-    """Run `model` on `batches` and compute every routing metric (and, if asked, the knock-out).
+            knockout: bool | int = False, knockout_method: str = "auto", knockout_sequences: int | None = None,
+            checkpoints: Sequence[tuple[int, nn.Module]] = ()) -> Analysis:
+    """Run `model` on `batches` and compute every routing metric (and, if asked, the knock-out
+    and the router saturation).
 
     Args:
         model: forward(tokens_BS, mask_BS=...) -> ModelOutput with `routing`.
@@ -189,14 +202,22 @@ def analyze(model: nn.Module, batches: Iterable[Batch], labels: Sequence[Tensor]
         decode: token id -> text, for the top tokens per expert.
         knockout: False; True for every expert of every layer; an int n for the n most used
             experts of each layer (see `moekit.analysis.knockout`).
+        knockout_sequences: measure knock-out and saturation on about this many sequences
+            (`spread_batches`); None = all.
+        checkpoints: (step, model) of earlier checkpoints of `model`'s run, for router saturation.
     """
     batches = list(batches)
     trace = collect_trace(model, batches, labels, label_names=label_names)
     result = analyze_trace(trace, config, decode=decode)
+    subset = batches if knockout_sequences is None else spread_batches(batches, knockout_sequences)
     if knockout is not False:
         from moekit.analysis.knockout import knockout_losses
 
         top_n = None if knockout is True else int(knockout)
         counts = [torch.tensor(layer["load"]["tokens_per_expert"]) for layer in result.layers]
-        result.knockout = knockout_losses(model, batches, counts=counts, top_n=top_n, method=knockout_method)
+        result.knockout = knockout_losses(model, subset, counts=counts, top_n=top_n, method=knockout_method)
+    if checkpoints:
+        from moekit.analysis.sources import router_saturation
+
+        result.saturation = router_saturation(list(checkpoints), model, subset)
     return result

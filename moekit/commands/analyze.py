@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.analysis.analyze import AnalysisConfig, analyze, analyze_trace
     from moekit.analysis.corpora import domain_batches, labelled_documents
     from moekit.analysis.report import write_report
-    from moekit.analysis.sources import describe, load_checkpoint_model, load_source, router_saturation
+    from moekit.analysis.sources import describe, load_checkpoint_model, load_source
     from moekit.train.tokenizer import load_tokenizer
 
     source = load_source(args.path)
@@ -104,20 +104,14 @@ def run(args: argparse.Namespace) -> int:
         knock = knockout_setting(args.knockout, model)
         print(f"analyzing {source.kind} {args.path}: {sum(b[0].shape[0] for b in data.batches)} sequences of "
               f"<= {seq_len} tokens in {len(data.label_names)} domains ({labels} labels)")
-        analysis = analyze(model, data.batches, data.labels, label_names=data.label_names, config=config,
-                           decode=decode, knockout=False)
-        if knock is not False:
-            from moekit.analysis.knockout import knockout_losses
-
-            ko_batches = _subset(data.batches, args.knockout_sequences)
-            counts = [_tensor(x["load"]["tokens_per_expert"]) for x in analysis.layers]
-            analysis.knockout = knockout_losses(model, ko_batches, counts=counts,
-                                                top_n=None if knock is True else knock,
-                                                method=args.knockout_method)
+        if args.knockout_sequences < 1:
+            raise ValueError(f"--knockout-sequences {args.knockout_sequences} is invalid: must be >= 1")
+        checkpoints = []
         if len(source.checkpoints) >= 2 and not args.no_saturation:
-            sat_batches = _subset(data.batches, args.knockout_sequences)
-            models = [(step, load_checkpoint_model(folder)) for step, folder in source.checkpoints]
-            analysis.saturation = router_saturation(models, model, sat_batches)
+            checkpoints = [(step, load_checkpoint_model(folder)) for step, folder in source.checkpoints]
+        analysis = analyze(model, data.batches, data.labels, label_names=data.label_names, config=config,
+                           decode=decode, knockout=knock, knockout_method=args.knockout_method,
+                           knockout_sequences=args.knockout_sequences, checkpoints=checkpoints)
         analysis.info.update(source=describe(source), corpus=str(corpus), labels=labels, seq_len=seq_len)
     if args.trace is not None:
         analysis.trace.save(args.trace)
@@ -132,19 +126,3 @@ def run(args: argparse.Namespace) -> int:
                 f"{loc['same_first_random_pairs']:.2f})")
     print(f"wrote {len(written)} files to {args.out}: report {written['report.html']}")
     return 0
-
-
-def _subset(batches: list, sequences: int) -> list:
-    """Whole batches spread over the list (every domain appears) holding about `sequences` sequences."""
-    if sequences < 1:
-        raise ValueError(f"--knockout-sequences {sequences} is invalid: must be >= 1")
-    per = max(batches[0][0].shape[0], 1)
-    n = min(len(batches), max(1, -(-sequences // per)))
-    step = len(batches) / n
-    return [batches[int(i * step)] for i in range(n)]
-
-
-def _tensor(values: list[int]):
-    import torch
-
-    return torch.tensor(values)
