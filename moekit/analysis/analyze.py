@@ -50,12 +50,15 @@ class AnalysisConfig:
         min_count: token ids seen fewer times are left out of vocabulary specialization.
         top_n: top tokens kept per expert.
         cache_capacities: LRU cache sizes (experts per layer) to simulate; None = (1, k, 2k).
+        cache_tokens: the cache is simulated (a Python loop) on whole sequences, evenly spaced over
+            the trace, holding about this many tokens.
         seed: seed of every shuffled or random baseline.
     """
 
     min_count: int = 5
     top_n: int = 10
     cache_capacities: tuple[int, ...] | None = None
+    cache_tokens: int = 20_000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +66,8 @@ class AnalysisConfig:
             raise ValueError(f"min_count={self.min_count!r} is invalid: must be a positive integer")
         if not isinstance(self.top_n, int) or self.top_n < 0:
             raise ValueError(f"top_n={self.top_n!r} is invalid: must be an integer >= 0")
+        if not isinstance(self.cache_tokens, int) or self.cache_tokens < 1:
+            raise ValueError(f"cache_tokens={self.cache_tokens!r} is invalid: must be a positive integer")
         if self.cache_capacities is not None and any(c < 1 for c in self.cache_capacities):
             raise ValueError(f"cache_capacities={self.cache_capacities!r} is invalid: each must be >= 1")
 
@@ -138,11 +143,23 @@ def collect_trace(model: nn.Module, batches: Sequence[Batch], labels: Sequence[T
     return concat_traces(traces)
 
 
+def cache_subset(sequence_N: Tensor, max_tokens: int) -> Tensor:
+    """bool (N,): whole sequences, evenly spaced over the trace, holding about `max_tokens` tokens."""
+    N = sequence_N.numel()
+    if N <= max_tokens:
+        return torch.ones(N, dtype=torch.bool)
+    seq_ids = torch.unique(sequence_N)
+    n = max(1, round(len(seq_ids) * max_tokens / N))
+    picked = seq_ids[torch.linspace(0, len(seq_ids) - 1, n).round().long().unique()]
+    return torch.isin(sequence_N, picked)
+
+
 def analyze_layer(lt: LayerTrace, trace: RoutingTrace, config: AnalysisConfig) -> dict:
     """Every metric of one layer's routing, each beside its baselines."""
     E, ids_NK = lt.num_experts, lt.expert_ids_NK
     k = m.mean_slots(ids_NK)
     capacities = config.cache_capacities or tuple(sorted({1, max(round(k), 1), max(2 * round(k), 1)}))
+    sub_N = cache_subset(trace.sequence_N, config.cache_tokens)
     out: dict = {
         "layer": lt.layer, "num_experts": E, "k": k,
         "load": m.load_stats(ids_NK, E, seed=config.seed),
@@ -153,7 +170,7 @@ def analyze_layer(lt: LayerTrace, trace: RoutingTrace, config: AnalysisConfig) -
                                                   seed=config.seed),
         "coactivation": m.coactivation_stats(ids_NK, num_experts=E),
         "locality": m.locality(ids_NK, trace.sequence_N, trace.position_N, num_experts=E, seed=config.seed),
-        "cache": m.cache_stats(ids_NK, trace.sequence_N, trace.position_N, num_experts=E,
+        "cache": m.cache_stats(ids_NK[sub_N], trace.sequence_N[sub_N], trace.position_N[sub_N], num_experts=E,
                                capacities=tuple(c for c in capacities if c <= E) or (1,), seed=config.seed),
     }
     if trace.labels_N is not None:

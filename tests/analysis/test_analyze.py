@@ -142,3 +142,13 @@ def test_knockout_losses_report_and_shared_expert():
     with pytest.raises(ValueError, match="no shared expert"):
         with shared_disabled(tiny_model().moe_layers()[0]):
             pass
+
+
+def test_cache_subset_takes_whole_sequences_evenly():
+    from moekit.analysis.analyze import cache_subset
+
+    seq = torch.arange(10).repeat_interleave(100)
+    keep = cache_subset(seq, 300)
+    assert sorted(set(seq[keep].tolist())) == [0, 4, 9]          # 3 of 10 sequences, spread out
+    assert int(keep.sum()) == 300
+    assert bool(cache_subset(seq, 5000).all())
