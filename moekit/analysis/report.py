@@ -14,13 +14,24 @@ from moekit.analysis import figures
 from moekit.analysis.analyze import Analysis
 
 
-def passage_pieces(analysis: Analysis, sequence: int, layer_pos: int, decode) -> list[tuple[str, int]]:
-    """(token text, first expert) of each token of `sequence` in MoE layer `layer_pos`, in order."""
+def passage_pieces(analysis: Analysis, sequence: int, layer_pos: int, decode_ids) -> list[tuple[str, int]]:
+    """(text, first expert) of each token of `sequence` in MoE layer `layer_pos`, in order.
+
+    `decode_ids(list of ids) -> str`. A token's text is what it adds to the decoded prefix, so a
+    character split over several byte-level tokens shows at the token that completes it.
+    """
     trace = analysis.trace
     sel = (trace.sequence_N == sequence).nonzero().flatten()
     sel = sel[trace.position_N[sel].argsort()]
-    ids = trace.layers[layer_pos].expert_ids_NK[sel, 0].tolist()
-    return [(decode(int(t)), int(e)) for t, e in zip(trace.token_ids_N[sel].tolist(), ids)]
+    ids = trace.token_ids_N[sel].tolist()
+    experts = trace.layers[layer_pos].expert_ids_NK[sel, 0].tolist()
+    pieces, prev = [], ""
+    for i, e in enumerate(experts):
+        full = decode_ids(ids[: i + 1]).rstrip("\ufffd")
+        piece = full[len(prev):] if full.startswith(prev) else ""
+        prev = full if full.startswith(prev) else prev
+        pieces.append((piece, int(e)))
+    return pieces
 
 
 def _fmt(x) -> str:
@@ -76,9 +87,13 @@ def _html_passage(pieces: list[tuple[str, int]], num_experts: int) -> str:
     return f'<pre class="passage">{spans}</pre>'
 
 
-def write_report(analysis: Analysis, out: str | Path, *, decode=None, title: str = "moekit analyze",
+def write_report(analysis: Analysis, out: str | Path, *, decode_ids=None, title: str = "moekit analyze",
                  sample_sequence: int | None = None) -> dict[str, Path]:
-    """analysis.json, the PNGs and report.html in `out`; returns {name: path} of what was written."""
+    """analysis.json, the PNGs and report.html in `out`; returns {name: path} of what was written.
+
+    decode_ids: list of token ids -> text, for the coloured passage (sequence `sample_sequence`,
+    default the trace's first).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {"analysis.json": analysis.save_json(out / "analysis.json")}
@@ -92,12 +107,12 @@ def write_report(analysis: Analysis, out: str | Path, *, decode=None, title: str
         if path is not None:
             written[name] = path
     passages_html = []
-    if decode is not None and analysis.trace.num_tokens:
+    if decode_ids is not None and analysis.trace.num_tokens:
         seq = int(analysis.trace.sequence_N[0]) if sample_sequence is None else sample_sequence
         positions = sorted({0, len(analysis.trace.layers) - 1})
         for pos in positions:
             lt = analysis.trace.layers[pos]
-            pieces = passage_pieces(analysis, seq, pos, decode)
+            pieces = passage_pieces(analysis, seq, pos, decode_ids)
             name = f"tokens_layer{lt.layer}.png"
             written[name] = figures.coloured_text(
                 pieces, lt.num_experts, out / name,

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=5, help="vocabulary metrics: ids seen fewer times are skipped")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the model's or run's)")
     p.add_argument("--trace", type=Path, default=None, help="also save the routing trace to this file")
+    p.add_argument("--sample", default=None,
+                   help="domain whose first sequence is shown coloured by expert (default: the first sequence)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the eld corpus is cached (default ~/.cache/moekit/eld)")
 
@@ -77,6 +79,16 @@ def knockout_setting(value: str, model) -> bool | int:
     return n
 
 
+def sample_sequence(trace, label: str | None) -> int | None:
+    """The first sequence of domain `label` in the trace (None: the trace's first sequence)."""
+    if label is None:
+        return None
+    if trace.labels_N is None or label not in trace.label_names:
+        raise ValueError(f"--sample {label!r} is not a domain of this analysis; domains: {list(trace.label_names)}")
+    hits = (trace.labels_N == trace.label_names.index(label)).nonzero()
+    return int(trace.sequence_N[hits[0, 0]])
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.analysis.analyze import AnalysisConfig, analyze, analyze_trace
     from moekit.analysis.corpora import domain_batches, labelled_documents
@@ -86,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     source = load_source(args.path)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else source.tokenizer
-    decode = None if tokenizer is None else (lambda i: tokenizer.decode([i], skip_special_tokens=False))
+    decode_ids = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    decode = None if decode_ids is None else (lambda i: decode_ids([i]))
     config = AnalysisConfig(min_count=args.min_count)
     if source.trace is not None:
         analysis = analyze_trace(source.trace, config, decode=decode)
@@ -115,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         analysis.info.update(source=describe(source), corpus=str(corpus), labels=labels, seq_len=seq_len)
     if args.trace is not None:
         analysis.trace.save(args.trace)
-    written = write_report(analysis, args.out, decode=decode, title=f"moekit analyze {args.path}")
+    written = write_report(analysis, args.out, decode_ids=decode_ids, title=f"moekit analyze {args.path}",
+                           sample_sequence=sample_sequence(analysis.trace, args.sample))
     for layer in analysis.layers:
         dom = layer.get("domain")
         loc = layer["locality"]

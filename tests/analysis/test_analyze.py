@@ -152,3 +152,17 @@ def test_cache_subset_takes_whole_sequences_evenly():
     assert sorted(set(seq[keep].tolist())) == [0, 4, 9]          # 3 of 10 sequences, spread out
     assert int(keep.sum()) == 300
     assert bool(cache_subset(seq, 5000).all())
+
+
+def test_passage_pieces_put_a_split_character_on_the_token_that_completes_it():
+    from moekit.analysis.report import passage_pieces
+
+    model = tiny_model()
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    result = analyze(model, [tokens])
+    # ids 2 and 3 are the two halves of one character; id 1 is "a", id 4 is "b"
+    text = {1: b"a", 2: b"\xc3", 3: b"\xa9", 4: b"b"}
+    decode_ids = lambda ids: b"".join(text[i] for i in ids).decode("utf-8", "replace")  # noqa: E731
+    pieces = passage_pieces(result, 0, 0, decode_ids)
+    assert [p for p, _ in pieces] == ["a", "", "é", "b"]
+    assert [e for _, e in pieces] == result.trace.layers[0].expert_ids_NK[:, 0].tolist()

@@ -17,7 +17,8 @@ def test_analyze_a_trained_run_writes_json_pngs_and_html(tiny_run, tmp_path):
     out = tmp_path / "out"
     trace = tmp_path / "trace.safetensors"
     argv = ["analyze", str(tiny_run), "--corpus", str(FIXTURE), "--out", str(out), "--sequences-per-domain", "6",
-            "--knockout", "2", "--knockout-sequences", "8", "--min-count", "2", "--trace", str(trace)]
+            "--knockout", "2", "--knockout-sequences", "8", "--min-count", "2", "--trace", str(trace),
+            "--sample", "sonnets"]
     assert main(argv) == 0
     data = json.loads((out / "analysis.json").read_text())
     assert data["info"]["label_names"] == sorted(p.stem.removesuffix("_gut") for p in FIXTURE.iterdir())
@@ -51,3 +52,10 @@ def test_bad_analyze_input_is_a_clear_error(tiny_run, tmp_path, capsys, argv, me
     argv = [str(tiny_run) if a == "RUN" else a for a in argv]
     assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sample_must_name_a_domain(tiny_run, tmp_path, capsys):
+    argv = ["analyze", str(tiny_run), "--corpus", str(FIXTURE), "--out", str(tmp_path / "o"), "--knockout",
+            "none", "--no-saturation", "--sequences-per-domain", "2", "--sample", "othello"]
+    assert main(argv) == 2
+    assert "--sample 'othello' is not a domain" in capsys.readouterr().err
