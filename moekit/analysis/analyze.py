@@ -22,7 +22,7 @@ from moekit.analysis.trace import LayerTrace, RoutingTrace, concat_traces, trace
 
 Batch = Tensor | tuple[Tensor, Tensor | None]
 
-# analysis.json: key -> meaning (README's table is generated from the same words).
+# analysis.json: key -> meaning (the README's analysis section describes the same keys).
 ANALYSIS_KEYS: dict[str, str] = {
     "info": "model/corpus description: tokens, sequences, label_names, num_moe_layers",
     "layers[].layer": "decoder-layer index of this MoE layer",
