@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the model's or run's)")
     p.add_argument("--trace", type=Path, default=None, help="also save the routing trace to this file")
     p.add_argument("--sample", default=None,
-                   help="domain whose first sequence is shown coloured by expert (default: the first sequence)")
+                   help="domain whose middle sequence is shown coloured by expert (default: the middle one)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the eld corpus is cached (default ~/.cache/moekit/eld)")
 
@@ -79,14 +79,17 @@ def knockout_setting(value: str, model) -> bool | int:
     return n
 
 
-def sample_sequence(trace, label: str | None) -> int | None:
-    """The first sequence of domain `label` in the trace (None: the trace's first sequence)."""
+def sample_sequence(trace, label: str | None) -> int:
+    """The middle sequence of domain `label` (None: of the whole trace), away from title pages."""
+    import torch
+
     if label is None:
-        return None
+        seqs = torch.unique(trace.sequence_N)
+        return int(seqs[len(seqs) // 2])
     if trace.labels_N is None or label not in trace.label_names:
         raise ValueError(f"--sample {label!r} is not a domain of this analysis; domains: {list(trace.label_names)}")
-    hits = (trace.labels_N == trace.label_names.index(label)).nonzero()
-    return int(trace.sequence_N[hits[0, 0]])
+    seqs = torch.unique(trace.sequence_N[trace.labels_N == trace.label_names.index(label)])
+    return int(seqs[len(seqs) // 2])
 
 
 def run(args: argparse.Namespace) -> int:
