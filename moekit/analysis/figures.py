@@ -63,7 +63,7 @@ def domain_heatmaps(data: dict, path: Path) -> Path | None:
         ax.set_title(f"layer {layer['layer']}: share / (k/E={d['uniform']:.2f})", fontsize=9)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names if len(names) <= 40 else [""] * len(names), fontsize=6)
+        ax.set_yticklabels(names if len(names) <= 64 else [""] * len(names), fontsize=6 if len(names) <= 30 else 5)
         ax.tick_params(axis="x", labelsize=7)
         _integer_ticks(ax)
         fig.colorbar(im, ax=ax, fraction=0.046)
