@@ -11,7 +11,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from moekit.commands import catalog, compare, convert, data, demo, generate, inspect, serve, train
+from moekit.commands import analyze, catalog, compare, convert, data, demo, generate, inspect, prune, serve, train
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "inspect": (inspect, "show one catalog architecture layer by layer, or a checkpoint directory"),
     "generate": (generate, "generate text from a model directory, streamed, with tokens/s"),
     "serve": (serve, "serve a model over an OpenAI-compatible HTTP API (continuous batching)"),
+    "analyze": (analyze, "what do the experts do? specialization, locality, knock-out; pictures"),
+    "prune": (prune, "remove the least-used experts (optionally merging them); report the loss"),
 }
 # What a user can get wrong and the CLI reports in one line (exit 2). Anything else is a defect and
 # keeps its traceback.
