@@ -6,6 +6,8 @@ import argparse
 from dataclasses import fields, replace
 from pathlib import Path
 
+from moekit.tasks import add_task_arguments, run_task
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from moekit.train.compare import DEFAULT_VARIANTS, VARIANTS, CompareConfig
@@ -24,12 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=None,
                        help=f"default {value}")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_task_arguments(p, "compare")
 
 
 def run(args: argparse.Namespace) -> int:
     from moekit.train.compare import CompareConfig, check_variants, run_compare
     from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
 
+    if args.task != "lm":
+        return run_task(args, "compare", [f.name for f in fields(CompareConfig)])
     check_variants(args.variants)
     overrides = {f.name: getattr(args, f.name) for f in fields(CompareConfig)
                  if getattr(args, f.name) is not None}

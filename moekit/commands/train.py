@@ -6,6 +6,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from moekit.tasks import add_task_arguments, run_task
+
 # flag -> TrainConfig field, for the settings a user can override on the command line.
 TRAIN_FLAGS = {
     "steps": int, "batch_size": int, "seq_len": int, "grad_accum": int, "lr": float,
@@ -32,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="relative noise added to each upcycled expert copy (default 0: exact copies)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_task_arguments(p, "train")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.tokenizer import save_tokenizer
     from moekit.train.trainer import NonFiniteLossError, Trainer
 
+    if args.task != "lm":
+        return run_task(args, "train", list(TRAIN_FLAGS))
     preset = get_preset(args.preset)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     config = replace(preset.train, **overrides, bf16=args.bf16 or preset.train.bf16)

@@ -77,6 +77,20 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def write_idx(path: str | Path, array: np.ndarray, *, compress: bool | None = None) -> Path:
+    """Write `array` as an IDX file (gzipped when compress, or when the name ends in .gz)."""
+    path = Path(path)
+    codes = {dtype: code for code, dtype in IDX_DTYPES.items()}
+    dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+    if dtype not in codes:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of {sorted(map(str, codes))}")
+    header = bytes([0, 0, codes[dtype], array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=dtype).tobytes()
+    compress = path.suffix == ".gz" if compress is None else compress
+    path.write_bytes(gzip.compress(raw, mtime=0) if compress else raw)
+    return path
+
+
 @dataclass(frozen=True)
 class ImageSplit:
     """Images (N, H, W) uint8 and integer labels (N,)."""

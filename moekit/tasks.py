@@ -1,0 +1,80 @@
+"""`--task vision|multitask` of `moekit train` and `moekit compare`: flags, parsing, routing.
+
+The language model stays the default task (`--task lm`). Other tasks take their settings from the
+flags they share with the language-model commands (--steps, --lr, --seed, --num-experts, ...), by
+name, and from `--set FIELD=VALUE` for fields of their own config (e.g. `--set patch_size=4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+TASKS = ("lm", "vision", "multitask")
+# A flag of the language-model commands -> the field of the task config it sets, where they differ.
+RENAMED = {"active_d_ff": "d_ff"}
+
+
+def add_task_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags `--task`, `--data`, `--set` (and for `train`, `--variant`)."""
+    p.add_argument("--task", choices=TASKS, default="lm",
+                   help="lm (default: a language model), vision (ViT-MoE on IDX images) or multitask "
+                        "(multi-gate MoE on Census-Income)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="vision: a folder with the four IDX files (default: fetched Fashion-MNIST); "
+                        "multitask: a folder with the Census-Income CSVs (default: fetched census-income)")
+    p.add_argument("--set", dest="task_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="vision/multitask: set a field of the task's config (repeatable)")
+    if command == "train":
+        p.add_argument("--variant", default=None,
+                       help="vision/multitask: which model to train (default topk / mmoe)")
+
+
+def parse_value(text: str, default: Any, name: str) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--set {name}={text!r}: expected true or false")
+        return text.lower() in ("true", "1")
+    try:
+        return type(default)(text) if default is not None else text
+    except ValueError:
+        raise ValueError(f"--set {name}={text!r}: expected a {type(default).__name__}") from None
+
+
+def task_config(cls: type, args: argparse.Namespace, shared_flags: list[str]):
+    """`cls()` with the shared flags the user gave (by field name) and every `--set FIELD=VALUE`."""
+    defaults = cls()
+    names = {f.name for f in fields(cls)}
+    changes: dict[str, Any] = {}
+    for flag in shared_flags:
+        value = getattr(args, flag, None)
+        if value is None or value is False:
+            continue
+        field_name = RENAMED.get(flag, flag)
+        if field_name not in names:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to --task {args.task}; its settings "
+                             f"are {sorted(names)} (use --set FIELD=VALUE)")
+        changes[field_name] = value
+    for item in args.task_set:
+        name, sep, text = item.partition("=")
+        if not sep or name not in names:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}")
+        changes[name] = parse_value(text, getattr(defaults, name), name)
+    return replace(defaults, **changes)
+
+
+def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) -> int:
+    """Run `moekit <command> --task vision|multitask`."""
+    if command == "train" and args.resume:
+        raise ValueError(f"--resume is for language-model runs; a --task {args.task} run is short: rerun "
+                         f"it into a new --out")
+    if args.task == "vision":
+        from moekit.vision import cli
+    else:
+        from moekit.multitask import cli  # type: ignore[no-redef]
+    if command == "compare" and args.out == Path("runs/compare"):  # never mix with the LM comparison
+        args.out = Path(f"runs/compare-{args.task}")
+    run = cli.train if command == "train" else cli.compare
+    return run(args, shared_flags)
