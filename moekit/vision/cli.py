@@ -14,7 +14,7 @@ from moekit.vision.data import ImageData, fashion_mnist_dir, fetch_fashion_mnist
 
 
 def load_data(args: argparse.Namespace) -> ImageData:
-    if args.data is not None:
+    if args.data is not None and str(args.data) != "fashion-mnist":
         return load_image_folder(args.data)
     folder = fashion_mnist_dir()
     if not is_fashion_mnist(folder):

@@ -25,8 +25,8 @@ from moekit.vision.train import VisionTrainConfig, capacity, evaluate, to_tensor
 
 @dataclass(frozen=True, kw_only=True)
 class VisionCompareConfig:
-    """Shared shape and budget. Defaults: four variants in about 10 minutes on 2 busy CPU cores
-    (patch 7: 16 tokens per image; a patch of 4 gives 49 tokens and about 3x the time)."""
+    """Shared shape and budget. Defaults: four variants in about 10 minutes on one thread of a busy
+    CPU (patch 7: 16 tokens per image; a patch of 4 gives 49 tokens and about 3x the time)."""
 
     image_size: int = 28
     patch_size: int = 7
@@ -37,11 +37,11 @@ class VisionCompareConfig:
     num_experts: int = 8
     top_k: int = 2
     pooling: str = "mean"
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 30
-    eval_every: int = 25
+    eval_every: int = 50
     val_images: int = 2000
     load_balance_coef: float = 0.01
     train_capacity_factor: float = 1.0  # of the topk_bpr / topk_cap variants
