@@ -77,7 +77,6 @@ def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) ->
         raise ValueError(f"--threads {args.threads}: must be >= 1")
     import torch
 
-    torch.set_num_threads(args.threads)
     if args.task == "vision":
         from moekit.vision import cli
     else:
@@ -85,4 +84,9 @@ def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) ->
     if command == "compare" and args.out == Path("runs/compare"):  # never mix with the LM comparison
         args.out = Path(f"runs/compare-{args.task}")
     run = cli.train if command == "train" else cli.compare
-    return run(args, shared_flags)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args, shared_flags)
+    finally:
+        torch.set_num_threads(threads)
