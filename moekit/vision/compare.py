@@ -37,11 +37,11 @@ class VisionCompareConfig:
     num_experts: int = 8
     top_k: int = 2
     pooling: str = "mean"
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 30
-    eval_every: int = 50
+    eval_every: int = 40
     val_images: int = 2000
     load_balance_coef: float = 0.01
     train_capacity_factor: float = 1.0  # of the topk_bpr / topk_cap variants
