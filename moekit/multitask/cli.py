@@ -30,6 +30,8 @@ def train(args: argparse.Namespace, shared_flags: list[str]) -> int:
     data = load_data(args)
     if not args.quiet:
         print(f"{data.describe()}\n{model}: {MODELS[model]}")
+    if (args.out / "metrics.jsonl").exists() or (args.out / "income" / "metrics.jsonl").exists():
+        raise ValueError(f"{args.out} already holds a run; choose a new --out (nothing was overwritten)")
     result = train_one(model, config, data, config.seed, args.out)
     print(f"trained {config.steps} steps; test AUC " + ", ".join(f"{k} {v:.4f}" for k, v in result["auc"].items())
           + f"; metrics in {args.out}")

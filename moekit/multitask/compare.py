@@ -4,7 +4,8 @@ Models: single-task networks (one shared-bottom net per task), shared-bottom, on
 and multi-gate MoE (MMoE), each trained over several seeds with identical data and batches. The
 shared bottom is as wide as all experts together (E * expert_dim), so the baselines hold a
 comparable number of parameters. Writes summary.json (AUC per task and model: mean, std, per
-seed), summary.md and gate_weights.png (mean gate weight per expert for each task).
+seed), summary.md and gate_weights.png (mean gate weight per expert for each task). Rerunning
+the same command reads back the finished runs and trains only the missing ones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from moekit.config import check
 from moekit.multitask.data import TASKS, TabularData
 from moekit.multitask.model import MultiTaskConfig
 from moekit.multitask.train import MultiTaskTrainConfig, build_model, train_multitask
+from moekit.train.metrics import read_metrics
 
 MODELS = {
     "single": "one shared-bottom network per task, each trained on its own task only",
@@ -40,7 +42,7 @@ class MultiTaskCompareConfig:
     expert_dim: int = 16
     tower_dim: int = 8
     gate_top_k: int = 0  # 0: dense softmax gates; k: top-k gates
-    steps: int = 1500
+    steps: int = 400  # about 2 epochs of 1024 rows
     batch_size: int = 1024
     lr: float = 1e-3
     seeds: int = 3
@@ -71,26 +73,46 @@ def check_models(names: list[str]) -> list[str]:
     return names
 
 
+def finished(run: Path | None, config: MultiTaskCompareConfig) -> dict | None:
+    """The result of a finished run in `run` with these settings, else None (an unfinished run's
+    metrics are removed so that it restarts)."""
+    if run is None or not (run / "run.json").is_file():
+        if run is not None and (run / "metrics.jsonl").is_file():
+            (run / "metrics.jsonl").unlink()
+        return None
+    saved = json.loads((run / "run.json").read_text())
+    if saved["train"]["steps"] != config.steps or saved["model"]["num_experts"] != config.num_experts:
+        raise ValueError(f"{run} was trained with other settings ({saved['train']}); choose a new --out")
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    return {"auc": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("test_auc/")},
+            "gate_means": last["gate_means"]}
+
+
 def train_one(name: str, config: MultiTaskCompareConfig, data: TabularData, seed: int,
               out_dir: Path | None) -> dict:
-    """AUC per task (and gate means) of model `name` trained with `seed`."""
+    """AUC per task (and gate means) of model `name` trained with `seed` (a finished run in
+    out_dir is read back instead of retrained)."""
     if name == "single":
         auc = {}
         for t, task in enumerate(TASKS):
-            model = build_model(config.model("shared_bottom", data, num_tasks=1), seed)
             run = None if out_dir is None else out_dir / task
-            auc.update(train_multitask(model, data, config.train_config(seed), tasks=(t,), out_dir=run)["auc"])
+            result = finished(run, config)
+            if result is None:
+                model = build_model(config.model("shared_bottom", data, num_tasks=1), seed)
+                result = train_multitask(model, data, config.train_config(seed), tasks=(t,), out_dir=run)
+            auc.update(result["auc"])
         return {"auc": auc, "gate_means": []}
-    model = build_model(config.model(name, data), seed)
-    return train_multitask(model, data, config.train_config(seed), out_dir=out_dir)
+    result = finished(out_dir, config)
+    if result is None:
+        model = build_model(config.model(name, data), seed)
+        result = train_multitask(model, data, config.train_config(seed), out_dir=out_dir)
+    return result
 
 
 def run_multitask_compare(config: MultiTaskCompareConfig, data: TabularData, *, models: list[str],
                           out_dir: str | Path, progress: bool = True) -> Path:
     check_models(models)
     out_dir = Path(out_dir)
-    if (out_dir / "runs").exists():
-        raise ValueError(f"{out_dir / 'runs'} already exists; choose a new --out (nothing was overwritten)")
     results: dict[str, list[dict]] = {name: [] for name in models}
     for s in range(config.seeds):
         seed = config.seed + s

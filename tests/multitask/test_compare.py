@@ -32,3 +32,18 @@ def test_compare_cli(tmp_path: Path) -> None:
     assert len(models["mmoe"]["gate_means"]) == 2 and len(models["one_gate"]["gate_means"]) == 1
     assert abs(sum(models["mmoe"]["gate_means"][0]) - 1) < 1e-5
     assert (out / "report" / "gate_weights.png").is_file()
+
+
+def test_rerun_reads_back_finished_runs(tmp_path: Path) -> None:
+    args = ["compare", "--task", "multitask", "--data", str(FIXTURE), "--out", str(tmp_path), "--steps", "2",
+            "--batch-size", "64", "--variants", "mmoe", "--quiet"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "report" / "summary.json").read_text())["models"]["mmoe"]
+    weights = (tmp_path / "runs" / "mmoe-seed0" / "model.safetensors").stat().st_mtime_ns
+    assert main(args + ["--set", "seeds=2"]) == 0  # trains only seed 1
+    second = json.loads((tmp_path / "report" / "summary.json").read_text())["models"]["mmoe"]
+    assert (tmp_path / "runs" / "mmoe-seed0" / "model.safetensors").stat().st_mtime_ns == weights
+    assert second["auc"]["income"]["seeds"][0] == first["auc"]["income"]["seeds"][0]
+    assert len(second["auc"]["income"]["seeds"]) == 2
+    other = args[:-7] + ["--steps", "3", "--batch-size", "64", "--variants", "mmoe", "--quiet"]
+    assert main(other) == 2  # a finished run with other settings is refused
