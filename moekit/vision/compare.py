@@ -9,6 +9,7 @@ capacity factor shrinks, dropping by position and by batch prioritized routing (
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -150,6 +151,10 @@ def run_vision_compare(config: VisionCompareConfig, data: ImageData, *, variants
         if (run_dir / "model.safetensors").is_file():
             from safetensors.torch import load_file
 
+            saved = json.loads((run_dir / "run.json").read_text())
+            if saved["model"] != vit.to_dict() or saved["train"] != asdict(train_config):
+                raise ValueError(f"{run_dir} holds a finished run with other settings; rerun with the "
+                                 f"same settings or choose a new --out (nothing was overwritten)")
             model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
         else:
             if (run_dir / "metrics.jsonl").exists():

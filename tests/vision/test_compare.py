@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from moekit.cli import main
 from moekit.train.metrics import read_metrics
 from moekit.vision.compare import VisionCompareConfig, run_vision_compare
@@ -54,3 +56,14 @@ def test_compare_end_to_end(tmp_path: Path) -> None:
     assert len(usage) == 1 and len(usage[0]) == 10 and len(usage[0][0]) == 4  # 1 MoE layer, 10 x E
     for name in ("val_accuracy.png", "capacity_sweep.png", "class_experts_topk.png", "summary.md"):
         assert (report / name).is_file()
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
+    config = VisionCompareConfig(d_model=16, d_ff=32, n_layers=2, n_heads=2, num_experts=4, steps=1,
+                                 batch_size=8, val_images=10, eval_every=1, warmup_steps=1)
+    data = load_image_folder(FIXTURE)
+    run_vision_compare(config, data, variants=["dense"], out_dir=tmp_path, progress=False)
+    run_vision_compare(config, data, variants=["dense"], out_dir=tmp_path, progress=False)  # reused
+    with pytest.raises(ValueError, match="other settings"):
+        run_vision_compare(VisionCompareConfig(**{**config.__dict__, "steps": 2}), data, variants=["dense"],
+                           out_dir=tmp_path, progress=False)
