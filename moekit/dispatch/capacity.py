@@ -4,7 +4,12 @@ Each expert keeps at most C slots; the rest are dropped (expert id -1, weight 0)
 passes through the residual unchanged. Which slots are kept:
     "position": first-choice slots of all tokens before second choices, then token order
                 (GShard / Switch);
-    "score":    highest router weight first (batch prioritized routing, Riquelme et al. 2021).
+    "score":    highest router weight first, slot by slot (a second choice of high weight can beat
+                a first choice of low weight);
+    "batch_priority": V-MoE's batch prioritized routing (Riquelme et al. 2021, sec. 4.1): first
+                choices before second choices as in "position", but within each choice rank the
+                tokens of the whole batch by their largest routing weight, so that low-score tokens
+                (e.g. background patches) are the ones dropped.
 The dropped decision is then dispatched by the same sort dispatcher as dropless routing.
 """
 
@@ -45,6 +50,17 @@ def keep_within_capacity(expert_ids_TK: Tensor, priority_TK: Tensor, capacity: i
     return keep_S.view(K, T).t()
 
 
+def batch_priority(weights_TK: Tensor) -> Tensor:
+    """Priority (lower is kept first) of batch prioritized routing: k * T + the token's rank by its
+    largest weight (descending; ties keep token order). Long (T, K)."""
+    T, K = weights_TK.shape
+    score_T = weights_TK.detach().float().max(dim=1).values
+    order_T = torch.sort(-score_T, stable=True).indices
+    rank_T = torch.empty_like(order_T)
+    rank_T[order_T] = torch.arange(T, device=weights_TK.device)
+    return torch.arange(K, device=weights_TK.device)[None, :] * T + rank_T[:, None]
+
+
 def apply_capacity(
     decision: RoutingDecision, *, capacity: int, policy: str = "position", num_groups: int = 1
 ) -> RoutingDecision:
@@ -59,8 +75,11 @@ def apply_capacity(
         priority_TK = torch.zeros(T, K, device=ids_TK.device)  # stable sort keeps k-major token order
     elif policy == "score":
         priority_TK = -decision.weights_TK.detach().float()
+    elif policy == "batch_priority":
+        priority_TK = batch_priority(decision.weights_TK)
     else:
-        raise ValueError(f"drop_policy={policy!r} is invalid: must be 'position' or 'score'")
+        raise ValueError(f"drop_policy={policy!r} is invalid: must be 'position', 'score' or "
+                         f"'batch_priority'")
     if num_groups > 1:
         if T % num_groups:
             raise ValueError(f"{T} tokens do not split into num_groups={num_groups} equal groups")

@@ -62,6 +62,8 @@ def reference_capacity(ids_TK: Tensor, weights_TK: Tensor, capacity: int, policy
     slots = [(k, t) for k in range(K) for t in range(T)]  # first choices of all tokens first
     if policy == "score":
         slots = sorted(slots, key=lambda s: -float(weights_TK[s[1], s[0]]))
+    elif policy == "batch_priority":  # choice by choice; tokens by their largest weight (stable)
+        slots = sorted(slots, key=lambda s: (s[0], -float(weights_TK[s[1]].max())))
     used: dict[int, int] = {}
     keep = torch.zeros(T, K, dtype=torch.bool)
     for k, t in slots:

@@ -1,0 +1,1 @@
+"""Multi-task learning with multi-gate MoE (MMoE) and its baselines on Census-Income."""

@@ -1,0 +1,55 @@
+"""`--task vision|multitask` of `moekit train` and `moekit compare`: flags, parsing, routing.
+
+The language model stays the default task (`--task lm`). Other tasks take their settings from the
+flags they share with the language-model commands (--steps, --lr, --seed, --num-experts, ...), by
+name, and from `--set FIELD=VALUE` for fields of their own config (e.g. `--set patch_size=4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TASKS = ("lm", "vision", "multitask")
+
+
+def add_task_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags `--task`, `--data`, `--set` (and for `train`, `--variant`)."""
+    p.add_argument("--task", choices=TASKS, default="lm",
+                   help="lm (default: a language model), vision (ViT-MoE on IDX images) or multitask "
+                        "(multi-gate MoE on Census-Income)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="vision: a folder with the four IDX files (default: fetched Fashion-MNIST); "
+                        "multitask: a folder with the Census-Income CSVs (default: fetched census-income)")
+    p.add_argument("--set", dest="task_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="vision/multitask: set a field of the task's config (repeatable)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="vision/multitask: torch CPU threads (default 1: these small models run several "
+                        "times faster on one thread than on threads that share busy cores)")
+    if command == "train":
+        p.add_argument("--variant", default=None,
+                       help="vision/multitask: which model to train (default topk / mmoe)")
+
+
+def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) -> int:
+    """Run `moekit <command> --task vision|multitask`."""
+    if command == "train" and args.resume:
+        raise ValueError(f"--resume is for language-model runs; a --task {args.task} run is short: rerun "
+                         f"it into a new --out")
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be >= 1")
+    import torch
+
+    if args.task == "vision":
+        from moekit.vision import cli
+    else:
+        from moekit.multitask import cli  # type: ignore[no-redef]
+    if command == "compare" and args.out == Path("runs/compare"):  # never mix with the LM comparison
+        args.out = Path(f"runs/compare-{args.task}")
+    run = cli.train if command == "train" else cli.compare
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args, shared_flags)
+    finally:
+        torch.set_num_threads(threads)
