@@ -63,7 +63,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, hf_config: dict) -> torch.dty
 
 
 def from_pretrained(
-    path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+    offload_experts: bool = False, expert_cache: int | str | None = None, quantize: str | None = None,
+    **offload_options: Any,
 ) -> Model:
     """Load a Hugging Face checkpoint directory as a MoETransformer (SwitchTransformer for
     model_type switch_transformers).
@@ -73,12 +75,21 @@ def from_pretrained(
             the per-expert or the fused 3-D expert layout.
         dtype: parameter dtype (default: config.json's dtype, else float32).
         device: where the parameters are allocated.
+        offload_experts, expert_cache: keep routed experts in the files and read them on demand
+            into a cache of at most `expert_cache` bytes (see moekit.inference.offload; further
+            options such as policy= and prefetch= are OffloadConfig's fields).
+        quantize: "int8" or "int4" weight-only quantized experts (see moekit.inference.quant).
     Returns:
         The model in eval mode, with `hf_config` (the config.json dict) attached for saving.
     Raises:
         ValueError / FileNotFoundError naming the file and tensor for unsupported model types,
         missing shards, corrupted files, unmapped keys and shapes that contradict config.json.
     """
+    if offload_experts or quantize is not None or expert_cache is not None or offload_options:
+        from moekit.inference.offload import load_with_options  # local: moekit.inference imports this module
+
+        return load_with_options(path, dtype=dtype, device=device, offload_experts=offload_experts,
+                                 expert_cache=expert_cache, quantize=quantize, **offload_options)
     hf_config = read_config(path)
     model_type = model_type_of(hf_config, path)
     quant = hf_config.get("quantization_config")

@@ -1,0 +1,1 @@
+"""Inference: generation, serving, expert offloading and quantized experts."""

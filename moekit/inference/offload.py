@@ -1,0 +1,324 @@
+"""Offloaded experts: attention, norms, embeddings, routers and shared experts resident; routed
+experts read on demand from the checkpoint into an `ExpertCache` under a byte budget.
+
+`load_offloaded` (what `from_pretrained(path, offload_experts=True, expert_cache="2GB")` calls)
+builds the model on the meta device, swaps every MoELayer's `experts` for an `OffloadedExperts`
+(the same forward contract as experts/grouped.py's `Experts`: rows sorted by expert, counts per
+expert) and fills only the resident weights. A layer call pins the experts it needs that are
+resident, computes them first, then reads the others one at a time; the matmuls are those of
+`Experts` (same operations on the same values), so logits equal the in-memory model's bit for bit
+at any cache size. With prefetch, a hook on each MoE layer applies the next MoE layer's router to
+the current hidden state and a background thread reads the predicted experts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.experts.activations import glu, plain
+from moekit.experts.grouped import Experts, row_blocks
+from moekit.hf.checkpoint import (TIED_HEAD, _to_empty, _Without, _zero_runtime_buffers, from_pretrained,
+                                  model_type_of, resolve_dtype, tied_copies)
+from moekit.hf.configs import TO_MOEKIT
+from moekit.hf.convert import checkpoint_to_model
+from moekit.hf.families import family, ignored_keys
+from moekit.hf.io import CONFIG_FILE, CheckpointReader, parse_size, read_config
+from moekit.inference.expert_cache import POLICIES, CacheStats, ExpertCache, Key, Policy, SlotSpec
+from moekit.inference.expert_store import ExpertStore
+from moekit.layer import MoELayer
+from moekit.model.config import ModelConfig
+from moekit.model.transformer import MoETransformer
+
+Quantize = Literal["int8", "int4"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OffloadConfig:
+    """How routed experts are offloaded.
+
+    Attributes:
+        expert_cache: the cache's byte budget: an int or e.g. "2GB", "500MiB".
+        policy: "lru", "lfu", or "pinned" (the `pin` experts stay resident, the rest LRU).
+        pin: for policy="pinned", (layer, expert) -> uses, a count table from a recorded run
+            (e.g. `model_offload_stats(model).uses`); the most used fill up to `pin_fraction` of
+            the slots.
+        pin_fraction: share of the slots the pinned experts may hold (0 < f < 1).
+        prefetch: read the experts the next MoE layer's router predicts on a background thread.
+    """
+
+    expert_cache: int | str
+    policy: Policy = "lru"
+    pin: dict[Key, int] = field(default_factory=dict)
+    pin_fraction: float = 0.5
+    prefetch: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            parse_size(self.expert_cache)
+        except ValueError:
+            raise ValueError(f"expert_cache={self.expert_cache!r} is invalid: use bytes (int) or a size "
+                             f"like '100MB', '2GB', '500MiB'") from None
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r} is invalid: must be one of {list(POLICIES)}")
+        if self.policy == "pinned" and not self.pin:
+            raise ValueError("policy='pinned' needs pin= a (layer, expert) -> count table from a recorded "
+                             "run, e.g. model_offload_stats(model).uses")
+        if not 0 < self.pin_fraction < 1:
+            raise ValueError(f"pin_fraction={self.pin_fraction} is invalid: must be in (0, 1)")
+
+    @property
+    def budget(self) -> int:
+        return parse_size(self.expert_cache)
+
+
+class ExpertFormat(Protocol):
+    """How one expert sits in a cache slot and how it is computed (float here; quant.py's formats)."""
+
+    def spec(self) -> SlotSpec: ...
+    def fill(self, views: dict[str, Tensor], tensors: dict[str, Tensor]) -> None: ...
+    def forward(self, x_rD: Tensor, views: dict[str, Tensor], *, fused_bias: bool) -> Tensor: ...
+
+
+def expert_param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Per-expert shape of each routed-expert parameter of `Experts(config)` (e.g. w_up_EDF: (D, F))."""
+    with torch.device("meta"):
+        experts = Experts(config, num_experts=1)
+    return {name: tuple(p.shape[1:]) for name, p in experts.named_parameters()}
+
+
+class FloatFormat:
+    """Experts in the model dtype, computed with exactly `Experts`' operations."""
+
+    def __init__(self, config: MoEConfig, dtype: torch.dtype) -> None:
+        self.config, self.dtype = config, dtype
+        self.shapes = expert_param_shapes(config)
+
+    def spec(self) -> SlotSpec:
+        return SlotSpec(tuple((n, s, self.dtype) for n, s in self.shapes.items()))
+
+    def fill(self, views: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
+        for name, view in views.items():
+            view.copy_(tensors[name])  # the cast `load_weights` does with Parameter.copy_
+
+    def forward(self, x_rD: Tensor, views: dict[str, Tensor], *, fused_bias: bool) -> Tensor:
+        return expert_forward(x_rD, views, self.config, fused_bias=fused_bias,
+                              matmul=lambda x, name: x @ views[name])
+
+
+def expert_forward(x_rD: Tensor, w: dict[str, Tensor], config: MoEConfig, *, fused_bias: bool,
+                   matmul) -> Tensor:
+    """One expert's MLP on its rows, as `Experts` computes it: with `fused_bias` (its decode path)
+    biases enter through addmm, else (its grouped path) they are added after the matmul.
+
+    `matmul(x, name)` multiplies by the weight `name` (float or quantized)."""
+    names = ("gate", "up") if config.gated else ("in",)
+    out = "down" if config.gated else "out"
+
+    def project(x: Tensor, weight: str, bias: str) -> Tensor:
+        b = w.get(bias)
+        if b is None:
+            return matmul(x, weight)
+        if fused_bias and weight in w:
+            return torch.addmm(b, x, w[weight])
+        return matmul(x, weight) + b
+
+    hs = [project(x_rD, f"w_{n}_EDF", f"b_{n}_EF") for n in names]
+    h_rF = glu(hs[0], hs[1], config.activation) if config.gated else plain(hs[0], config.activation)
+    return project(h_rF, f"w_{out}_EFD", f"b_{out}_ED")
+
+
+class OffloadedExperts(nn.Module):
+    """Routed experts of MoE layer `layer` served from an ExpertCache (no parameters of their own).
+
+    Forward: x_RD (R, D) rows sorted by expert, counts_E long (E,) -> y_RD (R, D), as `Experts`.
+    """
+
+    def __init__(self, config: MoEConfig, layer: int, cache: ExpertCache, fmt: ExpertFormat, *,
+                 decode_max_rows: int = 64) -> None:
+        super().__init__()
+        self.config, self.layer, self.fmt = config, layer, fmt
+        self.num_experts = config.num_experts
+        self.decode_max_rows = decode_max_rows
+        self.cache = cache
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        R = x_RD.shape[0]
+        if counts_E.shape != (self.num_experts,):
+            raise ValueError(f"counts_E has shape {tuple(counts_E.shape)}; expected ({self.num_experts},)")
+        if int(counts_E.sum()) != R:
+            raise ValueError(f"x_RD has {R} rows but counts_E sums to {int(counts_E.sum())}; pass exactly "
+                             "the rows the counts describe, sorted by expert")
+        fused_bias = 0 < R <= self.decode_max_rows  # Experts' decode path (addmm), else its grouped one
+        blocks = {e: (lo, hi) for e, lo, hi in row_blocks(counts_E)}
+        y_RD = x_RD.new_empty(R, self.config.d_model)
+        order = self.cache.begin_call(self.layer, list(blocks))
+        try:
+            for e in order:
+                key = (self.layer, e)
+                views = self.cache.acquire(key)
+                try:
+                    lo, hi = blocks[e]
+                    y_RD[lo:hi] = self.fmt.forward(x_RD[lo:hi], views, fused_bias=fused_bias)
+                finally:
+                    self.cache.release(key)
+        finally:
+            self.cache.end_call()
+        return y_RD
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, cache_slots={self.cache.num_slots}"
+
+
+def model_offload_stats(model: nn.Module) -> CacheStats:
+    """The hit/miss/prefetch counters of a model loaded with offload_experts=True."""
+    cache = getattr(model, "expert_cache", None)
+    if not isinstance(cache, ExpertCache):
+        raise ValueError("this model has no expert cache; load it with from_pretrained(path, "
+                         "offload_experts=True, expert_cache=SIZE)")
+    return cache.stats
+
+
+def load_offloaded(path: str | Path, offload: OffloadConfig, *, dtype: torch.dtype | str | None = None,
+                   device: str | torch.device = "cpu", quantize: Quantize | None = None,
+                   quantize_attention: bool = False) -> MoETransformer:
+    """A decoder checkpoint with its routed experts offloaded under `offload.budget` bytes.
+
+    When the budget holds every routed expert, warns that offloading is not needed and loads the
+    model in memory. Raises ValueError for a budget smaller than one expert.
+    """
+    hf_config = read_config(path)
+    model_type = model_type_of(hf_config, path)
+    config = TO_MOEKIT[model_type](hf_config)
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: model_type={model_type!r} is an encoder-decoder; "
+                         f"offload_experts supports decoder-only models")
+    dtype = resolve_dtype(dtype, hf_config)
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    layers = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoELayer)}
+    if not layers:
+        raise ValueError(f"{path}: this model has no MoE layers; there are no experts to offload")
+    if config.moe is None or config.moe.router == "soft":
+        raise ValueError("offload_experts supports token- and expert-choice routers, not router='soft'")
+    moe = layers[next(iter(layers))].config
+    fmt = make_format(moe, dtype, quantize)
+    spec = fmt.spec()
+    total = spec.nbytes * sum(m.config.num_experts for m in layers.values())
+    budget = offload.budget
+    if budget < spec.nbytes:
+        raise ValueError(f"expert_cache={offload.expert_cache!r} ({budget} bytes) is smaller than one expert "
+                         f"({spec.nbytes} bytes{f', {quantize}' if quantize else ''}); give at least "
+                         f"{spec.nbytes} bytes, or quantize the experts")
+    if budget >= total:
+        warnings.warn(f"expert_cache={offload.expert_cache!r} ({budget} bytes) holds all routed experts "
+                      f"({total} bytes): offloading is not needed, loading the model in memory", stacklevel=3)
+        model = from_pretrained(path, dtype=dtype, device=device)
+        if quantize is not None:
+            from moekit.inference.quant import quantize_model
+            quantize_model(model, quantize, attention=quantize_attention)  # type: ignore[arg-type]
+        return model  # type: ignore[return-value]
+
+    store = ExpertStore(path, family(model_type).load_rules(), {i: m.config.num_experts for i, m in layers.items()},
+                        expert_param_shapes(moe))
+
+    def load(key: Key, views: dict[str, Tensor]) -> int:
+        fmt.fill(views, store.read(*key))
+        return store.expert_nbytes(key[0])
+
+    num_slots = budget // spec.nbytes
+    sticky = top_experts(offload.pin, int(num_slots * offload.pin_fraction)) if offload.policy == "pinned" else ()
+    cache = ExpertCache(spec, num_slots, load, policy=offload.policy, sticky=sticky, prefetch=offload.prefetch,
+                        device=device)
+    for i, layer in layers.items():
+        layer.experts = OffloadedExperts(layer.config, i, cache, fmt)
+    model = _load_resident(model, path, model_type, hf_config, store.expert_keys, dtype=dtype, device=device)
+    if quantize_attention:
+        from moekit.inference.quant import quantize_attention as quantize_attn
+        quantize_attn(model, quantize or "int8")
+    model.expert_cache = cache  # type: ignore[attr-defined]
+    model.hf_config = hf_config  # type: ignore[attr-defined]
+    if offload.prefetch:
+        add_prefetch_hooks(model, cache)
+    return model
+
+
+def make_format(config: MoEConfig, dtype: torch.dtype, quantize: Quantize | None) -> ExpertFormat:
+    if quantize is None:
+        return FloatFormat(config, dtype)
+    from moekit.inference.quant import QuantFormat
+    return QuantFormat(config, dtype, quantize)
+
+
+def top_experts(counts: dict[Key, int], n: int) -> list[Key]:
+    """The n most used keys (ties: lower layer, then lower expert)."""
+    return sorted(counts, key=lambda k: (-counts[k], k))[:n]
+
+
+def _load_resident(model: MoETransformer, path: str | Path, model_type: str, hf_config: dict, expert_keys: set[str],
+                   *, dtype: torch.dtype, device: str | torch.device) -> MoETransformer:
+    """Allocate and fill every weight but the routed experts (as `load_weights`, minus those keys)."""
+    with CheckpointReader(path) as reader:
+        model = _to_empty(model.to(dtype), device)  # type: ignore[assignment]
+        state = model.state_dict(keep_vars=True)
+        copies = tied_copies(model.config)
+        shapes = {k: tuple(v.shape) for k, v in state.items() if k not in copies}
+        where = lambda key: f"{key} in {reader.path / reader.file_of(key)}" if key in reader else key
+        with torch.no_grad():
+            view = _Without(reader, set(copies) | expert_keys, ignored_keys(model_type, hf_config))
+            for key, tensor in checkpoint_to_model(family(model_type).load_rules(), view, shapes, where=where,
+                                                   name=f"model_type={model_type!r}"):
+                state[key].copy_(tensor)
+            _zero_runtime_buffers(model)
+        if TIED_HEAD in copies and TIED_HEAD in reader:
+            source = copies[TIED_HEAD]
+            if not torch.equal(reader.get(TIED_HEAD).to(dtype), state[source].detach()):
+                raise ValueError(f"{where(TIED_HEAD)} differs from {source}, but config.json ties them; fix "
+                                 f"tie_word_embeddings in config.json")
+    return model.eval()
+
+
+def add_prefetch_hooks(model: MoETransformer, cache: ExpertCache) -> list:
+    """On each MoE layer's input, predict the next MoE layer's experts with its router and prefetch them."""
+    moe = [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoELayer)]
+    handles = []
+    for (_, here), (nxt_idx, nxt) in zip(moe, moe[1:]):
+        def hook(module, args, kwargs, nxt=nxt, nxt_idx=nxt_idx):
+            x = args[0] if args else kwargs["x"]
+            x_TD = x.reshape(-1, x.shape[-1])
+            token_ids, mask = kwargs.get("token_ids"), kwargs.get("mask")
+            with torch.no_grad():
+                decision = nxt.router(x_TD, token_ids_T=None if token_ids is None else token_ids.reshape(-1),
+                                      mask_T=None if mask is None else mask.reshape(-1))
+            ids = decision.expert_ids_TK.unique().tolist()
+            cache.prefetch(nxt_idx, [e for e in ids if e >= 0])
+        handles.append(here.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def load_with_options(path: str | Path, *, dtype: torch.dtype | str | None, device: str | torch.device,
+                      offload_experts: bool, expert_cache: int | str | None, quantize: str | None,
+                      quantize_attention: bool = False, **options) -> MoETransformer:
+    """`from_pretrained`'s offload / quantize keywords, checked and dispatched."""
+    if quantize is not None and quantize not in ("int8", "int4"):
+        raise ValueError(f"quantize={quantize!r} is invalid: must be 'int8', 'int4' or None")
+    if not offload_experts:
+        if expert_cache is not None or options:
+            raise ValueError(f"expert_cache= and {sorted(options) or 'cache options'} need offload_experts=True")
+        from moekit.inference.quant import quantize_model
+        model = from_pretrained(path, dtype=dtype, device=device)
+        return quantize_model(model, quantize, attention=quantize_attention)  # type: ignore[arg-type]
+    if expert_cache is None:
+        raise ValueError("offload_experts=True needs expert_cache=SIZE, the cache's byte budget (e.g. '2GB')")
+    unknown = set(options) - {"policy", "pin", "pin_fraction", "prefetch"}
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected keyword(s) {sorted(unknown)}; offload options are "
+                        f"policy, pin, pin_fraction, prefetch")
+    return load_offloaded(path, OffloadConfig(expert_cache=expert_cache, **options), dtype=dtype, device=device,
+                          quantize=quantize, quantize_attention=quantize_attention)  # type: ignore[arg-type]
