@@ -209,6 +209,28 @@ def load_offloaded(path: str | Path, offload: OffloadConfig, *, dtype: torch.dty
         raise ValueError("offload_experts supports token- and expert-choice routers, not router='soft'")
     moe = layers[next(iter(layers))].config
     fmt = make_format(moe, dtype, quantize)
+    if holds_everything(offload, fmt, layers, quantize):
+        model = from_pretrained(path, dtype=dtype, device=device)
+        if quantize is not None:
+            from moekit.inference.quant import quantize_model
+            quantize_model(model, quantize, attention=quantize_attention)  # type: ignore[arg-type]
+        return model  # type: ignore[return-value]
+    rules = family(model_type).load_rules()
+    store = ExpertStore(path, rules, {i: m.config.num_experts for i, m in layers.items()}, expert_param_shapes(moe))
+    attach_cache(model, layers, store, fmt, offload, device=device)
+    model = _load_resident(model, path, rules, ignored_keys(model_type, hf_config), store.expert_keys,
+                           dtype=dtype, device=device, name=f"model_type={model_type!r}")
+    if quantize_attention:
+        from moekit.inference.quant import quantize_attention as quantize_attn
+        quantize_attn(model, quantize or "int8")
+    model.hf_config = hf_config  # type: ignore[attr-defined]
+    return model
+
+
+def holds_everything(offload: OffloadConfig, fmt: ExpertFormat, layers: dict[int, MoELayer],
+                     quantize: str | None) -> bool:
+    """True (with a warning: offloading is not needed) when the budget holds every routed expert;
+    a ValueError when it cannot hold one."""
     spec = fmt.spec()
     total = spec.nbytes * sum(m.config.num_experts for m in layers.values())
     budget = offload.budget
@@ -218,35 +240,31 @@ def load_offloaded(path: str | Path, offload: OffloadConfig, *, dtype: torch.dty
                          f"{spec.nbytes} bytes, or quantize the experts")
     if budget >= total:
         warnings.warn(f"expert_cache={offload.expert_cache!r} ({budget} bytes) holds all routed experts "
-                      f"({total} bytes): offloading is not needed, loading the model in memory", stacklevel=3)
-        model = from_pretrained(path, dtype=dtype, device=device)
-        if quantize is not None:
-            from moekit.inference.quant import quantize_model
-            quantize_model(model, quantize, attention=quantize_attention)  # type: ignore[arg-type]
-        return model  # type: ignore[return-value]
+                      f"({total} bytes): offloading is not needed, loading the model in memory", stacklevel=4)
+        return True
+    return False
 
-    store = ExpertStore(path, family(model_type).load_rules(), {i: m.config.num_experts for i, m in layers.items()},
-                        expert_param_shapes(moe))
+
+def attach_cache(model: MoETransformer, layers: dict[int, MoELayer], store: ExpertStore, fmt: ExpertFormat,
+                 offload: OffloadConfig, *, device: str | torch.device) -> ExpertCache:
+    """Build the cache under `offload.budget`, swap each MoE layer's experts for OffloadedExperts
+    (model still on the meta device) and, with prefetch, add the router hooks."""
+    spec = fmt.spec()
 
     def load(key: Key, views: dict[str, Tensor]) -> int:
         fmt.fill(views, store.read(*key))
         return store.expert_nbytes(key[0])
 
-    num_slots = budget // spec.nbytes
+    num_slots = offload.budget // spec.nbytes
     sticky = top_experts(offload.pin, int(num_slots * offload.pin_fraction)) if offload.policy == "pinned" else ()
     cache = ExpertCache(spec, num_slots, load, policy=offload.policy, sticky=sticky, prefetch=offload.prefetch,
                         device=device)
     for i, layer in layers.items():
         layer.experts = OffloadedExperts(layer.config, i, cache, fmt)
-    model = _load_resident(model, path, model_type, hf_config, store.expert_keys, dtype=dtype, device=device)
-    if quantize_attention:
-        from moekit.inference.quant import quantize_attention as quantize_attn
-        quantize_attn(model, quantize or "int8")
     model.expert_cache = cache  # type: ignore[attr-defined]
-    model.hf_config = hf_config  # type: ignore[attr-defined]
     if offload.prefetch:
         add_prefetch_hooks(model, cache)
-    return model
+    return cache
 
 
 def make_format(config: MoEConfig, dtype: torch.dtype, quantize: Quantize | None) -> ExpertFormat:
@@ -261,19 +279,20 @@ def top_experts(counts: dict[Key, int], n: int) -> list[Key]:
     return sorted(counts, key=lambda k: (-counts[k], k))[:n]
 
 
-def _load_resident(model: MoETransformer, path: str | Path, model_type: str, hf_config: dict, expert_keys: set[str],
-                   *, dtype: torch.dtype, device: str | torch.device) -> MoETransformer:
-    """Allocate and fill every weight but the routed experts (as `load_weights`, minus those keys)."""
+def _load_resident(model: MoETransformer, path: str | Path, rules: tuple, ignore, expert_keys: set[str], *,
+                   dtype: torch.dtype, device: str | torch.device, name: str, cast: bool = True) -> MoETransformer:
+    """Allocate and fill every weight but the routed experts (as `load_weights`, minus those keys).
+
+    cast=False: the meta model already has its dtypes (quantized buffers keep theirs)."""
     with CheckpointReader(path) as reader:
-        model = _to_empty(model.to(dtype), device)  # type: ignore[assignment]
+        model = _to_empty(model.to(dtype) if cast else model, device)  # type: ignore[assignment]
         state = model.state_dict(keep_vars=True)
         copies = tied_copies(model.config)
         shapes = {k: tuple(v.shape) for k, v in state.items() if k not in copies}
         where = lambda key: f"{key} in {reader.path / reader.file_of(key)}" if key in reader else key
         with torch.no_grad():
-            view = _Without(reader, set(copies) | expert_keys, ignored_keys(model_type, hf_config))
-            for key, tensor in checkpoint_to_model(family(model_type).load_rules(), view, shapes, where=where,
-                                                   name=f"model_type={model_type!r}"):
+            view = _Without(reader, set(copies) | expert_keys, ignore)
+            for key, tensor in checkpoint_to_model(rules, view, shapes, where=where, name=name):
                 state[key].copy_(tensor)
             _zero_runtime_buffers(model)
         if TIED_HEAD in copies and TIED_HEAD in reader:
