@@ -33,16 +33,21 @@ class SlotSpec:
     tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 
     def offsets(self) -> list[int]:
+        """Byte offset of each tensor in a slot, each aligned to ALIGN."""
         out, at = [], 0
         for _, shape, dtype in self.tensors:
             out.append(at)
-            at += _round_up(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size())
+            at += _round_up(_nbytes(shape, dtype))
         return out
 
     @property
     def nbytes(self) -> int:
         _, shape, dtype = self.tensors[-1]
-        return self.offsets()[-1] + _round_up(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size())
+        return self.offsets()[-1] + _round_up(_nbytes(shape, dtype))
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
 
 
 def _round_up(n: int) -> int:

@@ -216,7 +216,8 @@ def load_offloaded(path: str | Path, offload: OffloadConfig, *, dtype: torch.dty
             quantize_model(model, quantize, attention=quantize_attention)  # type: ignore[arg-type]
         return model  # type: ignore[return-value]
     rules = family(model_type).load_rules()
-    store = ExpertStore(path, rules, {i: m.config.num_experts for i, m in layers.items()}, expert_param_shapes(moe))
+    store = ExpertStore(path, rules, {i: m.config.num_experts for i, m in layers.items()},
+                        expert_param_shapes(moe))
     attach_cache(model, layers, store, fmt, offload, device=device)
     model = _load_resident(model, path, rules, ignored_keys(model_type, hf_config), store.expert_keys,
                            dtype=dtype, device=device, name=f"model_type={model_type!r}")
@@ -256,9 +257,10 @@ def attach_cache(model: MoETransformer, layers: dict[int, MoELayer], store: Expe
         return store.expert_nbytes(key[0])
 
     num_slots = offload.budget // spec.nbytes
-    sticky = top_experts(offload.pin, int(num_slots * offload.pin_fraction)) if offload.policy == "pinned" else ()
-    cache = ExpertCache(spec, num_slots, load, policy=offload.policy, sticky=sticky, prefetch=offload.prefetch,
-                        device=device)
+    sticky = (top_experts(offload.pin, int(num_slots * offload.pin_fraction))
+              if offload.policy == "pinned" else [])
+    cache = ExpertCache(spec, num_slots, load, policy=offload.policy, sticky=sticky,
+                        prefetch=offload.prefetch, device=device)
     for i, layer in layers.items():
         layer.experts = OffloadedExperts(layer.config, i, cache, fmt)
     model.expert_cache = cache  # type: ignore[attr-defined]
@@ -280,7 +282,8 @@ def top_experts(counts: dict[Key, int], n: int) -> list[Key]:
 
 
 def _load_resident(model: MoETransformer, path: str | Path, rules: tuple, ignore, expert_keys: set[str], *,
-                   dtype: torch.dtype, device: str | torch.device, name: str, cast: bool = True) -> MoETransformer:
+                   dtype: torch.dtype, device: str | torch.device, name: str,
+                   cast: bool = True) -> MoETransformer:
     """Allocate and fill every weight but the routed experts (as `load_weights`, minus those keys).
 
     cast=False: the meta model already has its dtypes (quantized buffers keep theirs)."""
@@ -329,7 +332,8 @@ def load_with_options(path: str | Path, *, dtype: torch.dtype | str | None, devi
         raise ValueError(f"quantize={quantize!r} is invalid: must be 'int8', 'int4' or None")
     if not offload_experts:
         if expert_cache is not None or options:
-            raise ValueError(f"expert_cache= and {sorted(options) or 'cache options'} need offload_experts=True")
+            raise ValueError(f"expert_cache= and {sorted(options) or 'cache options'} need "
+                             f"offload_experts=True")
         from moekit.inference.quant import quantize_model
         model = from_pretrained(path, dtype=dtype, device=device)
         return quantize_model(model, quantize, attention=quantize_attention)  # type: ignore[arg-type]
@@ -339,5 +343,6 @@ def load_with_options(path: str | Path, *, dtype: torch.dtype | str | None, devi
     if unknown:
         raise TypeError(f"from_pretrained got unexpected keyword(s) {sorted(unknown)}; offload options are "
                         f"policy, pin, pin_fraction, prefetch")
-    return load_offloaded(path, OffloadConfig(expert_cache=expert_cache, **options), dtype=dtype, device=device,
-                          quantize=quantize, quantize_attention=quantize_attention)  # type: ignore[arg-type]
+    return load_offloaded(path, OffloadConfig(expert_cache=expert_cache, **options), dtype=dtype,
+                          device=device, quantize=quantize,  # type: ignore[arg-type]
+                          quantize_attention=quantize_attention)

@@ -91,7 +91,9 @@ def quantize_weight(w_NK: Tensor, method: Method, group_size: int = GROUP_SIZE) 
     return {"_qweight": q, "_scales": s, "_zeros": z}
 
 
-def quant_shapes(N: int, K: int, method: Method, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def quant_shapes(N: int, K: int, method: Method,
+                 group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """suffix -> (shape, dtype) of one quantized (N, K) weight."""
     if method == "int8":
         return {"_qweight": ((N, K), torch.int8), "_scales": ((N,), torch.float32)}
     return {"_qweight": ((N, K // 2), torch.uint8), "_scales": ((N, K // group_size), torch.float32),
@@ -107,7 +109,8 @@ def _weight_dims(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
 class QuantFormat:
     """Experts with quantized weights and float biases (a cache slot's layout, and the in-memory one)."""
 
-    def __init__(self, config: MoEConfig, dtype: torch.dtype, method: Method, group_size: int = GROUP_SIZE) -> None:
+    def __init__(self, config: MoEConfig, dtype: torch.dtype, method: Method,
+                 group_size: int = GROUP_SIZE) -> None:
         from moekit.inference.offload import expert_param_shapes
 
         if method not in ("int8", "int4"):
@@ -119,8 +122,8 @@ class QuantFormat:
             if name.startswith("w_"):
                 N, K = _weight_dims(name, shape)
                 if method == "int4" and K % group_size:
-                    raise ValueError(f"int4 with group_size={group_size} needs {name}'s input dim {K} to be a "
-                                     f"multiple of it; use int8 or a group size that divides {K}")
+                    raise ValueError(f"int4 with group_size={group_size} needs {name}'s input dim {K} "
+                                     f"to be a multiple of it; use int8 or a group size that divides {K}")
                 for suffix, spec in quant_shapes(N, K, method, group_size).items():
                     self.tensors[name + suffix] = spec
             else:
@@ -150,7 +153,8 @@ class QuantFormat:
         from moekit.inference.offload import expert_forward
 
         def matmul(x: Tensor, name: str) -> Tensor:
-            return quant_matmul(x, views[name + "_qweight"], views[name + "_scales"], views.get(name + "_zeros"))
+            return quant_matmul(x, views[name + "_qweight"], views[name + "_scales"],
+                                views.get(name + "_zeros"))
 
         return expert_forward(x_rD, views, self.config, fused_bias=fused_bias, matmul=matmul)
 
@@ -195,7 +199,8 @@ class QuantizedExperts(nn.Module):
 class QuantLinear(nn.Module):
     """nn.Linear with a quantized weight (buffers `weight_qweight`, `weight_scales`[, `weight_zeros`])."""
 
-    def __init__(self, N: int, K: int, method: Method, group_size: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, N: int, K: int, method: Method, group_size: int, bias: bool,
+                 dtype: torch.dtype) -> None:
         super().__init__()
         self.method, self.group_size = method, group_size
         for suffix, (shape, dt) in quant_shapes(N, K, method, group_size).items():
@@ -235,7 +240,8 @@ def quantize_model(model: nn.Module, method: Method | None, *, attention: bool =
             layer.experts = QuantizedExperts.from_experts(layer.experts, method, group_size)
     if attention:
         quantize_attention(model, method, group_size)
-    model.quantize = {"method": method, "group_size": group_size, "attention": attention}  # type: ignore[attr-defined]
+    quant = {"method": method, "group_size": group_size, "attention": attention}
+    model.quantize = quant  # type: ignore[attr-defined]
     return model
 
 
@@ -259,9 +265,11 @@ def save_quantized(model: nn.Module, path: str | Path, *, max_shard_size: int | 
     copies = tied_copies(model.config)  # type: ignore[arg-type]
     state = {k: v.detach() for k, v in model.state_dict().items() if k not in copies}
     meta = {"quantize": quant.copy()}
-    files = write_checkpoint(path, state, max_shard_size=max_shard_size, metadata={"moekit_quantize": json.dumps(quant)})
+    files = write_checkpoint(path, state, max_shard_size=max_shard_size,
+                             metadata={"moekit_quantize": json.dumps(quant)})
     param = next(p for p in model.parameters() if p.is_floating_point())
-    info = {"model": asdict(model.config), "kind": "decoder", "dtype": str(param.dtype).removeprefix("torch."),
+    info = {"model": asdict(model.config), "kind": "decoder",
+            "dtype": str(param.dtype).removeprefix("torch."),
             "hf_config": getattr(model, "hf_config", None), **meta}
     (Path(path) / MOEKIT_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     return [*files, MOEKIT_CONFIG]
@@ -275,15 +283,16 @@ def check_quantized_file(path: str | Path, quant: dict) -> None:
 
     method, G = quant.get("method"), int(quant.get("group_size", GROUP_SIZE))
     if method not in ("int8", "int4"):
-        raise ValueError(f"{path}: moekit_config.json quantize.method={method!r} is invalid: must be int8 or int4")
+        raise ValueError(f"{path}: moekit_config.json quantize.method={method!r} is invalid: must be int8 "
+                         f"or int4")
     with CheckpointReader(path) as reader:
         keys = set(reader.keys())
         for key in sorted(k for k in keys if k.endswith("_qweight")):
             base, q_shape = key.removesuffix("_qweight"), reader.shape(key)
             want_dtype = torch.int8 if method == "int8" else torch.uint8
             if reader.dtype(key) != want_dtype:
-                raise ValueError(f"{reader.path / reader.file_of(key)}: {key} is {reader.dtype(key)}, expected "
-                                 f"{want_dtype} for {method}")
+                raise ValueError(f"{reader.path / reader.file_of(key)}: {key} is {reader.dtype(key)}, "
+                                 f"expected {want_dtype} for {method}")
             *lead, N, Kq = q_shape
             K = Kq if method == "int8" else 2 * Kq
             want = {"_scales": (*lead, N) if method == "int8" else (*lead, N, K // G)}
@@ -294,8 +303,9 @@ def check_quantized_file(path: str | Path, quant: dict) -> None:
                 if other not in keys:
                     raise ValueError(f"{reader.path}: {key} has no {other}; the quantized file is incomplete")
                 if reader.shape(other) != shape:
-                    raise ValueError(f"{reader.path / reader.file_of(other)}: {other} has shape {reader.shape(other)} "
-                                     f"but its weight {key} {q_shape} ({method}, group_size={G}) needs {shape}; "
+                    raise ValueError(f"{reader.path / reader.file_of(other)}: {other} has shape "
+                                     f"{reader.shape(other)} but its weight {key} {q_shape} ({method}, "
+                                     f"group_size={G}) needs {shape}; "
                                      f"the scales do not match the weights (re-run save_quantized)")
 
 
@@ -312,7 +322,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", offl
     try:
         meta = json.loads(file.read_text())
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: no {MOEKIT_CONFIG}; not a directory written by save_quantized") from err
+        raise FileNotFoundError(f"{path}: no {MOEKIT_CONFIG}; not a directory written by "
+                                f"save_quantized") from err
     quant = meta.get("quantize")
     if not isinstance(quant, dict):
         raise ValueError(f"{file}: no 'quantize' entry; this is not a quantized checkpoint (use load_moekit)")
@@ -321,7 +332,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", offl
     method, G = quant["method"], int(quant.get("group_size", GROUP_SIZE))
     with torch.device("meta"):
         model = MoETransformer(config).to(dtype)  # type: ignore[arg-type]
-        layers = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoELayer)}
+        layers = {i: layer.mlp for i, layer in enumerate(model.model.layers)
+                  if isinstance(layer.mlp, MoELayer)}
         fmt = QuantFormat(next(iter(layers.values())).config, dtype, method, G)
         if quant.get("attention"):
             quantize_attention_meta(model, method, G)

@@ -4,7 +4,6 @@ with prefetch; the cache's pins, policies and counters against slow references."
 from __future__ import annotations
 
 import threading
-import warnings
 
 import pytest
 import torch

@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     return trainer.model.eval()
 
 
-def held_out(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out(n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     val = fixture_data().val
     return val.batch(torch.arange(min(n, val.num_sequences)))
 
