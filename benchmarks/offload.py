@@ -2,7 +2,7 @@
 
 Builds a random Mixtral-layout checkpoint (fp32) whose routed experts are several times the
 largest partial cache, then decodes the same greedy continuation in one fresh subprocess per case
-(so each ru_maxrss is that case's own): fully in memory (fp32, int8, int4), and offloaded with a
+(so each peak RSS, VmHWM, is that case's own): fully in memory (fp32, int8, int4), and offloaded with a
 cache of 10/25/50/99% of the fp32 experts (100% loads in memory by design), LRU vs LFU vs LRU with
 prefetch, fp32 vs int8 vs int4 experts in the cache. The checkpoint was just written, so its pages
 are in the page cache ("warm"); a warm-up decode runs before the timed one. Speeds are printed as
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,13 @@ def build(path: Path, layers: int) -> int:
     return layers * EXPERTS * 3 * D_MODEL * 2 * D_MODEL * 4
 
 
+def peak_rss() -> int:
+    """VmHWM, this process image's peak RSS (ru_maxrss would carry the parent's across execve)."""
+    from tests.inference.offload_memory import _peak
+
+    return _peak()
+
+
 def child(case: dict) -> dict:
     import torch
 
@@ -57,7 +63,7 @@ def child(case: dict) -> dict:
 
     with torch.device("meta"):  # one-off lazy initialisation inside torch, before the baseline
         moekit.MoETransformer(TO_MOEKIT["mixtral"](read_config(case["path"])))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss()
     kwargs: dict = {}
     if case.get("quantize"):
         kwargs["quantize"] = case["quantize"]
@@ -82,7 +88,7 @@ def child(case: dict) -> dict:
     cache = getattr(model, "expert_cache", None)
     before = dict(cache.stats.summary()) if cache is not None else None
     tok_s, tokens = decode(case["tokens"])
-    out = {"tok_s": tok_s, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "base_rss": base_rss,
+    out = {"tok_s": tok_s, "peak_rss": peak_rss(), "base_rss": base_rss,
            "tokens": tokens, "resident": sum(p.numel() * p.element_size() for p in model.parameters())
            + sum(b.numel() * b.element_size() for b in model.buffers())}
     if cache is not None:

@@ -2,7 +2,7 @@
 
 `python -m tests.inference.offload_memory build DIR --mb 500` writes a Mixtral-layout checkpoint
 with about that many MB of fp32 routed experts; `... measure DIR --cache 100MB [--in-memory]`
-decodes from it and prints JSON: the child's ru_maxrss, its RSS after imports, the resident
+decodes from it and prints JSON: the child's peak RSS (VmHWM), its RSS after imports, the resident
 (non-expert) weight bytes and the cache's bytes.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,13 @@ def build(path: Path, mb: float) -> dict:
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: Linux carries ru_maxrss across execve,
+    so a child started by a large parent (pytest) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure(path: Path, cache: str, in_memory: bool, steps: int) -> dict:
