@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from moekit.config import MoEConfig
-    from moekit.hf.checkpoint import from_pretrained
+    from moekit.load import from_pretrained
     from moekit.inference.generate import generate
     from moekit.layer import MoELayer
     from moekit.model import ModelConfig, MoETransformer
@@ -23,7 +23,7 @@ _EXPORTS = {
     "DispatchPlan": "moekit.types", "MoEConfig": "moekit.config", "MoELayer": "moekit.layer",
     "MoEOutput": "moekit.types", "ModelConfig": "moekit.model", "ModelOutput": "moekit.types",
     "MoETransformer": "moekit.model", "RoutingDecision": "moekit.types",
-    "from_pretrained": "moekit.hf.checkpoint", "SoftMoELayer": "moekit.soft_layer",
+    "from_pretrained": "moekit.load", "SoftMoELayer": "moekit.soft_layer",
     "generate": "moekit.inference.generate",
 }
 __all__ = sorted(_EXPORTS)

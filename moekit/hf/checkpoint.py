@@ -60,6 +60,9 @@ def from_pretrained(
     path = Path(path)
     if is_native(path):
         meta = read_native(path)
+        if meta.quantize is not None:
+            raise ValueError(f"{path} holds quantized weights ({meta.quantize.get('method')}); load it with "
+                             f"moekit.from_pretrained, which reads them")
         model = load_weights(meta.config, path, (), dtype=resolve_dtype(dtype, {"dtype": meta.dtype}),
                              device=device, name=str(path / "moekit_config.json"))
         if meta.hf_config:

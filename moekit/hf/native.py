@@ -5,7 +5,9 @@ copies stored once), sharded like a Hugging Face checkpoint, and `moekit_config.
 
     {"format": "moekit", "format_version": 1, "kind": "decoder" | "switch",
      "config": <ModelConfig / SwitchConfig fields>, "dtype": "float32",
-     "hf_config": <the config.json it was converted from, or null>}
+     "hf_config": <the config.json it was converted from, or null>,
+     "quantize": <absent, or {"method": "int8" | "int4", ...}: weight-only quantized tensors, see
+                  moekit.inference.quant, which writes and reads them through here>}
 
 Training's final export (for a model without a Hugging Face family), `moekit convert --to moekit`
 and `moekit.from_pretrained` all go through here. Files of the two layouts written before the
@@ -39,6 +41,7 @@ class NativeMeta:
     config: ModelConfig | SwitchConfig
     dtype: str
     hf_config: dict | None = None
+    quantize: dict | None = None
 
 
 def is_native(path: str | Path) -> bool:
@@ -46,11 +49,12 @@ def is_native(path: str | Path) -> bool:
 
 
 def save_native(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB",
-                overwrite: bool = False) -> list[str]:
+                overwrite: bool = False, quantize: dict | None = None) -> list[str]:
     """Write `model` (its config as `model.config`) in the native format into a new or empty `path`.
 
     The config.json it was loaded from (`model.hf_config`, if any) is kept, so the directory
     converts back to the Hugging Face layout later. `overwrite` as in `prepare_destination`.
+    `quantize` records how the tensors were quantized (moekit.inference.quant.save_quantized).
     Returns the files written.
     """
     config = model.config
@@ -64,6 +68,8 @@ def save_native(model: nn.Module, path: str | Path, *, max_shard_size: int | str
     files = write_checkpoint(out, state, max_shard_size=max_shard_size)
     meta = {"format": "moekit", "format_version": FORMAT_VERSION, "kind": kind, "config": asdict(config),
             "dtype": dtype_name(model), "hf_config": getattr(model, "hf_config", None)}
+    if quantize is not None:
+        meta["quantize"] = quantize
     (out / NATIVE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return [*files, NATIVE_FILE]
 
@@ -102,11 +108,14 @@ def read_native(path: str | Path) -> NativeMeta:
         raise ValueError(f"{file}: dtype={dtype!r} must be a dtype name such as 'float32'")
     if hf_config is not None and not isinstance(hf_config, dict):
         raise ValueError(f"{file}: hf_config must be a JSON object or null")
+    quantize = meta.get("quantize")
+    if quantize is not None and not isinstance(quantize, dict):
+        raise ValueError(f"{file}: quantize must be a JSON object (its method and group size) or absent")
     try:
         config = ModelConfig.from_dict(fields) if kind == "decoder" else SwitchConfig(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: config does not describe a valid {_KINDS[kind].__name__}: {err}") from err
-    return NativeMeta(config=config, dtype=dtype, hf_config=hf_config)
+    return NativeMeta(config=config, dtype=dtype, hf_config=hf_config, quantize=quantize)
 
 
 def _upgrade(meta: dict[str, Any], file: Path) -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""Offloaded and quantized experts: decode tokens/s, peak RSS and hit rates vs cache size.
+
+Builds a random Mixtral-layout checkpoint (fp32) whose routed experts are several times the
+largest partial cache, then decodes the same greedy continuation in one fresh subprocess per case
+(so each peak RSS, VmHWM, is that case's own): fully in memory (fp32, int8, int4), and offloaded with a
+cache of 10/25/50/99% of the fp32 experts (100% loads in memory by design), LRU vs LFU vs LRU with
+prefetch, fp32 vs int8 vs int4 experts in the cache. The checkpoint was just written, so its pages
+are in the page cache ("warm"); a warm-up decode runs before the timed one. Speeds are printed as
+ratios to the in-memory fp32 run of the same invocation (the 2-core CPU is shared; absolute figures
+are noisy). Random routers route about uniformly: a worst case for caching next to real models.
+
+    nice -n 10 python benchmarks/offload.py            # about 400 MB of experts
+    nice -n 10 python benchmarks/offload.py --quick    # about 100 MB, a minute or two
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+D_MODEL, EXPERTS, TOP_K, VOCAB = 512, 8, 2, 1024
+
+
+def build(path: Path, layers: int) -> int:
+    import torch
+
+    from moekit.hf.families import FAMILIES
+    from moekit.model.transformer import MoETransformer
+
+    hf = dict(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=2 * D_MODEL, num_hidden_layers=layers,
+              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+              num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = MoETransformer(FAMILIES["mixtral"].to_moekit(hf))
+        for layer in model.moe_layers():  # spread router logits so routing is not a coin toss
+            layer.router.gate.weight.mul_(20)
+        model.save_pretrained(str(path), model_type="mixtral")
+    return layers * EXPERTS * 3 * D_MODEL * 2 * D_MODEL * 4
+
+
+def peak_rss() -> int:
+    """VmHWM, this process image's peak RSS (ru_maxrss would carry the parent's across execve)."""
+    from tests.inference.offload_memory import _peak
+
+    return _peak()
+
+
+def child(case: dict) -> dict:
+    import torch
+
+    import moekit
+    from moekit.inference.offload import model_offload_stats
+
+    torch.set_num_threads(case["threads"])
+    from moekit.hf.families import FAMILIES
+    from moekit.hf.io import read_config
+
+    with torch.device("meta"):  # one-off lazy initialisation inside torch, before the baseline
+        moekit.MoETransformer(FAMILIES["mixtral"].to_moekit(read_config(case["path"])))
+    base_rss = peak_rss()
+    kwargs: dict = {}
+    if case.get("quantize"):
+        kwargs["quantize"] = case["quantize"]
+    if case.get("cache"):
+        kwargs.update(offload_experts=True, expert_cache=case["cache"], policy=case["policy"],
+                      prefetch=case["prefetch"])
+    model = moekit.from_pretrained(case["path"], **kwargs)
+    prompt = torch.arange(8).view(1, 8)
+
+    def decode(n: int) -> tuple[float, list[int]]:
+        kv = model.new_cache()
+        with torch.no_grad():
+            logits = model(prompt, cache=kv).logits
+            out, start = [], time.perf_counter()
+            for _ in range(n):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(int(nxt))
+                logits = model(nxt, cache=kv).logits
+        return n / (time.perf_counter() - start), out
+
+    decode(4)  # warm-up
+    cache = getattr(model, "expert_cache", None)
+    before = dict(cache.stats.summary()) if cache is not None else None
+    tok_s, tokens = decode(case["tokens"])
+    out = {"tok_s": tok_s, "peak_rss": peak_rss(), "base_rss": base_rss,
+           "tokens": tokens, "resident": sum(p.numel() * p.element_size() for p in model.parameters())
+           + sum(b.numel() * b.element_size() for b in model.buffers())}
+    if cache is not None:
+        s = model_offload_stats(model)
+        hits, misses = s.hits - before["hits"], s.misses - before["misses"]
+        out.update(hit_rate=hits / max(1, hits + misses), cache_bytes=cache.nbytes,
+                   recall=s.prediction_recall, slots=cache.num_slots)
+        cache.close()
+    return out
+
+
+def run(case: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--child")
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    layers, tokens = (2, 12) if a.quick else (8, 24)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        experts = build(path, layers)
+        base = dict(path=str(path), threads=a.threads, tokens=tokens, policy="lru", prefetch=False)
+        cases: list[tuple[str, dict]] = [("in memory fp32", {}), ("in memory int8", {"quantize": "int8"}),
+                                         ("in memory int4", {"quantize": "int4"})]
+        for frac in (0.10, 0.25, 0.50, 0.99):
+            cases.append((f"LRU {frac:.0%}", {"cache": int(frac * experts)}))
+        cases += [("LFU 25%", {"cache": int(0.25 * experts), "policy": "lfu"}),
+                  ("LRU+prefetch 25%", {"cache": int(0.25 * experts), "prefetch": True}),
+                  ("int8 LRU 25%", {"cache": int(0.25 * experts), "quantize": "int8"}),
+                  ("int4 LRU 25%", {"cache": int(0.25 * experts), "quantize": "int4"})]
+        print(f"checkpoint: {layers} layers x {EXPERTS} experts (top-{TOP_K}), d_model {D_MODEL}, "
+              f"{experts / 1e6:.0f} MB of fp32 experts; {tokens} timed decode tokens, {a.threads} thread(s); "
+              f"RSS baseline = after imports and a meta-device build")
+        results = {}
+        for name, extra in cases:
+            results[name] = run({**base, **extra})
+        ref = results["in memory fp32"]
+        print("| case | cache MB | slots | tok/s | vs in-memory fp32 | peak RSS - baseline MB | resident MB | hit rate | "
+              "prefetch recall | same tokens |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, r in results.items():
+            cache = f"{r['cache_bytes'] / 1e6:.0f}" if "cache_bytes" in r else "-"
+            same = r["tokens"] == ref["tokens"] if "int" not in name else "-"
+            print(f"| {name} | {cache} | {r.get('slots', '-')} | {r['tok_s']:.1f} | {r['tok_s'] / ref['tok_s']:.2f} | "
+                  f"{(r['peak_rss'] - r['base_rss']) / 1e6:.0f} | {r['resident'] / 1e6:.0f} | "
+                  f"{r['hit_rate']:.2f} | " if "hit_rate" in r else
+                  f"| {name} | - | - | {r['tok_s']:.1f} | {r['tok_s'] / ref['tok_s']:.2f} | {(r['peak_rss'] - r['base_rss']) / 1e6:.0f} | "
+                  f"{r['resident'] / 1e6:.0f} | - | ", end="")
+            print(f"{r['recall']:.2f} | {same} |" if r.get("recall") else f"- | {same} |")
+        out = Path(__file__).parent / "results" / ("offload_quick.json" if a.quick else "offload.json")
+        out.write_text(json.dumps({"experts_bytes": experts, "layers": layers, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
