@@ -23,12 +23,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    add_weight_arguments(p)
+
+
+def add_weight_arguments(p: argparse.ArgumentParser) -> None:
+    """How the weights are held: in memory, routed experts offloaded to the files, quantized."""
+    p.add_argument("--offload-experts", action="store_true",
+                   help="keep routed experts in the checkpoint files and read them on demand (needs --expert-cache)")
+    p.add_argument("--expert-cache", default=None, metavar="SIZE",
+                   help="byte budget of the offloaded-expert cache, e.g. 2GB or 500MB")
+    p.add_argument("--expert-policy", choices=("lru", "lfu"), default=None,
+                   help="which cached expert to evict first (default lru)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="prefetch the next layer's experts predicted by its router (with --offload-experts)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantized experts (int8 per channel, int4 in groups of 32)")
+
+
+def weight_options(args: argparse.Namespace) -> dict:
+    """`moekit.from_pretrained`'s keywords for the flags of `add_weight_arguments` that were given."""
+    options: dict = {}
+    if args.offload_experts:
+        options["offload_experts"] = True
+    if args.expert_cache is not None:
+        options["expert_cache"] = args.expert_cache
+    if args.expert_policy is not None:
+        options["policy"] = args.expert_policy
+    if args.prefetch:
+        options["prefetch"] = True
+    if args.quantize is not None:
+        options["quantize"] = args.quantize
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
     from moekit.inference import generate, load
 
-    loaded = load(args.path, dtype=args.dtype)
+    loaded = load(args.path, dtype=args.dtype, **weight_options(args))
 
     def show(text: str) -> None:
         sys.stdout.write(text)
@@ -43,4 +74,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"[{len(result.prompt_ids)} prompt tokens, {result.prompt_tokens_per_s:.1f} tokens/s; "
           f"{len(result.token_ids)} generated tokens, {result.generated_tokens_per_s:.1f} tokens/s; "
           f"finished: {result.finish_reason}]", file=sys.stderr)
+    cache = getattr(loaded.model, "expert_cache", None)
+    if cache is not None:
+        stats = cache.stats
+        print(f"[expert cache: {stats.hits} hits, {stats.misses} misses ({stats.hit_rate:.1%} hit rate), "
+              f"{stats.bytes_read / 1e6:.1f} MB read]", file=sys.stderr)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moekit.commands.generate import add_weight_arguments, weight_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path,
@@ -21,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--name", default=None, help="the model id clients send (default: the directory name)")
+    add_weight_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is invalid: must be in 1..65535")
-    loaded = load(args.path, dtype=args.dtype)
+    loaded = load(args.path, dtype=args.dtype, **weight_options(args))
     max_len = args.max_len if args.max_len is not None else min(loaded.context_length, 4096)
     engine = Engine(loaded, max_batch_size=args.max_batch_size, max_len=max_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk)

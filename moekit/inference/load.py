@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,34 +63,29 @@ def _config_eos(path: Path) -> set[int]:
 
 
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         name: str | None = None) -> LoadedModel:
+         name: str | None = None, **weights: Any) -> LoadedModel:
     """Load a model directory for generation (see the module docstring for what `path` may be).
 
     Args:
         dtype: "float32", "bfloat16" (or a torch dtype); default: the checkpoint's own.
+        weights: `moekit.from_pretrained`'s offload / quantize options (offload_experts=True,
+            expert_cache="2GB", quantize="int8", ...).
     Raises:
         FileNotFoundError when there is no model or no tokenizer.json; ValueError for an
         encoder-decoder or unsupported checkpoint.
     """
-    from moekit.train.run import load_final  # reads both layouts a run writes
-
     folder = model_dir(path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is invalid: must be one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     tokenizer = TextTokenizer.from_dir(folder)  # before the weights: fail fast without a tokenizer
-    if (folder / "config.json").is_file():
-        from moekit.hf.checkpoint import from_pretrained
-
-        model = from_pretrained(folder, dtype=dtype, device=device)
-    elif (folder / "moekit_config.json").is_file():
-        model, _ = load_final(folder, device=device)
-        if dtype is not None:
-            model = model.to(dtype)
-    else:
+    if not ((folder / "config.json").is_file() or (folder / "moekit_config.json").is_file()):
         raise FileNotFoundError(f"{folder} has neither config.json nor moekit_config.json: not a model "
                                 "directory")
+    from moekit.load import from_pretrained
+
+    model = from_pretrained(folder, dtype=dtype, device=device, **weights)
     if not isinstance(model, MoETransformer):
         raise ValueError(f"{folder} holds a {type(model).__name__}; generation runs decoder-only models")
     model.eval()

@@ -145,3 +145,35 @@ def test_cli_generate_streams_then_reports_speed(saved, capsys):
     assert "prompt tokens" in err and "generated tokens" in err and "tokens/s" in err
     assert main(["generate", str(path / "missing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [
+    pytest.param(["--offload-experts", "--expert-cache", "1"], id="cache-below-one-expert"),
+    pytest.param(["--expert-cache", "1MB"], id="cache-without-offload"),
+])
+def test_cli_generate_refuses_bad_offload_flags(saved, capsys, flags):
+    from moekit.cli import main
+
+    path, _, _ = saved("mixtral")
+    assert main(["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "2", *flags]) == 2
+    assert "expert" in capsys.readouterr().err
+
+
+def test_cli_generate_offloaded_and_quantized(saved, capsys):
+    """--offload-experts with a cache of one expert per layer prints the in-memory tokens, then the
+    cache's counters; --quantize int8 runs the quantized experts."""
+    from moekit.cli import main
+    from moekit.inference.offload import make_format
+
+    path, _, loaded = saved("mixtral")
+    want = moekit.generate(loaded, PROMPT, max_new_tokens=6, temperature=0)
+    moe = loaded.model.moe_layers()[0].config
+    one_expert = make_format(moe, torch.float32, None).spec().nbytes * len(loaded.model.moe_layers())
+    argv = ["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0"]
+    assert main([*argv, "--offload-experts", "--expert-cache", str(one_expert)]) == 0
+    out, err = capsys.readouterr()
+    assert out == PROMPT + want.text + "\n"
+    assert "expert cache:" in err and "misses" in err
+    assert main([*argv, "--quantize", "int8"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith(PROMPT)
