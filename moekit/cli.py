@@ -16,7 +16,7 @@ from moekit.commands import analyze, catalog, compare, convert, data, demo, gene
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "demo": (demo, "route a random batch with every router and print routing statistics"),
-    "data": (data, "fetch the built-in Shakespeare training corpus (sha256-pinned)"),
+    "data": (data, "fetch a data set (Shakespeare, Fashion-MNIST, Census-Income), sha256-pinned"),
     "train": (train, "train a preset MoE language model on a corpus (resumable)"),
     "compare": (compare, "train dense vs MoE variants at equal active compute; write a report"),
     "convert": (convert, "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
