@@ -43,15 +43,19 @@ def test_lock_names_the_holder_and_is_free_again_after_it_dies(tmp_path):
 
 
 def test_compare_variant_folder_is_locked_too(tmp_path):
-    from moekit.train.compare import CompareConfig, run_compare
+    from dataclasses import replace
+
+    from moekit.train.compare import DEFAULT_TRAIN, CompareConfig, run_compare
 
     from ..train.helpers import FIXTURE
 
     run_dir = tmp_path / "runs" / "dense"
     run_dir.mkdir(parents=True)
     other = _hold_lock_in_another_process(run_dir)
+    train = replace(DEFAULT_TRAIN, steps=1, batch_size=2, seq_len=16, warmup_steps=1, eval_every=1,
+                    eval_sequences=2)
     config = CompareConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, active_d_ff=32, num_experts=4,
-                           steps=1, batch_size=2, seq_len=16, warmup_steps=1, eval_every=1, eval_sequences=2)
+                           train=train)
     try:
         with pytest.raises(RunFolderBusy, match=f"PID {other.pid}"):
             run_compare(config, variants=["dense"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
