@@ -38,7 +38,8 @@ def load_data(args: argparse.Namespace) -> ImageData:
 
 
 def train(args: argparse.Namespace, shared_flags: list[str]) -> int:
-    from moekit.vision.model import ViT, active_params, count_params
+    from moekit.model.accounting import count_params
+    from moekit.vision.model import ViT, active_params
     from moekit.vision.train import train_vision
 
     config = task_config(VisionCompareConfig, args, shared_flags)

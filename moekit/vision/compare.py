@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from moekit.config import MoEConfig, check
+from moekit.model.accounting import count_params
 from moekit.train.metrics import read_metrics
 from moekit.vision.data import ImageData
-from moekit.vision.model import ViT, ViTConfig, active_params, count_params, flops_per_image
+from moekit.vision.model import ViT, ViTConfig, active_params, flops_per_image
 from moekit.vision.train import VisionTrainConfig, capacity, evaluate, to_tensors, train_vision
 
 

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig, check, check_choice
 from moekit.experts.dense import DenseMLP
 from moekit.layer import MoELayer
+from moekit.model.accounting import count_params
+from moekit.soft_layer import make_moe_layer
 from moekit.types import RoutingDecision
 
 INIT_STD = 0.02
@@ -112,7 +114,7 @@ class ViTBlock(nn.Module):
         D = config.d_model
         self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
         self.attn = SelfAttention(D, config.n_heads)
-        self.mlp: nn.Module = (MoELayer(config.moe) if moe and config.moe is not None
+        self.mlp: nn.Module = (make_moe_layer(config.moe) if moe and config.moe is not None
                                else DenseMLP(D, config.d_ff, "gelu", bias=True))
 
     def forward(self, x_BSD: Tensor) -> tuple[Tensor, dict[str, Tensor], RoutingDecision | None]:
@@ -214,10 +216,6 @@ def dense_to_one_expert(dense: DenseMLP, moe: MoELayer) -> None:
         moe.experts.b_out_ED[0].copy_(dense.down_proj.bias)
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def active_params(model: ViT) -> int:
     """Parameters one token touches: everything minus the experts a token does not use
     (Soft MoE: every expert sees slots, so per token it is E * slots / S experts' worth)."""
@@ -229,7 +227,8 @@ def active_params(model: ViT) -> int:
             used = m.num_experts * m.soft_slots / c.seq_len
         else:
             used = m.top_k
-        total -= round((m.num_experts - used) * m.expert_params())
+        per_expert = count_params(layer.experts) / m.num_experts
+        total -= round((m.num_experts - used) * per_expert)
     return total
 
 

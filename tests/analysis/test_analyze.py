@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from moekit import MoEConfig, ModelConfig, MoETransformer
+from moekit import ModelConfig, MoEConfig, MoETransformer
 from moekit.analysis import analyze
 from moekit.analysis.knockout import eval_loss, experts_disabled, knockout_losses, shared_disabled
 from moekit.analysis.trace import RoutingTrace
@@ -94,6 +94,8 @@ def _model_with_dead_expert(dead: int, **moe_changes) -> MoETransformer:
     with torch.no_grad():
         for layer in model.moe_layers():
             layer.router.gate.bias[dead] = -1e4               # never among any token's top-2
+            for p in layer.experts.parameters():              # experts large enough to matter to the
+                p.normal_(std=0.2)                            # loss (the 0.02 init barely does)
     return model
 
 

@@ -6,8 +6,13 @@ import json
 
 import pytest
 
-from moekit.analysis.corpora import (SHAKESPEARE_GENRES, domain_batches, dominant_script, labelled_documents,
-                                     read_labelled_lines)
+from moekit.analysis.corpora import (
+    SHAKESPEARE_GENRES,
+    domain_batches,
+    dominant_script,
+    labelled_documents,
+    read_labelled_lines,
+)
 from moekit.train.data import SHAKESPEARE_NUM_WORKS
 
 from ..train.helpers import FIXTURE
