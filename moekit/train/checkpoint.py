@@ -19,6 +19,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from moekit.files import fsync_dir
+
 MANIFEST = "manifest.json"
 STATE = "state.json"
 _PREFIX = "step_"
@@ -27,17 +29,6 @@ _TMP_PREFIX = ".tmp-"
 
 def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -83,14 +74,14 @@ def save_checkpoint(
             _write_file(tmp / name, data)
         manifest = {"step": step, "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
         _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a torn folder of the same step: replace it
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial folder must not outlive a failed write
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final

@@ -1,14 +1,3 @@
-"""tests/hf: tiny models only, so one intra-op thread per test: on a shared CPU, thread hand-offs cost
-far more than these matmuls (10x in wall time here). Restored after each test, so other test
-directories keep their setting; never set in library code."""
+"""tests/hf: tiny models only, so one intra-op thread per test (tests/one_thread.py)."""
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.one_thread import one_thread  # noqa: F401 (an autouse fixture)
