@@ -21,14 +21,6 @@ from tests.inference.offload_helpers import expert_bytes, greedy_logits, load_qu
 FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss", "dbrx", "jamba"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """model_type -> (directory, in-memory model); the fused-layout copy of mixtral as 'mixtral-fused'."""

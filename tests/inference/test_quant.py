@@ -25,14 +25,6 @@ from tests.inference.offload_helpers import greedy_logits
 from tests.train.helpers import fixture_data, make_trainer, tiny_model_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-layer MoE (4 experts, top-2) trained for a few seconds on the committed fixture corpus."""
