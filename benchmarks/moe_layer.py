@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
@@ -104,22 +103,17 @@ def hf_block(layer: MoELayer, impl: str) -> nn.Module:
 
 
 class DenseLimit(nn.Module):
-    """The same arithmetic as dense matmuls over the same rows: x_(TK)D @ W_DF twice, silu * up,
-    @ W_FD (plus the shared experts on the T tokens). No MoE can beat it."""
+    """The same arithmetic as dense matmuls over the same rows: one dense MLP of width d_ff over
+    all T*k routed rows (plus the shared experts on the T tokens), each matmul in its fastest
+    layout (`moekit.experts.layout`, as nn.Linear stores weights). No MoE can beat it."""
 
     def __init__(self, shape: Shape, dtype: torch.dtype) -> None:
         super().__init__()
-        D, Fd = shape.d_model, shape.d_ff
-        self.w_gate_DF = nn.Parameter(torch.randn(D, Fd, dtype=dtype) / D ** 0.5)
-        self.w_up_DF = nn.Parameter(torch.randn(D, Fd, dtype=dtype) / D ** 0.5)
-        self.w_down_FD = nn.Parameter(torch.randn(Fd, D, dtype=dtype) / Fd ** 0.5)
-        self.top_k = shape.top_k
-        self.shared = None
-        if shape.num_shared:
-            self.shared = DenseMLP(D, shape.num_shared * Fd).to(dtype)
+        self.mlp = DenseMLP(shape.d_model, shape.d_ff).to(dtype)
+        self.shared = DenseMLP(shape.d_model, shape.num_shared * shape.d_ff).to(dtype) if shape.num_shared else None
 
     def forward(self, x_RD: Tensor, x_TD: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        y_RD = (F.silu(x_RD @ self.w_gate_DF) * (x_RD @ self.w_up_DF)) @ self.w_down_FD
+        y_RD = self.mlp(x_RD)
         return y_RD if self.shared is None else (y_RD, self.shared(x_TD))
 
 
@@ -226,6 +220,51 @@ def section_vs_transformers(args: argparse.Namespace) -> list[dict]:
                                  speedup_vs_best_hf=best_hf / med["moekit"],
                                  fused_vs_separate=med["moekit_fused"] / med["moekit"],
                                  hf_rel_err=agree))
+                print_row(rows[-1])
+    return rows
+
+
+# The issue's grid of fine-grained shapes; `--sweep-shapes` of them are drawn with `--seed`.
+GRID = dict(num_experts=(8, 16, 32, 64, 128, 256), top_k=(1, 2, 4, 6, 8),
+            d_model=(256, 384, 512, 640, 768, 1024, 1280, 1536, 2048),
+            d_ff=(64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048),
+            tokens=(256, 512, 1024, 2048, 4096, 8192, 16384))
+
+
+def layer_gflop(shape: Shape, T: int) -> float:
+    """Forward GFLOP of the routed experts: three (D x F) projections over T * k rows."""
+    return 6 * T * shape.top_k * shape.d_model * shape.d_ff / 1e9
+
+
+def sample_shapes(n: int, seed: int, max_gflop: float) -> list[tuple[Shape, int]]:
+    """`n` (shape, T) drawn uniformly from GRID; draws whose forward exceeds `max_gflop` are
+    redrawn (this machine's budget, printed with the results), nothing else is filtered."""
+    import random
+
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        E, k, D, Fd, T = (rng.choice(GRID[key]) for key in ("num_experts", "top_k", "d_model", "d_ff", "tokens"))
+        shape = Shape(f"E{E}k{k}D{D}F{Fd}T{T}", D, Fd, E, k)
+        if k <= E and layer_gflop(shape, T) <= max_gflop:
+            out.append((shape, T))
+    return out
+
+
+def section_sweep(args: argparse.Namespace) -> list[dict]:
+    """Sampled grid shapes: moekit / dense limit and transformers / moekit, fwd and fwd+bwd."""
+    rows = []
+    drawn = sample_shapes(args.sweep_shapes, args.seed, args.max_gflop)
+    print(f"sweep: {len(drawn)} shapes drawn with seed {args.seed}, forward <= {args.max_gflop} GFLOP", flush=True)
+    for shape, T in drawn:
+        for dt in args.dtypes:
+            for backward in (False, True):
+                impls = ["moekit", "dense", "hf_eager", "hf_grouped_mm"]
+                steps = {i: make_step(i, shape, DTYPES[dt], T, backward)[0] for i in impls}
+                med = time_side_by_side(steps, warmup=1, repeats=args.sweep_repeats)
+                best_hf = min(med["hf_eager"], med["hf_grouped_mm"])
+                rows.append(dict(section="sweep", shape=shape.name, dtype=dt, T=T,
+                                 mode="fwd+bwd" if backward else "fwd", ms={k: v * 1e3 for k, v in med.items()},
+                                 vs_dense=med["moekit"] / med["dense"], speedup_vs_best_hf=best_hf / med["moekit"]))
                 print_row(rows[-1])
     return rows
 
@@ -358,6 +397,22 @@ def markdown_summary(data: dict) -> str:
               [[r["shape"], r["dtype"], r["mode"], f"{r['ms']['moekit']:.0f}", f"{r['ms']['dense']:.0f}",
                 f"{r['ms']['hf_eager']:.0f}", f"{r['ms']['hf_grouped_mm']:.0f}", x(r["vs_dense"]),
                 x(r["speedup_vs_best_hf"]), x(r["fused_vs_separate"])] for r in sel])
+    sel = [r for r in rows if r["section"] == "sweep"]
+    if sel:
+        lines = []
+        for dt in dict.fromkeys(r["dtype"] for r in sel):
+            for mode in ("fwd", "fwd+bwd"):
+                cell = [r for r in sel if r["dtype"] == dt and r["mode"] == mode]
+                if not cell:
+                    continue
+                worst = max(cell, key=lambda r: r["vs_dense"])
+                slowest_hf = min(cell, key=lambda r: r["speedup_vs_best_hf"])
+                lines.append([dt, mode, str(len(cell)), x(statistics.median(r["vs_dense"] for r in cell)),
+                              f"{x(worst['vs_dense'])} ({worst['shape']})",
+                              x(statistics.median(r["speedup_vs_best_hf"] for r in cell)),
+                              f"{x(slowest_hf['speedup_vs_best_hf'])} ({slowest_hf['shape']})"])
+        table(["dtype", "pass", "shapes", "median moekit / dense", "worst moekit / dense",
+               "median best hf / moekit", "lowest best hf / moekit"], lines)
     sel = [r for r in rows if r["section"] == "decode"]
     if sel:
         table(["shape", "dtype", "T", "moekit ms", "hf eager", "hf batched_mm", "hf grouped_mm",
@@ -385,6 +440,17 @@ def markdown_summary(data: dict) -> str:
     return "\n".join(out)
 
 
+def cpu_bf16_native() -> bool:
+    """The CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), so bf16 GEMMs run at speed
+    in every layout; without them the layout matters (moekit.experts.layout)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -394,6 +460,7 @@ def cpu_name() -> str:
 
 
 SECTIONS = {
+    "sweep": section_sweep,
     "vs_transformers": section_vs_transformers,
     "decode": section_decode,
     "memory": section_memory,
@@ -409,6 +476,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median reported)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sweep's shape draw (printed)")
+    p.add_argument("--sweep-shapes", type=int, default=None, help="shapes drawn for the sweep (default 32)")
+    p.add_argument("--sweep-repeats", type=int, default=3, help="timed repeats per sweep case")
+    p.add_argument("--max-gflop", type=float, default=2.0,
+                   help="redraw sweep shapes whose forward exceeds this many GFLOP (a 2-core budget)")
     p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--summary", type=Path, default=None, help="print a run's JSON as Markdown tables and exit")
     p.add_argument("--threads", type=int, default=None,
@@ -436,12 +508,13 @@ def main(argv: list[str] | None = None) -> None:
     args.experts = (8, 256) if quick else (8, 32, 128, 256)
     args.token_counts = (256, 1024) if quick else (256, 1024, 4096, 16384)
     args.decode_tokens = (1,) if quick else (1, 4, 16)
+    args.sweep_shapes = args.sweep_shapes or (4 if quick else 32)
     sections = args.sections.split(",")
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
 
-    machine = dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(),
+    machine = dict(cpu=cpu_name(), bf16_native=cpu_bf16_native(), cores=os.cpu_count(), threads=torch.get_num_threads(),
                    torch=torch.__version__, python=platform.python_version(),
                    malloc={k: os.environ.get(k) for k in MALLOC_TUNING})
     print(f"machine: {machine}  shapes: {[asdict(SHAPES[s]) for s in args.shapes]}", flush=True)

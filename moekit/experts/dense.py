@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from moekit.experts.activations import glu, plain
+from moekit.experts.layout import linear
 from moekit.traits import GATED_ACTIVATIONS
 
 
@@ -25,6 +26,10 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        # layout.linear: F.linear with a backward in fast layouts for bf16 on CPU.
+        def proj(m: nn.Linear, h: Tensor) -> Tensor:
+            return linear(h, m.weight, m.bias)
+
         if self.gated:
-            return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self.activation))
-        return self.down_proj(plain(self.up_proj(x), self.activation))
+            return proj(self.down_proj, glu(proj(self.gate_proj, x), proj(self.up_proj, x), self.activation))
+        return proj(self.down_proj, plain(proj(self.up_proj, x), self.activation))

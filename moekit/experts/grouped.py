@@ -1,9 +1,9 @@
 """Routed experts with 3-D weights: every projection of every expert in one tensor.
 
 `Experts.forward(x_RD, counts_E)` takes rows sorted by expert (`counts_E[e]` rows for expert e, in
-order) and runs each projection as ONE grouped GEMM over the 3-D weights (`torch._grouped_mm`;
-autograd differentiates it). Where that kernel cannot run (device, dtype, 16-byte alignment)
-`grouped_matmul` falls back to a loop of plain matmuls. A decode step (a few rows) loops over only
+order) and runs each projection as ONE grouped GEMM over the 3-D weights (`torch._grouped_mm`,
+forward and backward, with operands in the layouts of `moekit.experts.layout`). Where that kernel
+cannot run (device, dtype, 16-byte alignment) `grouped_matmul` falls back to a loop of plain matmuls. A decode step (a few rows) loops over only
 the experts that received rows, so it reads only their weights.
 """
 
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.experts.activations import glu, plain
+from moekit.experts.layout import fast_operands, is_transposed, linear_layout, matmul
 
 # The CPU kernel of torch._grouped_mm (torch >= 2.9) takes these; CUDA's takes bf16 only (sm80+).
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -50,6 +51,9 @@ def grouped_mm_supported(x_RD: Tensor, w_EDF: Tensor) -> bool:
 def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
     """Per-expert matmul of rows sorted by expert: y[rows of e] = x[rows of e] @ w_EDF[e].
 
+    Forward and backward run as grouped GEMMs with operands in the layout the kernel runs fast
+    (`moekit.experts.layout`); where `torch._grouped_mm` cannot run, a loop of plain matmuls.
+
     Args:
         x_RD: (R, D) rows sorted by expert, R == counts_E.sum().
         w_EDF: (E, D, F) weights (any strides).
@@ -59,14 +63,50 @@ def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor
     Returns:
         (R, F) in x's dtype.
     """
+    if not grouped_mm_supported(x_RD, w_EDF) and x_RD.shape[0] and grouped_mm_supported(x_RD.clone(), w_EDF):
+        x_RD = x_RD.clone()  # only x's base pointer is off (a sliced view): a fresh copy is aligned
     if grouped_mm_supported(x_RD, w_EDF):
         if offs_E is None:
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
-    if x_RD.shape[0] and grouped_mm_supported(x_RD.clone(), w_EDF):
-        # Only x's base pointer is off (a sliced view): a fresh copy is aligned.
-        return grouped_matmul(x_RD.clone(), w_EDF, counts_E, offs_E)
+        return _GroupedMatmul.apply(x_RD, w_EDF, offs_E)
     return _loop_matmul(x_RD, w_EDF, counts_E)
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
+    """`torch._grouped_mm` on operands in a fast layout (copies only where the layout needs it)."""
+    a, b = fast_operands(a, b)
+    if not (_aligned(a) and _aligned(b)):
+        a, b = a.contiguous(), b.contiguous()
+    return torch._grouped_mm(a, b, offs=offs_E)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """y_RF = x_RD @ w_EDF[expert of each row], differentiated by grouped GEMMs of its own.
+
+    torch's derivative of `_grouped_mm` keeps the operands' layouts; on the CPU's bf16 kernels one
+    of its two products is then the slow pair. This backward picks fast layouts and computes the
+    weight gradient directly in the weight's own memory layout (no transposing copy when it is
+    accumulated). Experts with no rows get exactly zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_RD, w_EDF, offs_E)
+        return _grouped_mm(x_RD, w_EDF, offs_E)
+
+    @staticmethod
+    def backward(ctx, g_RF: Tensor):  # type: ignore[override]
+        x_RD, w_EDF, offs_E = ctx.saved_tensors
+        g_RF = g_RF.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _grouped_mm(g_RF, w_EDF.transpose(-2, -1), offs_E)
+        if ctx.needs_input_grad[1]:
+            if is_transposed(w_EDF):  # stored (E, F, D): the gradient in the same layout
+                grad_w = _grouped_mm(g_RF.t(), x_RD, offs_E).transpose(-2, -1)
+            else:
+                grad_w = _grouped_mm(x_RD.t(), g_RF, offs_E)
+        return grad_x, grad_w, None
 
 
 def row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
@@ -81,7 +121,7 @@ def row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
 
 def _loop_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
     """The fallback: one matmul per expert with rows (slow on many experts, exact everywhere)."""
-    ys = [x_RD[lo:hi] @ w_EDF[e] for e, lo, hi in row_blocks(counts_E)]
+    ys = [matmul(x_RD[lo:hi], w_EDF[e]) for e, lo, hi in row_blocks(counts_E)]
     return torch.cat(ys) if ys else x_RD.new_zeros(0, w_EDF.shape[-1])
 
 
@@ -123,9 +163,10 @@ class Experts(nn.Module):
         self.decode_max_rows = decode_max_rows
         names_in = ("w_gate_EDF", "w_up_EDF") if config.gated else ("w_in_EDF",)
         out_name = "w_down_EFD" if config.gated else "w_out_EFD"
+        # Stored (out, in) per expert, as checkpoints store them; see moekit.experts.layout.
         for name in names_in:
-            self.register_parameter(name, nn.Parameter(torch.empty(E, D, F)))
-        self.register_parameter(out_name, nn.Parameter(torch.empty(E, F, D)))
+            self.register_parameter(name, nn.Parameter(linear_layout(E, n_in=D, n_out=F)))
+        self.register_parameter(out_name, nn.Parameter(linear_layout(E, n_in=F, n_out=D)))
         if config.expert_mlp_bias:
             for name in names_in:
                 bias = "b_" + name[2:-3] + "EF"
@@ -140,7 +181,10 @@ class Experts(nn.Module):
         for name, p in self.named_parameters(recurse=False):
             if name.startswith("w_"):
                 fan_in = F if name.endswith("EFD") else D
-                nn.init.normal_(p, std=std if std is not None else 1.0 / math.sqrt(fan_in))
+                # Drawn in logical (E, in, out) order whatever the storage, so a seed gives the
+                # same weights in every layout.
+                p.copy_(torch.empty(p.shape, dtype=p.dtype, device=p.device).normal_(
+                    std=std if std is not None else 1.0 / math.sqrt(fan_in)))
             else:
                 nn.init.zeros_(p)
 

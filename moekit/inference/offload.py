@@ -102,13 +102,20 @@ class FloatFormat:
         self.shapes = expert_param_shapes(config)
 
     def spec(self) -> SlotSpec:
-        return SlotSpec(tuple((n, s, self.dtype) for n, s in self.shapes.items()))
+        # Weights sit in a slot (out, in), as `Experts` stores them (moekit.experts.layout), so the
+        # matmuls below run the same kernels and round the same way.
+        return SlotSpec(tuple((n, s[::-1] if n.startswith("w_") else s, self.dtype) for n, s in self.shapes.items()))
+
+    @staticmethod
+    def _logical(views: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: v.t() if n.startswith("w_") else v for n, v in views.items()}
 
     def fill(self, views: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
-        for name, view in views.items():
+        for name, view in self._logical(views).items():
             view.copy_(tensors[name])  # the cast `load_weights` does with Parameter.copy_
 
     def forward(self, x_rD: Tensor, views: dict[str, Tensor], *, fused_bias: bool) -> Tensor:
+        views = self._logical(views)
         return expert_forward(x_rD, views, self.config, fused_bias=fused_bias,
                               matmul=lambda x, name: x @ views[name])
 
