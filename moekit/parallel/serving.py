@@ -60,6 +60,7 @@ class Leader:
             raise ValueError(f"the leader is rank 0; this is rank {dist.get_rank()} (call follow())")
         self.lock = threading.Lock()  # one collective sequence at a time: forwards and heartbeats
         self.broken: str | None = None
+        self.holding = False  # the lock is held for a forward in flight
         self.last = time.monotonic()
         self.heartbeat_s = heartbeat_s
         self.hooks = [model.register_forward_pre_hook(self._before),
@@ -69,17 +70,21 @@ class Leader:
         self.beat.start()
 
     def _before(self, module: nn.Module, args: tuple) -> None:
-        self.lock.acquire()
         if self.broken is not None:
-            self.lock.release()
             raise RuntimeError(f"the expert-parallel ranks are out of step since a failed forward "
                                f"({self.broken}); restart the run")
+        self.lock.acquire()
+        self.holding = True
         _send(FORWARD)
 
     def _after(self, module: nn.Module, args: tuple, output: object) -> None:
-        if output is None:  # the forward raised (always_call hooks see None then)
-            self.broken = "a forward raised on rank 0"
+        """Runs after every forward, also one that raised (always_call hooks then see None)."""
+        if not self.holding:  # refused in _before: nothing was sent
+            return
+        if output is None:
+            self.broken = "a forward raised on rank 0 after the followers started it"
         self.last = time.monotonic()
+        self.holding = False
         self.lock.release()
 
     def _heartbeat(self) -> None:

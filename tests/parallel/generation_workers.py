@@ -9,6 +9,8 @@ forwards they took part in; rank 0 checks the count against its own.
 from __future__ import annotations
 
 import os
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -74,3 +76,33 @@ def run(rank: int, world: int, port: int, path: str) -> None:
         assert [int(c) for c in counts] == [forwards[0]] * world and forwards[0] > 10, counts
     finally:
         dist.destroy_process_group()
+
+
+def run_failed_forward(rank: int, world: int, port: int, path: str) -> None:
+    """Rank 0's forward raises after FORWARD went out: rank 0 refuses the next forward, and the
+    follower, left inside a collective, ends with an error once rank 0's process has exited."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    loaded = load(path)
+    model = shard_for_inference(loaded.model, build_mesh(expert_parallel=world))
+    if rank != 0:
+        start = time.monotonic()
+        try:
+            follow(model)
+        except RuntimeError:  # the peer went away (not the 120 s collective timeout)
+            assert time.monotonic() - start < 60, time.monotonic() - start
+            return
+        raise AssertionError("the follower returned as if rank 0 had sent STOP")
+    leader = Leader(model)
+    bad_BS = torch.full((1, 3), model.config.vocab_size)  # out of range: the forward raises
+    with torch.inference_mode():
+        for expected in ("vocab", "out of step"):
+            try:
+                model(bad_BS if expected == "vocab" else bad_BS.clamp(max=0))
+            except (ValueError, RuntimeError, IndexError) as err:
+                assert expected != "out of step" or "out of step" in str(err), err
+            else:
+                raise AssertionError("the forward did not raise")
+    leader.close()  # sends nothing: the follower cannot take it
+    os._exit(0)  # the process group cannot be torn down in step; the follower learns from the exit

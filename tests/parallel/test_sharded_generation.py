@@ -4,7 +4,9 @@ Spawned gloo ranks (generation_workers.py): logits and the batching engine's gre
 an unsharded copy's, for 2 and 4 ranks. `torchrun ... moekit generate --expert-parallel 2` prints
 the one-process completion and every rank exits 0; `moekit serve` under 2 ranks answers with the
 one-process tokens and, on Ctrl-C to rank 0, both ranks exit cleanly. Bad layouts are refused
-before the weights are read.
+before the weights are read. A forward that fails on rank 0 after the followers started it stops
+the group (rank 0 refuses further forwards; the follower errors out when rank 0 exits) instead of
+hanging.
 """
 
 from __future__ import annotations
@@ -148,3 +150,8 @@ def test_generate_expert_parallel_without_torchrun_on_the_command_line(tiny, cap
         monkeypatch.delenv(var, raising=False)
     assert main(["generate", str(tiny("mixtral")), "--prompt", "a", "--expert-parallel", "2"]) == 2
     assert "--expert-parallel 2 needs 2 processes" in capsys.readouterr().err
+
+
+def test_a_failed_forward_stops_the_group_instead_of_hanging(tiny) -> None:
+    mp.spawn(generation_workers.run_failed_forward, args=(2, free_port(), str(tiny("mixtral"))), nprocs=2,
+             join=True)
