@@ -257,9 +257,17 @@ class Distributed(SingleProcess):
             if self.is_writer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.on_writer(lambda: ckpt.commit_checkpoint(
-            root, step, tmp, files={"rng.safetensors": ckpt.tensor_bytes(ckpt.rng_tensors())},
-            state=state(opt_meta), keep_last=keep_last))
+
+        def commit() -> None:
+            try:
+                ckpt.check_shards(tmp, set(mine))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            ckpt.commit_checkpoint(root, step, tmp, files={"rng.safetensors": ckpt.tensor_bytes(ckpt.rng_tensors())},
+                                   state=state(opt_meta), keep_last=keep_last)
+
+        self.on_writer(commit)
         return final
 
     def read_checkpoint(self, path: Path, model: nn.Module,

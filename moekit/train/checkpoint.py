@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -258,6 +259,21 @@ def shard_layout(path: str | Path) -> dict[str, tuple[torch.Size, torch.dtype]] 
         return None
     metadata = HuggingFaceStorageReader(str(folder)).read_metadata()
     return {key: (md.size, md.properties.dtype) for key, md in metadata.state_dict_metadata.items()}
+
+
+def check_shards(tmp: Path, keys: set[str]) -> None:
+    """Rank 0, before the commit: every key is in `tmp/sharded` and its slices cover it whole. A
+    ValueError otherwise, e.g. when the ranks do not share the checkpoint folder's filesystem."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    metadata = HuggingFaceStorageReader(str(tmp / SHARDED)).read_metadata().state_dict_metadata
+    missing = sorted(keys - set(metadata))
+    partial = sorted(k for k, md in metadata.items()
+                     if sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size))
+    if missing or partial:
+        raise ValueError(f"the ranks' shards in {tmp / SHARDED} are incomplete (missing {missing[:3]}, "
+                         f"partly written {partial[:3]}); every rank must write to the same folder: put "
+                         f"--out on a filesystem all machines share")
 
 
 def read_shards(path: str | Path, targets: dict[str, Tensor], *, distributed: bool) -> None:

@@ -65,7 +65,8 @@ def check_shards(one: Path, sharded: Path, scratch: Path) -> None:
     for stem in ("model", "optimizer"):
         assert read[stem].keys() == full[stem].keys() and len(full[stem]) > 10, stem
         for name, t in full[stem].items():
-            torch.testing.assert_close(read[stem][name], t, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(read[stem][name], t, rtol=1e-4, atol=1e-7,
+                                       msg=lambda m, name=name: f"{name}: {m}")
     shutil.copytree(sharded, scratch)
     victim = scratch / shards[1]
     raw = bytearray(victim.read_bytes())
