@@ -8,6 +8,7 @@ name, and from `--set FIELD=VALUE` for fields of their own config (e.g. `--set p
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 TASKS = ("lm", "vision", "multitask")
@@ -38,6 +39,11 @@ def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) ->
                          f"it into a new --out")
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: must be >= 1")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if getattr(args, "expert_parallel", None) is not None or world != "1":
+        raise ValueError(f"--task {args.task} runs in one process (got --expert-parallel "
+                         f"{getattr(args, 'expert_parallel', None)}, WORLD_SIZE={world}); expert parallelism "
+                         f"and torchrun are for --task lm")
     import torch
 
     if args.task == "vision":

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moekit.inference.load import LoadedModel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     add_weight_arguments(p)
+    add_parallel_argument(p)
+
+
+def add_parallel_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-parallel", type=int, default=None, metavar="EP",
+                   help="split the experts over EP ranks (launch with torchrun --nproc-per-node EP; "
+                        "rank 0 generates, the others run their experts)")
 
 
 def add_weight_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,9 +68,14 @@ def weight_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.inference import generate, load
+    from moekit.parallel.serving import run_generation
 
-    loaded = load(args.path, dtype=args.dtype, **weight_options(args))
+    return run_generation(args.path, expert_parallel=args.expert_parallel, dtype=args.dtype,
+                          weights=weight_options(args), lead=lambda loaded: _generate(args, loaded))
+
+
+def _generate(args: argparse.Namespace, loaded: LoadedModel) -> int:
+    from moekit.inference import generate
 
     def show(text: str) -> None:
         sys.stdout.write(text)

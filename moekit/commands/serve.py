@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moekit.commands.generate import add_weight_arguments, weight_options
+from moekit.commands.generate import add_parallel_argument, add_weight_arguments, weight_options
+
+if TYPE_CHECKING:
+    from moekit.inference.load import LoadedModel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,17 +28,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--name", default=None, help="the model id clients send (default: the directory name)")
     add_weight_arguments(p)
+    add_parallel_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from moekit.inference import Engine, load
-    from moekit.inference.server import create_app
+    from moekit.parallel.serving import run_generation
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is invalid: must be in 1..65535")
-    loaded = load(args.path, dtype=args.dtype, **weight_options(args))
+    return run_generation(args.path, expert_parallel=args.expert_parallel, dtype=args.dtype,
+                          weights=weight_options(args), lead=lambda loaded: _serve(args, loaded))
+
+
+def _serve(args: argparse.Namespace, loaded: LoadedModel) -> int:
+    import uvicorn
+
+    from moekit.inference import Engine
+    from moekit.inference.server import create_app
+
     max_len = args.max_len if args.max_len is not None else min(loaded.context_length, 4096)
     engine = Engine(loaded, max_batch_size=args.max_batch_size, max_len=max_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk)

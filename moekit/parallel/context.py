@@ -4,24 +4,35 @@ The trainer calls the same methods either way. `SingleProcess` does the one-proc
 `Distributed` splits each global micro-batch over all ranks, averages gradients (dense parameters
 over every rank, expert shards over `dp`, both divided by the world size, so the step equals the
 one-process step on the whole batch), takes the gradient norm over all shards, sums the routing
-counts before an aux-loss-free bias update, and gathers checkpoints into one-process tensors that
-rank 0 writes (so a run resumes on any mesh).
+counts before an aux-loss-free bias update, and writes checkpoints as per-rank shards
+(torch.distributed.checkpoint, safetensors) that any mesh, or one process, reads back.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moekit.layer import moe_layers
-from moekit.parallel.shard import ExpertShard, full_tensors, gather_dim0, local_tensors, parallelize
+from moekit.parallel.shard import (
+    LOAD_COUNTS,
+    ExpertShard,
+    expert_shard_names,
+    full_tensors,
+    local_tensors,
+    parallelize,
+)
 from moekit.train import checkpoint as ckpt
 
 
@@ -61,18 +72,18 @@ class SingleProcess:
     def routing_summaries(self, summaries: list[dict]) -> list[dict]:
         return summaries
 
-    def model_tensors(self, model: nn.Module) -> dict[str, Tensor]:
-        return ckpt.model_tensors(model)
+    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                        state: Callable[[dict], dict], keep_last: int | None) -> Path:
+        """Write checkpoint `step` under `root` (`state(optimizer_meta)` is its state.json); every rank calls it."""
+        opt_tensors, opt_meta = ckpt.optimizer_tensors(optimizer)
+        return ckpt.save_checkpoint(root, step, tensors={"model": ckpt.model_tensors(model), "optimizer": opt_tensors,
+                                                         "rng": ckpt.rng_tensors()},
+                                    state=state(opt_meta), keep_last=keep_last)
 
-    def load_model_tensors(self, model: nn.Module, tensors: dict[str, Tensor], *, source: str) -> None:
-        ckpt.load_model_tensors(model, tensors, source=source)
-
-    def optimizer_tensors(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict, dict]:
-        return ckpt.optimizer_tensors(optimizer)
-
-    def load_optimizer_tensors(self, optimizer: torch.optim.Optimizer, model: nn.Module,
-                               tensors: dict[str, Tensor], meta: dict) -> None:
-        ckpt.load_optimizer_tensors(optimizer, tensors, meta)
+    def read_checkpoint(self, path: Path, model: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> tuple[dict[str, dict[str, Tensor]], dict]:
+        """A checkpoint's tensors as this process holds them (any layout wrote it), and its state."""
+        return ckpt.read_checkpoint(path)
 
     def on_writer(self, fn: Callable[[], object]) -> None:
         """Run `fn` on the writing rank (files); every rank raises if it failed."""
@@ -90,7 +101,8 @@ class SingleProcess:
 
 
 class Distributed(SingleProcess):
-    """Ranks of `mesh` (dims "dp", "ep", spanning the default process group); see the module doc."""
+    """Ranks of `mesh` (dims "dp", "ep", spanning the default process group); see the module doc.
+    Every rank builds it together (it broadcasts rank 0's PID, which names checkpoint folders)."""
 
     def __init__(self, mesh: DeviceMesh) -> None:
         self.mesh = mesh
@@ -100,7 +112,9 @@ class Distributed(SingleProcess):
         self.ep_group = mesh["ep"].get_group()
         self.dp_group = mesh["dp"].get_group()
         self.dp_size = mesh["dp"].size()
-        self.gathers = mesh["dp"].get_local_rank() == 0  # rank 0's ep group gathers for the writer
+        pid = torch.tensor([os.getpid()])
+        dist.broadcast(pid, src=0)
+        self.writer_pid = int(pid)  # names the checkpoints' temporary folders on every rank
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return parallelize(model, self.mesh)
@@ -191,37 +205,104 @@ class Distributed(SingleProcess):
                         "dropped_fraction": r[0], "router_entropy": r[1]})
         return out
 
-    def model_tensors(self, model: nn.Module) -> dict[str, Tensor]:
-        return full_tensors(model, ckpt.model_tensors(model), self.mesh)
-
-    def load_model_tensors(self, model: nn.Module, tensors: dict[str, Tensor], *, source: str) -> None:
-        ckpt.load_model_tensors(model, local_tensors(model, tensors, self.mesh), source=source)
-
     def _optimizer_shards(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[int, ExpertShard]:
         shard_of = {id(p): m for m in model.modules() if isinstance(m, ExpertShard) for p in m.parameters()}
         flat = [p for g in optimizer.param_groups for p in g["params"]]
         return {i: shard_of[id(p)] for i, p in enumerate(flat) if id(p) in shard_of}
 
-    def optimizer_tensors(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict, dict]:
-        """One-process optimizer tensors on rank 0 (others: their own), as `full_tensors` for weights."""
-        tensors, meta = ckpt.optimizer_tensors(optimizer)
-        shards = self._optimizer_shards(optimizer, model)
-        out = {}
-        for key in sorted(tensors):  # the same order on every rank: the gathers pair up
-            t, shard = tensors[key], shards.get(int(key.split(".", 1)[0]))
-            sharded = shard is not None and t.dim() > 0 and t.shape[0] == shard.num_experts
-            out[key] = gather_dim0(t, self.ep_group) if sharded and self.gathers else t
-        return out, meta
+    def _shard_of(self, key: str, model: dict[str, ExpertShard], optimizer: dict[int, ExpertShard]
+                  ) -> ExpertShard | None:
+        """The expert shard a "<stem>/<name>" checkpoint key belongs to (None: not an expert tensor)."""
+        stem, name = key.split("/", 1)
+        if stem == "model":
+            return model.get(name)
+        return optimizer.get(int(name.split(".", 1)[0])) if stem == "optimizer" else None
 
-    def load_optimizer_tensors(self, optimizer: torch.optim.Optimizer, model: nn.Module,
-                               tensors: dict[str, Tensor], meta: dict) -> None:
-        shards = self._optimizer_shards(optimizer, model)
-        local = {}
-        for key, t in tensors.items():
-            shard = shards.get(int(key.split(".", 1)[0]))
-            sharded = shard is not None and t.dim() > 0 and t.shape[0] == shard.num_global
-            local[key] = t[shard.first:shard.first + shard.num_experts] if sharded else t
-        ckpt.load_optimizer_tensors(optimizer, local, meta)
+    def _dtensor(self, t: Tensor) -> DTensor:
+        """This rank's expert slice as a DTensor: sharded along dim 0 over ep, replicated over dp."""
+        return DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False)
+
+    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                        state: Callable[[dict], dict], keep_last: int | None) -> Path:
+        """Each rank writes its own tensors (expert slices; rank 0 also the dense ones, the summed
+        routing counters and its RNG) as torch.distributed.checkpoint safetensors shards; rank 0
+        then writes state.json and the manifest over every file last and renames the folder."""
+        root = Path(root)
+        final = root / ckpt.checkpoint_name(step)
+        begun: dict[str, Path | None] = {}
+        self.on_writer(lambda: begun.update(tmp=ckpt.begin_checkpoint(root, step, self.writer_pid)))
+        exists = torch.tensor([float(self.is_writer and begun["tmp"] is None)])
+        dist.broadcast(exists, src=0)
+        if exists.item():
+            return final  # a complete checkpoint of this step is there already
+        tmp = ckpt.tmp_folder(root, step, self.writer_pid)
+        opt_tensors, opt_meta = ckpt.optimizer_tensors(optimizer)
+        model_shards, opt_shards = expert_shard_names(model), self._optimizer_shards(optimizer, model)
+        named = {**{f"model/{k}": v for k, v in ckpt.model_tensors(model).items()},
+                 **{f"optimizer/{k}": v for k, v in sorted(opt_tensors.items())}}
+        mine: dict[str, Tensor] = {}
+        for key, t in named.items():  # the same order on every rank: the reductions pair up
+            t = t.detach().contiguous().clone()  # own storage: tied and strided tensors save as one each
+            shard = self._shard_of(key, model_shards, opt_shards)
+            if shard is not None and t.dim() > 0 and t.shape[0] == shard.num_experts:
+                mine[key] = self._dtensor(t)
+                continue
+            if key.endswith(LOAD_COUNTS):
+                dist.all_reduce(t)  # per-rank counts; the checkpoint holds the whole batch's
+            if self.is_writer:
+                mine[key] = t
+        try:
+            ckpt.write_shards(tmp, mine)
+        except BaseException:
+            if self.is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        def commit() -> None:
+            try:
+                ckpt.check_shards(tmp, set(mine))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            ckpt.commit_checkpoint(root, step, tmp, files={"rng.safetensors": ckpt.tensor_bytes(ckpt.rng_tensors())},
+                                   state=state(opt_meta), keep_last=keep_last)
+
+        self.on_writer(commit)
+        return final
+
+    def read_checkpoint(self, path: Path, model: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> tuple[dict[str, dict[str, Tensor]], dict]:
+        """This rank's tensors of a checkpoint from any mesh: from a distributed run's shards only the
+        slices it holds; from a one-process checkpoint its whole files, sliced here."""
+        model_shards, opt_shards = expert_shard_names(model), self._optimizer_shards(optimizer, model)
+        layout = ckpt.shard_layout(path)
+        if layout is None:
+            tensors, state = ckpt.read_checkpoint(path)
+            tensors["model"] = local_tensors(model, tensors["model"], self.mesh)
+            tensors["optimizer"] = {k: self._local_slice(t, opt_shards.get(int(k.split(".", 1)[0])))
+                                    for k, t in tensors["optimizer"].items()}
+            return tensors, state
+        tensors, state = ckpt.read_checkpoint(path, shards=False)
+        targets: dict[str, Tensor] = {}
+        for key, (size, dtype) in layout.items():
+            shard = self._shard_of(key, model_shards, opt_shards)
+            if shard is not None and len(size) > 0 and size[0] == shard.num_global:
+                targets[key] = self._dtensor(torch.empty((shard.num_experts, *size[1:]), dtype=dtype))
+            else:
+                targets[key] = torch.empty(size, dtype=dtype)
+        ckpt.read_shards(path, targets, distributed=True)
+        for key, t in targets.items():
+            stem, name = key.split("/", 1)
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if name.endswith(LOAD_COUNTS) and not self.is_writer:
+                local = torch.zeros_like(local)  # the sum lives on rank 0 alone
+            tensors.setdefault(stem, {})[name] = local
+        return tensors, state
+
+    @staticmethod
+    def _local_slice(t: Tensor, shard: ExpertShard | None) -> Tensor:
+        sharded = shard is not None and t.dim() > 0 and t.shape[0] == shard.num_global
+        return t[shard.first:shard.first + shard.num_experts] if sharded else t
 
     def on_writer(self, fn: Callable[[], object]) -> None:
         error: BaseException | None = None
@@ -256,7 +337,7 @@ class Distributed(SingleProcess):
     def full_model(self, model: nn.Module, config) -> nn.Module | None:
         from moekit.model import MoETransformer
 
-        tensors = self.model_tensors(model)
+        tensors = full_tensors(model, ckpt.model_tensors(model), self.mesh)
         if not self.is_writer:
             return None
         device = next(model.parameters()).device

@@ -3,15 +3,19 @@
 A checkpoint is a folder `step_XXXXXXXX/` holding tensor files (model, optimizer state, RNG states)
 and `state.json`. It is written into a temporary folder, each file fsync'd, then `manifest.json`
 (every file's sha256) is written last and the folder renamed into place. A folder without a
-manifest, or whose files do not match it, is torn or corrupt and is skipped on resume.
+manifest, or whose files do not match it, is torn or corrupt and is skipped on resume. A
+distributed run adds `sharded/`: each rank's own tensors, written by torch.distributed.checkpoint
+as safetensors (see `write_shards`); rank 0 writes the rest and the manifest over all of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from moekit.files import fsync_dir
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
+SHARDED = "sharded"  # the ranks' shard files of a distributed run
 _PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
 
@@ -54,25 +59,59 @@ def save_checkpoint(
         state: JSON-serialisable training state, written as `state.json`.
     Returns the checkpoint folder. An existing complete checkpoint of the same step is kept as is.
     """
+    tmp = begin_checkpoint(root, step)
+    if tmp is None:
+        return Path(root) / checkpoint_name(step)
+    try:
+        files = {f"{stem}.safetensors": tensor_bytes(named) for stem, named in tensors.items()}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(root, step, tmp, files=files, state=state, keep_last=keep_last)
+
+
+def tensor_bytes(named: dict[str, Tensor]) -> bytes:
+    """One safetensors file of `named` (CPU, contiguous copies: expert weights may be strided views)."""
+    return save_safetensors({k: v.detach().to("cpu").contiguous().clone() for k, v in named.items()})
+
+
+def tmp_folder(root: str | Path, step: int, pid: int | None = None) -> Path:
+    """Where checkpoint `step` is written before it is committed (its writer's PID in the name)."""
+    return Path(root) / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid() if pid is None else pid}"
+
+
+def begin_checkpoint(root: str | Path, step: int, pid: int | None = None) -> Path | None:
+    """A fresh temporary folder for checkpoint `step`, or None when a complete one already exists."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     if final.exists() and verify_checkpoint(final) is None:
-        return final
-    tmp = root / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+        return None
+    tmp = tmp_folder(root, step, pid)
     if tmp.exists():
         shutil.rmtree(tmp)
-    files: dict[str, bytes] = {
-        f"{stem}.safetensors": save_safetensors(
-            {k: v.detach().to("cpu").contiguous().clone() for k, v in named.items()})
-        for stem, named in tensors.items()
-    }
-    files[STATE] = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(root: str | Path, step: int, tmp: Path, *, files: dict[str, bytes], state: dict,
+                      keep_last: int | None = None) -> Path:
+    """Write `files` and `state.json` into `tmp`, then the manifest (the sha256 of every file in
+    `tmp`, the ranks' shard files too) last, and rename `tmp` into place. `tmp` is removed on failure."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    files = {**files, STATE: (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()}
     try:
-        tmp.mkdir()
         for name, data in files.items():
             _write_file(tmp / name, data)
-        manifest = {"step": step, "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
+        digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        for f in sorted(tmp.rglob("*")):  # files other writers (the ranks) put there
+            name = f.relative_to(tmp).as_posix()
+            if f.is_file() and name not in digests:
+                digests[name] = _sha256_file(f)
+        for folder in sorted({(tmp / n).parent for n in digests}, reverse=True):
+            fsync_dir(folder)
+        manifest = {"step": step, "files": digests}
         _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         fsync_dir(tmp)
         if final.exists():  # a torn folder of the same step: replace it
@@ -85,6 +124,14 @@ def save_checkpoint(
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_stale_tmp(root: str | Path) -> list[Path]:
@@ -139,7 +186,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if hashlib.sha256(f.read_bytes()).hexdigest() != expected:
+        if _sha256_file(f) != expected:
             return f"{name} does not match its sha256 in the manifest (corrupt)"
     return None
 
@@ -167,8 +214,12 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> None:
             complete += 1
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """Verify and read a checkpoint: ({stem: {name: tensor}}, state). ValueError if it is corrupt."""
+def read_checkpoint(path: str | Path, *, shards: bool = True) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """Verify and read a checkpoint: ({stem: {name: tensor}}, state). ValueError if it is corrupt.
+
+    A distributed run's shard files (`sharded/`) are read as whole tensors into their stems too,
+    unless `shards=False` (each rank then reads its own slices with `read_shards`).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -177,7 +228,62 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dic
         raise ValueError(f"checkpoint {path} is not usable: {problem}")
     tensors = {f.name[: -len(".safetensors")]: load_safetensors(f.read_bytes())
                for f in sorted(path.glob("*.safetensors"))}
+    layout = shard_layout(path)
+    if shards and layout is not None:
+        targets = {key: torch.empty(size, dtype=dtype) for key, (size, dtype) in layout.items()}
+        read_shards(path, targets, distributed=False)
+        for key, t in targets.items():
+            stem, name = key.split("/", 1)
+            tensors.setdefault(stem, {})[name] = t
     return tensors, json.loads((path / STATE).read_text())
+
+
+# ---- the ranks' shards (torch.distributed.checkpoint, safetensors files) -----------------------
+# Each rank of a distributed run writes the tensors it holds (its expert slices as DTensors, rank 0
+# also the dense ones) through DCP's HuggingFaceStorageWriter: safetensors files whose headers carry
+# each slice's offsets as JSON, and no `.metadata` pickle. The reader rebuilds the layout from those
+# headers, so any mesh (or one process) reads the slices it needs. Keys are "<stem>/<name>".
+def write_shards(tmp: Path, tensors: dict[str, Tensor]) -> None:
+    """Every rank: write this rank's `tensors` (plain or DTensor) under `tmp/sharded` (collective)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+    save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
+
+
+def shard_layout(path: str | Path) -> dict[str, tuple[torch.Size, torch.dtype]] | None:
+    """Global size and dtype of every sharded tensor of a checkpoint; None when it has no shards."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    folder = Path(path) / SHARDED
+    if not folder.is_dir():
+        return None
+    metadata = HuggingFaceStorageReader(str(folder)).read_metadata()
+    return {key: (md.size, md.properties.dtype) for key, md in metadata.state_dict_metadata.items()}
+
+
+def check_shards(tmp: Path, keys: set[str]) -> None:
+    """Rank 0, before the commit: every key is in `tmp/sharded` and its slices cover it whole. A
+    ValueError otherwise, e.g. when the ranks do not share the checkpoint folder's filesystem."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    metadata = HuggingFaceStorageReader(str(tmp / SHARDED)).read_metadata().state_dict_metadata
+    missing = sorted(keys - set(metadata))
+    partial = sorted(k for k, md in metadata.items()
+                     if sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size))
+    if missing or partial:
+        raise ValueError(f"the ranks' shards in {tmp / SHARDED} are incomplete (missing {missing[:3]}, "
+                         f"partly written {partial[:3]}); every rank must write to the same folder: put "
+                         f"--out on a filesystem all machines share")
+
+
+def read_shards(path: str | Path, targets: dict[str, Tensor], *, distributed: bool) -> None:
+    """Fill `targets` (plain tensors: whole; DTensors: this rank's slice) from a checkpoint's shards."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+    reader = HuggingFaceStorageReader(str(Path(path) / SHARDED))
+    with warnings.catch_warnings():  # DCP warns of a one-process read even when asked for one
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        load(targets, storage_reader=reader, no_dist=not distributed)
 
 
 # ---- what goes into the tensor files --------------------------------------------------------------

@@ -218,20 +218,15 @@ class Trainer:
             "run_info": self.run_info,
             "optimizer": optimizer_meta,
             "scheduler": {"kind": "warmup_cosine", "step": self.step},
-            "parallel": self.parallel.describe(),  # informational: tensors are saved unsharded
+            "parallel": self.parallel.describe(),  # informational: any layout resumes any checkpoint
             "data": {"seed": self.config.seed, "next_step": self.step,
                      "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum,
                      "seq_len": self.config.seq_len, "num_sequences": self.train.num_sequences},
         }
 
     def save_checkpoint(self) -> Path:
-        opt_tensors, opt_meta = self.parallel.optimizer_tensors(self.optimizer, self.model)
-        tensors = {"model": self.parallel.model_tensors(self.model), "optimizer": opt_tensors,
-                   "rng": ckpt.rng_tensors()}
-        self.parallel.on_writer(lambda: ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, tensors=tensors, state=self.state(opt_meta),
-            keep_last=self.config.keep_last))
-        return self.checkpoint_dir / ckpt.checkpoint_name(self.step)
+        return self.parallel.save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer,
+                                             state=self.state, keep_last=self.config.keep_last)
 
     def _save_checkpoint_or_say(self) -> Path:
         """save_checkpoint (after the metrics up to this step are on disk), failures said plainly."""
@@ -243,7 +238,7 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything from checkpoint `path`; nothing is changed if it does not fit."""
-        tensors, state = ckpt.read_checkpoint(path)
+        tensors, state = self.parallel.read_checkpoint(path, self.model, self.optimizer)
         if state.get("run_info") != self.run_info:
             saved, ours = state.get("run_info") or {}, self.run_info
             diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
@@ -259,9 +254,8 @@ class Trainer:
         saved = state.get("train_config") or {}
         changed = {k: [saved[k], v] for k, v in ours.items()
                    if k in saved and k not in DATA_SETTINGS and saved[k] != v}
-        self.parallel.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
-        self.parallel.load_optimizer_tensors(self.optimizer, self.model, tensors["optimizer"],
-                                             state["optimizer"])
+        ckpt.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
+        ckpt.load_optimizer_tensors(self.optimizer, tensors["optimizer"], state["optimizer"])
         set_hyperparameters(self.optimizer, self.config)  # the saved groups hold the old values
         ckpt.set_rng_tensors(tensors["rng"])
         self.step = int(state["step"])

@@ -47,3 +47,19 @@ def test_expert_parallel_without_torchrun_on_the_command_line(tmp_path, capsys, 
                  "--expert-parallel", "2"]) == 2
     assert "--expert-parallel 2 needs 2 or a multiple of 2 processes" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, env", [
+    pytest.param(["--expert-parallel", "2"], {}, id="flag"),
+    pytest.param([], {"WORLD_SIZE": "2", "RANK": "0"}, id="torchrun"),
+])
+def test_vision_task_refuses_expert_parallelism(tmp_path, capsys, monkeypatch, flags, env) -> None:
+    for var in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "vision", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "--task vision runs in one process" in err and f"WORLD_SIZE={env.get('WORLD_SIZE', '1')}" in err
+    assert not out.exists()

@@ -1,16 +1,19 @@
 """`moekit train` under torchrun (gloo, CPU) trains exactly like one process, and resumes across layouts.
 
 Run A: 1 process for 2 steps, then resumed on 4 processes (2 data-parallel x 2 expert-parallel) to step 3.
-Run B: 2 processes (expert parallel 2) for 2 steps, then resumed on 1 process to step 3.
+Run B: 2 processes (expert parallel 2) for 2 steps, each rank writing its own checkpoint shards,
+then resumed on 4 processes (expert parallel 4) to step 3.
 Every step's loss, gradient norm, validation loss and routing counts agree (fp32 round-off), and
 so do the final weights: the 2-process steps equal the 1-process ones, and each cross-layout
-resume continues as the other does.
+resume continues as the other does. One process reads B's per-rank shards as the tensors of A's
+one-process checkpoint; a flipped byte in a shard is caught by the manifest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from moekit.train import checkpoint as ckpt
 
 from ..train.helpers import FIXTURE
 from .test_expert_parallel import free_port
@@ -49,13 +54,35 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_shards(one: Path, sharded: Path, scratch: Path) -> None:
+    files = sorted(p.relative_to(sharded).as_posix() for p in sharded.rglob("*") if p.is_file())
+    shards = [f for f in files if f.startswith("sharded/")]
+    assert len(shards) == 2 and all(f.endswith(".safetensors") for f in shards), files  # one per rank
+    assert sorted(set(files) - set(shards)) == ["manifest.json", "rng.safetensors", "state.json"], files
+    assert set(json.loads((sharded / "manifest.json").read_text())["files"]) == set(files) - {"manifest.json"}
+    full, _ = ckpt.read_checkpoint(one)
+    read, _ = ckpt.read_checkpoint(sharded)
+    for stem in ("model", "optimizer"):
+        assert read[stem].keys() == full[stem].keys() and len(full[stem]) > 10, stem
+        for name, t in full[stem].items():
+            torch.testing.assert_close(read[stem][name], t, rtol=1e-4, atol=1e-7,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    shutil.copytree(sharded, scratch)
+    victim = scratch / shards[1]
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert f"{shards[1]} does not match its sha256" in ckpt.verify_checkpoint(scratch)
+
+
 @pytest.mark.slow
 def test_torchrun_training_equals_one_process_and_resumes_on_another_layout(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     train(a, 2, 1, None)
     train(b, 2, 2, 2)
+    check_shards(a / "checkpoints" / "step_00000002", b / "checkpoints" / "step_00000002", tmp_path / "bad")
     train(a, 3, 4, 2, resume=True)
-    train(b, 3, 1, None, resume=True)
+    train(b, 3, 4, 4, resume=True)
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3]
     for x, y in zip(ma, mb):

@@ -101,3 +101,29 @@ def test_model_tensors_include_non_persistent_buffers_and_mismatch_is_named():
     with pytest.raises(ValueError, match=r"another|does not fit.*weight: saved \(3, 2\), model \(4, 2\)"):
         ckpt.load_model_tensors(other, ckpt.model_tensors(model))
     assert torch.equal(other.weight, before)  # nothing copied
+
+
+def test_incomplete_rank_shards_are_refused_before_the_commit(tmp_path):
+    """A checkpoint's sharded/ folder must hold every key whole: a rank whose file is not there
+    (ranks on machines without a shared folder) is a ValueError naming the key, never a commit."""
+    from safetensors.torch import save_file
+
+    (tmp_path / ckpt.SHARDED).mkdir()
+    info = {"model/w": {"saved_offsets": [2, 0]}}  # rank 1's half of a (4, 2) tensor; rank 0's is missing
+    def write(rank: int, value: float) -> None:
+        save_file({"model/w": torch.full((2, 2), value)},
+                  str(tmp_path / ckpt.SHARDED / f"shard-0000{rank + 1}-model-00001-of-00001.safetensors"),
+                  metadata={"DCP_SHARDING_INFO": json.dumps(info), "DCP_VERSION": "1.0", "format": "pt"})
+
+    write(1, 1.0)
+    assert ckpt.shard_layout(tmp_path) == {"model/w": (torch.Size([4, 2]), torch.float32)}
+    with pytest.raises(ValueError, match=r"partly written \['model/w'\].*filesystem all machines share"):
+        ckpt.check_shards(tmp_path, {"model/w"})
+    with pytest.raises(ValueError, match=r"missing \['model/b'\]"):
+        ckpt.check_shards(tmp_path, {"model/w", "model/b"})
+    info["model/w"]["saved_offsets"] = [0, 0]
+    write(0, 0.0)
+    ckpt.check_shards(tmp_path, {"model/w"})  # both halves: complete
+    target = {"model/w": torch.empty(4, 2)}
+    ckpt.read_shards(tmp_path, target, distributed=False)
+    assert target["model/w"].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
