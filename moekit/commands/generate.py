@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--trace", type=Path, default=None, metavar="FILE",
+                   help="write the routing trace (layer, token, experts) of the run to FILE (safetensors, "
+                        "moekit.analysis.trace's format; `moekit cache-sim FILE` replays it)")
     add_weight_arguments(p)
 
 
@@ -58,7 +61,11 @@ def weight_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.inference import generate, load
+    from moekit.inference.trace_recorder import TraceRecorder, check_trace_path
 
+    recorder = None if args.trace is None else TraceRecorder()
+    if args.trace is not None:
+        check_trace_path(args.trace)
     loaded = load(args.path, dtype=args.dtype, **weight_options(args))
 
     def show(text: str) -> None:
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         show(args.prompt)
     result = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
-                      chat=args.chat, on_text=show)
+                      chat=args.chat, on_text=show, trace=recorder)
     print()
     print(f"[{len(result.prompt_ids)} prompt tokens, {result.prompt_tokens_per_s:.1f} tokens/s; "
           f"{len(result.token_ids)} generated tokens, {result.generated_tokens_per_s:.1f} tokens/s; "
@@ -79,4 +86,7 @@ def run(args: argparse.Namespace) -> int:
         stats = cache.stats
         print(f"[expert cache: {stats.hits} hits, {stats.misses} misses ({stats.hit_rate:.1%} hit rate), "
               f"{stats.bytes_read / 1e6:.1f} MB read]", file=sys.stderr)
+    if recorder is not None:
+        recorder.save(args.trace)
+        print(f"[routing trace of {recorder.num_tokens} tokens written to {args.trace}]", file=sys.stderr)
     return 0

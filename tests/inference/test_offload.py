@@ -15,6 +15,7 @@ from moekit.inference.expert_cache import ExpertCache, SlotSpec
 from moekit.inference.offload import model_offload_stats
 from tests.hf.tiny import VOCAB, save_tiny
 from tests.inference.offload_helpers import expert_bytes, greedy_logits, load_quiet
+from tests.reference.expert_cache import simulate
 
 # mixtral: per-expert keys; qwen2_moe: shared experts and a dense layer; gpt_oss: interleaved gate/up
 # with biases; dbrx: experts flattened along rows; jamba: Mamba layers and MoE every other layer.
@@ -96,31 +97,6 @@ def routed_sets(model, prompt_BS, steps) -> list[tuple[int, list[int]]]:
         for h in hooks:
             h.remove()
     return calls
-
-
-def simulate(calls, slots: int, policy: str, sticky=frozenset()) -> tuple[int, int]:
-    """Slow reference cache: per call, resident experts first (ascending), then the rest; LRU or
-    LFU (fewest uses, then least recent) victims; "pinned": LRU among keys not in `sticky`.
-    Returns (hits, misses)."""
-    resident: list[tuple[int, int]] = []  # least recent first
-    uses: dict = {}
-    hits = misses = 0
-    for layer, experts in calls:
-        keys = [(layer, e) for e in experts]
-        order = [k for k in keys if k in resident] + [k for k in keys if k not in resident]
-        for key in order:
-            uses[key] = uses.get(key, 0) + 1
-            if key in resident:
-                hits += 1
-                resident.remove(key)
-            else:
-                misses += 1
-                if len(resident) == slots:
-                    victim = min(resident, key=lambda k: (uses[k], resident.index(k))) if policy == "lfu" \
-                        else [k for k in resident if k not in sticky][0]
-                    resident.remove(victim)
-            resident.append(key)
-    return hits, misses
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
