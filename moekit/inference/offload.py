@@ -39,6 +39,7 @@ from moekit.inference.quant import (
     QuantizedExperts,
     check_quantized_file,
     quantize_attention_meta,
+    quantize_attention as quantize_attention_layers,
     quantize_model,
 )
 from moekit.layer import MoELayer
@@ -189,7 +190,7 @@ def load_offloaded(path: str | Path, offload: OffloadConfig, *, dtype: torch.dty
     model = _load_resident(model, path, rules, fam.ignored_keys(hf_config), store.expert_keys,
                            dtype=dtype, device=device, name=f"model_type={model_type!r}")
     if quantize_attention:
-        quantize_attention(model, quantize or "int8")
+        quantize_attention_layers(model, quantize or "int8")
     model.hf_config = hf_config  # type: ignore[attr-defined]
     return model
 
