@@ -11,12 +11,17 @@ are noisy). Random routers route about uniformly: a worst case for caching next 
 
     nice -n 10 python benchmarks/offload.py            # about 400 MB of experts
     nice -n 10 python benchmarks/offload.py --quick    # about 100 MB, a minute or two
+    nice -n 10 python benchmarks/offload.py --quick --repeat 3   # every case 3 times, round-robin
+
+With --repeat N every case runs N times, the cases taking turns, and tok/s is each case's median, so
+load that comes and goes on the shared machine falls on every case alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="runs of every case, round-robin; tok/s is the median")
     p.add_argument("--child")
     a = p.parse_args()
     if a.child:
@@ -130,11 +136,17 @@ def main() -> None:
                   ("int8 LRU 25%", {"cache": int(0.25 * experts), "quantize": "int8"}),
                   ("int4 LRU 25%", {"cache": int(0.25 * experts), "quantize": "int4"})]
         print(f"checkpoint: {layers} layers x {EXPERTS} experts (top-{TOP_K}), d_model {D_MODEL}, "
-              f"{experts / 1e6:.0f} MB of fp32 experts; {tokens} timed decode tokens, {a.threads} thread(s); "
+              f"{experts / 1e6:.0f} MB of fp32 experts; {tokens} timed decode tokens, {a.threads} thread(s), "
+              f"{a.repeat} run(s) per case (median tok/s); "
               f"RSS baseline = after imports and a meta-device build")
+        runs: dict[str, list[dict]] = {name: [] for name, _ in cases}
+        for _ in range(a.repeat):
+            for name, extra in cases:
+                runs[name].append(run({**base, **extra}))
         results = {}
-        for name, extra in cases:
-            results[name] = run({**base, **extra})
+        for name, got in runs.items():
+            results[name] = {**got[-1], "tok_s": statistics.median(r["tok_s"] for r in got),
+                             "tok_s_runs": [r["tok_s"] for r in got]}
         ref = results["in memory fp32"]
         print("| case | cache MB | slots | tok/s | vs in-memory fp32 | peak RSS - baseline MB | resident MB | hit rate | "
               "prefetch recall | same tokens |")

@@ -28,9 +28,12 @@ ALIGN = 64  # bytes; what torch's CPU allocator gives a fresh tensor
 
 @dataclass(frozen=True)
 class SlotSpec:
-    """The tensors one expert occupies in a slot: (name, shape, dtype), in order."""
+    """The tensors one expert occupies in a slot: (name, shape, dtype), in order. A 2-D tensor named
+    in `transposed` is stored column-major (its transpose is contiguous), as the in-memory experts
+    store that weight, so a matmul on the slot runs the in-memory model's kernel."""
 
     tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    transposed: frozenset[str] = frozenset()
 
     def offsets(self) -> list[int]:
         """Byte offset of each tensor in a slot, each aligned to ALIGN."""
@@ -155,7 +158,8 @@ class ExpertCache:
         views = {}
         for (name, shape, dtype), off in zip(self.spec.tensors, self.spec.offsets()):
             n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-            views[name] = self.pool[base + off: base + off + n].view(dtype).view(shape)
+            flat = self.pool[base + off: base + off + n].view(dtype)
+            views[name] = flat.view(shape[::-1]).T if name in self.spec.transposed else flat.view(shape)
         return views
 
     def snapshot(self) -> CacheStats:

@@ -31,7 +31,7 @@ from moekit.hf.native import read_native
 from moekit.hf.save import TIED_HEAD, tied_copies
 from moekit.inference.cache_policy import top_experts
 from moekit.inference.expert_cache import POLICIES, CacheStats, ExpertCache, Key, Policy, SlotSpec, num_slots
-from moekit.inference.expert_math import expert_forward, expert_param_shapes
+from moekit.inference.expert_math import expert_forward, expert_param_shapes, expert_param_transposed
 from moekit.inference.expert_store import ExpertStore
 from moekit.inference.quant import (
     GROUP_SIZE,
@@ -99,12 +99,14 @@ class ExpertFormat(Protocol):
 class FloatFormat:
     """Experts in the model dtype, computed with exactly `Experts`' operations."""
 
-    def __init__(self, config: MoEConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: MoEConfig, dtype: torch.dtype, transposed: frozenset[str] | None = None) -> None:
         self.config, self.dtype = config, dtype
         self.shapes = expert_param_shapes(config)
+        # the in-memory layout of each weight (same strides, same matmul kernel, same bits)
+        self.transposed = expert_param_transposed(config) if transposed is None else transposed
 
     def spec(self) -> SlotSpec:
-        return SlotSpec(tuple((n, s, self.dtype) for n, s in self.shapes.items()))
+        return SlotSpec(tuple((n, s, self.dtype) for n, s in self.shapes.items()), self.transposed)
 
     def fill(self, views: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
         for name, view in views.items():

@@ -289,3 +289,27 @@ def test_not_a_regular_file(tmp_path):
     bad.write_bytes((10**6).to_bytes(8, "little") + b"{}")
     with pytest.raises(ValueError, match="past the end"):
         read_header(bad)
+
+
+def test_slots_follow_the_in_memory_weight_layout(checkpoints, monkeypatch):
+    """Experts whose weights are stored column-major (the Hugging Face (out, in) layout, viewed as
+    (in, out)) get column-major slots, so the offloaded matmuls stay the in-memory ones bit for bit."""
+    import copy
+
+    import moekit.inference.offload as offload
+
+    path, ref = checkpoints["mixtral"]
+    ref = copy.deepcopy(ref)
+    names = set()
+    for layer in ref.moe_layers():
+        for name, p in layer.experts.named_parameters():
+            if name.startswith("w_"):
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (E, F, D) storage
+                names.add(name)
+    monkeypatch.setattr(offload, "expert_param_transposed", lambda config: frozenset(names))
+    model = load_quiet(path, offload_experts=True, expert_cache=3 * expert_bytes(ref))
+    views = model.expert_cache._views[0]
+    assert all(views[n].stride() == (1, views[n].shape[0]) for n in names)
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    for w, g in zip(greedy_logits(ref, prompt, 4), greedy_logits(model, prompt, 4)):
+        assert torch.equal(w, g)
