@@ -17,6 +17,7 @@ import math
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -43,7 +44,7 @@ def layer_calls(trace: RoutingTrace) -> list[Call]:
     layers = sorted(trace.layers, key=lambda lt: lt.layer)
     ids = [lt.expert_ids_NK[order_N].tolist() for lt in layers]
     calls: list[Call] = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in pairwise(bounds):
         for lt, rows in zip(layers, ids):
             used = sorted({e for row in rows[lo:hi] for e in row if e >= 0})
             if used:

@@ -93,8 +93,8 @@ class Engine:
     """Schedules requests over `max_batch_size` cache slots of one loaded model.
 
     Drive it with `step()` (or `run(stop_event)` in a thread); `submit` and `cancel` may be called
-    from other threads. With `trace`, every forward's routing is recorded into it. At most max_batch_size requests run and max_queue more wait; beyond that
-    `submit` raises QueueFull.
+    from other threads. At most max_batch_size requests run and max_queue more wait; beyond that
+    `submit` raises QueueFull. With `trace` (a TraceRecorder), every forward's routing is recorded.
     """
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_len: int | None = None,

@@ -61,7 +61,7 @@ def render(engine: Engine, counters: ServerCounters, model_name: str) -> str:
     cache = getattr(engine.model, "expert_cache", None)
     if isinstance(cache, ExpertCache):
         s = cache.snapshot()
-        one = lambda v: [(f"{{{tag}}}", v)]  # noqa: E731
+        one = lambda v: [(f"{{{tag}}}", v)]
         for name, value, help_text in (
                 ("expert_cache_hits_total", s.hits, "Routed experts found in the cache when a layer needed them."),
                 ("expert_cache_misses_total", s.misses, "Routed experts read from the files when a layer needed them."),

@@ -39,8 +39,10 @@ from moekit.inference.quant import (
     QuantizedExperts,
     check_quantized_file,
     quantize_attention_meta,
-    quantize_attention as quantize_attention_layers,
     quantize_model,
+)
+from moekit.inference.quant import (
+    quantize_attention as quantize_attention_layers,
 )
 from moekit.layer import MoELayer
 from moekit.model.config import ModelConfig

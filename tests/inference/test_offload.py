@@ -296,7 +296,7 @@ def test_slots_follow_the_in_memory_weight_layout(checkpoints, monkeypatch):
     (in, out)) get column-major slots, so the offloaded matmuls stay the in-memory ones bit for bit."""
     import copy
 
-    import moekit.inference.offload as offload
+    from moekit.inference import offload
 
     path, ref = checkpoints["mixtral"]
     ref = copy.deepcopy(ref)

@@ -34,7 +34,7 @@ def simulate(calls, slots: int, policy: str, sticky=frozenset()) -> tuple[int, i
                     elif policy == "belady":
                         victim = min(resident, key=lambda k: (-next_use(k, i), resident.index(k)))
                     else:
-                        victim = [k for k in resident if k not in sticky][0]
+                        victim = next(k for k in resident if k not in sticky)
                     resident.remove(victim)
             resident.append(key)
     return hits, misses
