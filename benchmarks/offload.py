@@ -11,12 +11,18 @@ are noisy). Random routers route about uniformly: a worst case for caching next 
 
     nice -n 10 python benchmarks/offload.py            # about 400 MB of experts
     nice -n 10 python benchmarks/offload.py --quick    # about 100 MB, a minute or two
+    nice -n 10 python benchmarks/offload.py --quick --repeat 3   # every case 3 times, round-robin
+    nice -n 10 python benchmarks/offload.py --quick --sim        # a run's trace replayed by the simulator
+
+With --repeat N every case runs N times, the cases taking turns, and tok/s is each case's median, so
+load that comes and goes on the shared machine falls on every case alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,16 +78,28 @@ def child(case: dict) -> dict:
                       prefetch=case["prefetch"])
     model = moekit.from_pretrained(case["path"], **kwargs)
     prompt = torch.arange(8).view(1, 8)
+    recorder = None
+    if case.get("trace"):
+        from moekit.inference.trace_recorder import TraceRecorder
+
+        recorder = TraceRecorder()
+    runs = iter(range(10**6))
+
+    def forward(tokens_BS, kv, seq: int, pos: int):
+        out = model(tokens_BS, cache=kv)
+        if recorder is not None:
+            recorder.record(out.routing, tokens_BS, sequence_B=torch.tensor([seq]), start_B=torch.tensor([pos]))
+        return out.logits
 
     def decode(n: int) -> tuple[float, list[int]]:
-        kv = model.new_cache()
+        kv, seq = model.new_cache(), next(runs)
         with torch.no_grad():
-            logits = model(prompt, cache=kv).logits
+            logits = forward(prompt, kv, seq, 0)
             out, start = [], time.perf_counter()
-            for _ in range(n):
+            for i in range(n):
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 out.append(int(nxt))
-                logits = model(nxt, cache=kv).logits
+                logits = forward(nxt, kv, seq, prompt.shape[1] + i)
         return n / (time.perf_counter() - start), out
 
     decode(4)  # warm-up
@@ -95,9 +113,38 @@ def child(case: dict) -> dict:
         s = model_offload_stats(model)
         hits, misses = s.hits - before["hits"], s.misses - before["misses"]
         out.update(hit_rate=hits / max(1, hits + misses), cache_bytes=cache.nbytes,
-                   recall=s.prediction_recall, slots=cache.num_slots)
+                   recall=s.prediction_recall, slots=cache.num_slots, total_hits=s.hits, total_misses=s.misses,
+                   total_bytes_read=s.bytes_read)
         cache.close()
+    if recorder is not None:
+        recorder.save(case["trace"])
     return out
+
+
+def simulated(path: Path, base: dict, experts: int, tokens: int) -> None:
+    """Record the routing of the LRU 25% run, replay it at 10/25/50% with every policy, and set the
+    replayed LRU 25% beside the live cache's counters (warm-up and timed decode together)."""
+    from moekit.analysis.trace import RoutingTrace
+    from moekit.inference.cache_sim import replay
+    from moekit.inference.offload import expert_sizes
+
+    file = path / "trace.safetensors"
+    live = run({**base, "cache": int(0.25 * experts), "trace": str(file)})
+    sizes = expert_sizes(path)
+    trace = RoutingTrace.load(file)
+    results = replay(trace, [int(f * experts) for f in (0.10, 0.25, 0.50)], slot_bytes=sizes.slot_bytes,
+                     read_bytes=sizes.read_bytes)
+    print(f"replay of the LRU 25% run's routing trace ({trace.num_tokens} tokens, warm-up included): live "
+          f"cache {live['total_hits']} hits, {live['total_misses']} misses, {live['total_bytes_read']} bytes read")
+    print("| budget | slots | policy | hit rate | misses | MB read per token | equals live |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        same = "-"
+        if r.policy == "lru" and r.slots == live["slots"]:
+            same = str((r.hits, r.misses, r.bytes_read) ==
+                       (live["total_hits"], live["total_misses"], live["total_bytes_read"]))
+        print(f"| {r.budget / experts:.0%} | {r.slots} | {r.policy} | {r.hit_rate:.3f} | {r.misses} | "
+              f"{r.bytes_per_token / 1e6:.2f} | {same} |")
 
 
 def run(case: dict) -> dict:
@@ -111,6 +158,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="runs of every case, round-robin; tok/s is the median")
+    p.add_argument("--sim", action="store_true",
+                   help="only record the LRU 25%% run's routing trace and replay it (moekit cache-sim)")
     p.add_argument("--child")
     a = p.parse_args()
     if a.child:
@@ -121,6 +171,9 @@ def main() -> None:
         path = Path(tmp)
         experts = build(path, layers)
         base = dict(path=str(path), threads=a.threads, tokens=tokens, policy="lru", prefetch=False)
+        if a.sim:
+            simulated(path, base, experts, tokens)
+            return
         cases: list[tuple[str, dict]] = [("in memory fp32", {}), ("in memory int8", {"quantize": "int8"}),
                                          ("in memory int4", {"quantize": "int4"})]
         for frac in (0.10, 0.25, 0.50, 0.99):
@@ -130,11 +183,17 @@ def main() -> None:
                   ("int8 LRU 25%", {"cache": int(0.25 * experts), "quantize": "int8"}),
                   ("int4 LRU 25%", {"cache": int(0.25 * experts), "quantize": "int4"})]
         print(f"checkpoint: {layers} layers x {EXPERTS} experts (top-{TOP_K}), d_model {D_MODEL}, "
-              f"{experts / 1e6:.0f} MB of fp32 experts; {tokens} timed decode tokens, {a.threads} thread(s); "
+              f"{experts / 1e6:.0f} MB of fp32 experts; {tokens} timed decode tokens, {a.threads} thread(s), "
+              f"{a.repeat} run(s) per case (median tok/s); "
               f"RSS baseline = after imports and a meta-device build")
+        runs: dict[str, list[dict]] = {name: [] for name, _ in cases}
+        for _ in range(a.repeat):
+            for name, extra in cases:
+                runs[name].append(run({**base, **extra}))
         results = {}
-        for name, extra in cases:
-            results[name] = run({**base, **extra})
+        for name, got in runs.items():
+            results[name] = {**got[-1], "tok_s": statistics.median(r["tok_s"] for r in got),
+                             "tok_s_runs": [r["tok_s"] for r in got]}
         ref = results["in memory fp32"]
         print("| case | cache MB | slots | tok/s | vs in-memory fp32 | peak RSS - baseline MB | resident MB | hit rate | "
               "prefetch recall | same tokens |")

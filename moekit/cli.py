@@ -11,7 +11,8 @@ import argparse
 import sys
 from types import ModuleType
 
-from moekit.commands import analyze, catalog, compare, convert, data, demo, generate, inspect, prune, serve, train
+from moekit.commands import (analyze, cache_sim, catalog, compare, convert, data, demo, generate, inspect, prune, serve,
+                             train)
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "serve": (serve, "serve a model over an OpenAI-compatible HTTP API (continuous batching)"),
     "analyze": (analyze, "what do the experts do? specialization, locality, knock-out; pictures"),
     "prune": (prune, "remove the least-used experts (optionally merging them); report the loss"),
+    "cache-sim": (cache_sim, "replay a routing trace against the expert-cache policies: hit rate, bytes per token"),
 }
 # What a user can get wrong and the CLI reports in one line (exit 2). Anything else is a defect and
 # keeps its traceback.

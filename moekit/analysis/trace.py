@@ -14,6 +14,9 @@ and these tensors (l = position of the layer in "layers", not its decoder index)
     token_ids_N      int64  token id of each routed token
     sequence_N       int64  which sequence (or request) the token belongs to
     position_N       int64  position of the token in its sequence (0-based)
+    step_N           int64  which model forward routed the token (tokens of one forward share each
+                            MoE layer's call, the unit an expert cache serves); optional (absent = each
+                            token routed alone, in trace order)
     labels_N         int64  domain label (index into label_names); optional
     layer{l}.expert_ids_NK  int64  experts that processed the token, -1 = no expert (an empty
                             expert-choice/balanced slot or a capacity drop); sorted by combine weight,
@@ -24,7 +27,9 @@ and these tensors (l = position of the layer in "layers", not its decoder index)
     layer{l}.entropy_N      float32 entropy (nats) of the router's distribution over experts; optional
 
 Tokens of one sequence need not be contiguous (a decode trace interleaves requests): consecutive
-means same sequence_N and position_N + 1.
+means same sequence_N and position_N + 1. A trace recorded from `moekit generate --trace` or
+`moekit serve --trace` (`moekit.inference.trace_recorder`) has step_N in increasing order: its
+forwards in the order they ran, each forward's MoE layers in depth order.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
+from moekit.files import atomic_write
 from moekit.types import RoutingDecision
 
 TRACE_FORMAT = "moekit.routing_trace"
@@ -92,10 +98,11 @@ class RoutingTrace:
     layers: tuple[LayerTrace, ...]
     labels_N: Tensor | None = None
     label_names: tuple[str, ...] = ()
+    step_N: Tensor | None = None
 
     def __post_init__(self) -> None:
         N = self.token_ids_N.shape[0]
-        for name in ("sequence_N", "position_N", "labels_N"):
+        for name in ("sequence_N", "position_N", "labels_N", "step_N"):
             t = getattr(self, name)
             if t is not None and t.shape != (N,):
                 raise ValueError(f"trace {name} has shape {tuple(t.shape)}, expected ({N},) like token_ids_N")
@@ -113,12 +120,13 @@ class RoutingTrace:
         return self.token_ids_N.shape[0]
 
     def save(self, path: str | Path) -> Path:
-        """Write the trace as one safetensors file (see the module docstring)."""
+        """Write the trace as one safetensors file (see the module docstring), whole or not at all."""
         path = Path(path)
         tensors: dict[str, Tensor] = {"token_ids_N": self.token_ids_N, "sequence_N": self.sequence_N,
                                       "position_N": self.position_N}
-        if self.labels_N is not None:
-            tensors["labels_N"] = self.labels_N
+        for name in ("labels_N", "step_N"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         for i, lt in enumerate(self.layers):
             for name in ("expert_ids_NK", "weights_NK", "selected_NK", "entropy_N"):
                 t = getattr(lt, name)
@@ -129,8 +137,8 @@ class RoutingTrace:
                     "num_experts": json.dumps([lt.num_experts for lt in self.layers]),
                     "label_names": json.dumps(list(self.label_names))}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-        return path
+        data = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+        return atomic_write(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
@@ -159,7 +167,7 @@ class RoutingTrace:
                            for i, (layer, e) in enumerate(zip(layer_ids, experts, strict=True)))
             return cls(token_ids_N=tensors["token_ids_N"], sequence_N=tensors["sequence_N"],
                        position_N=tensors["position_N"], layers=layers, labels_N=tensors.get("labels_N"),
-                       label_names=names)
+                       label_names=names, step_N=tensors.get("step_N"))
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: malformed routing trace ({type(err).__name__}: {err})") from err
 
@@ -205,24 +213,33 @@ def trace_from_routing(
     labels_B: Tensor | None = None,
     label_names: tuple[str, ...] = (),
     first_sequence: int = 0,
+    sequence_B: Tensor | None = None,
+    start_B: Tensor | None = None,
+    step: int | None = None,
 ) -> RoutingTrace:
     """The trace of one model forward: `routing` is `ModelOutput.routing` (None for dense layers).
 
     Args:
         tokens_BS: the forward's input ids. mask_BS: bool, False for padding (left out of the trace).
         labels_B: long (B,) domain label of each sequence. first_sequence: sequence id of row 0.
+        sequence_B: long (B,) sequence id of each row (instead of first_sequence + row).
+        start_B: long (B,) position of each row's first token (a decode step continues a sequence).
+        step: this forward's index (fills step_N); None leaves step_N out.
     """
     B, S = tokens_BS.shape
     keep_BS = torch.ones(B, S, dtype=torch.bool) if mask_BS is None else mask_BS.bool().cpu()
     keep_T = keep_BS.reshape(-1)
-    seq_BS = (first_sequence + torch.arange(B))[:, None].expand(B, S)
-    pos_BS = torch.arange(S)[None, :].expand(B, S)
+    seq_B = first_sequence + torch.arange(B) if sequence_B is None else sequence_B.long().cpu()
+    start = torch.zeros(B, dtype=torch.long) if start_B is None else start_B.long().cpu()
+    seq_BS = seq_B[:, None].expand(B, S)
+    pos_BS = start[:, None] + torch.arange(S)[None, :]
     layers = tuple(layer_trace_from_decision(d, layer=i, keep_T=keep_T)
                    for i, d in enumerate(routing) if d is not None)
     labels_N = None if labels_B is None else labels_B.long().cpu()[:, None].expand(B, S).reshape(-1)[keep_T]
     return RoutingTrace(token_ids_N=tokens_BS.long().cpu().reshape(-1)[keep_T],
                         sequence_N=seq_BS.reshape(-1)[keep_T], position_N=pos_BS.reshape(-1)[keep_T],
-                        layers=layers, labels_N=labels_N, label_names=tuple(label_names))
+                        layers=layers, labels_N=labels_N, label_names=tuple(label_names),
+                        step_N=None if step is None else torch.full((int(keep_T.sum()),), step, dtype=torch.long))
 
 
 def concat_traces(traces: list[RoutingTrace]) -> RoutingTrace:
@@ -250,4 +267,5 @@ def concat_traces(traces: list[RoutingTrace]) -> RoutingTrace:
     return RoutingTrace(token_ids_N=torch.cat([t.token_ids_N for t in traces]),
                         sequence_N=torch.cat([t.sequence_N for t in traces]),
                         position_N=torch.cat([t.position_N for t in traces]), layers=tuple(layers),
-                        labels_N=cat(lambda t: t.labels_N), label_names=first.label_names)
+                        labels_N=cat(lambda t: t.labels_N), label_names=first.label_names,
+                        step_N=cat(lambda t: t.step_N))

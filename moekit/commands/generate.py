@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from moekit.inference.load import LoadedModel
+    from moekit.inference.trace_recorder import TraceRecorder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--trace", type=Path, default=None, metavar="FILE",
+                   help="write the routing trace (layer, token, experts) of the run to FILE (safetensors, "
+                        "moekit.analysis.trace's format; `moekit cache-sim FILE` replays it)")
     add_weight_arguments(p)
     add_parallel_argument(p)
 
@@ -68,13 +72,18 @@ def weight_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.inference.trace_recorder import TraceRecorder, check_trace_path
     from moekit.parallel.serving import run_generation
 
+    recorder = None
+    if args.trace is not None:
+        check_trace_path(args.trace)
+        recorder = TraceRecorder()
     return run_generation(args.path, expert_parallel=args.expert_parallel, dtype=args.dtype,
-                          weights=weight_options(args), lead=lambda loaded: _generate(args, loaded))
+                          weights=weight_options(args), lead=lambda loaded: _generate(args, loaded, recorder))
 
 
-def _generate(args: argparse.Namespace, loaded: LoadedModel) -> int:
+def _generate(args: argparse.Namespace, loaded: LoadedModel, recorder: TraceRecorder | None) -> int:
     from moekit.inference import generate
 
     def show(text: str) -> None:
@@ -85,7 +94,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel) -> int:
         show(args.prompt)
     result = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
-                      chat=args.chat, on_text=show)
+                      chat=args.chat, on_text=show, trace=recorder)
     print()
     print(f"[{len(result.prompt_ids)} prompt tokens, {result.prompt_tokens_per_s:.1f} tokens/s; "
           f"{len(result.token_ids)} generated tokens, {result.generated_tokens_per_s:.1f} tokens/s; "
@@ -95,4 +104,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel) -> int:
         stats = cache.stats
         print(f"[expert cache: {stats.hits} hits, {stats.misses} misses ({stats.hit_rate:.1%} hit rate), "
               f"{stats.bytes_read / 1e6:.1f} MB read]", file=sys.stderr)
+    if recorder is not None:
+        recorder.save(args.trace)
+        print(f"[routing trace of {recorder.num_tokens} tokens written to {args.trace}]", file=sys.stderr)
     return 0

@@ -31,6 +31,7 @@ import torch
 from moekit.inference.load import LoadedModel
 from moekit.inference.sampling import SamplingParams, sample
 from moekit.inference.text import TextStream
+from moekit.inference.trace_recorder import TraceRecorder
 from moekit.model.cache import SlotStore
 from moekit.traits import ROUTER_TRAITS, generation_error
 
@@ -93,11 +94,11 @@ class Engine:
 
     Drive it with `step()` (or `run(stop_event)` in a thread); `submit` and `cancel` may be called
     from other threads. At most max_batch_size requests run and max_queue more wait; beyond that
-    `submit` raises QueueFull.
+    `submit` raises QueueFull. With `trace` (a TraceRecorder), every forward's routing is recorded.
     """
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_len: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 256) -> None:
+                 max_queue: int = 64, prefill_chunk: int = 256, trace: TraceRecorder | None = None) -> None:
         for name, value, least in (("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0),
                                    ("prefill_chunk", prefill_chunk, 1)):
             if not isinstance(value, int) or value < least:
@@ -123,6 +124,7 @@ class Engine:
         self.wakeup = threading.Event()
         self._ids = itertools.count()
         self.device = next(self.model.parameters()).device
+        self.trace = trace  # records every forward's routing (moekit.inference.trace_recorder)
 
     # ---- called from any thread ----
     def submit(self, request: Request) -> Request:
@@ -225,6 +227,9 @@ class Engine:
         start_B = torch.tensor(starts, dtype=torch.long, device=self.device)
         out = self.model(tokens_BS.to(self.device), cache=self.store.view(slots_B, start_B),
                          logits_to_keep=logits_to_keep)
+        if self.trace is not None:
+            self.trace.record(out.routing, tokens_BS, sequence_B=torch.tensor([r.id for r in requests]),
+                              start_B=start_B.cpu())
         if any(r.routing for r in requests):
             B, S = tokens_BS.shape
             for layer, decision in enumerate(out.routing):

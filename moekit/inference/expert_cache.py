@@ -10,27 +10,30 @@ thread reads predicted experts into unpinned slots and never waits for one.
 
 from __future__ import annotations
 
+import heapq
 import queue
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-Key = tuple[int, int]  # (layer index, expert id)
-Policy = Literal["lru", "lfu", "pinned"]
-POLICIES = ("lru", "lfu", "pinned")
+from moekit.inference.cache_policy import POLICIES, CachePolicy, Key, Policy, make_policy
+
+__all__ = ["POLICIES", "CacheStats", "ExpertCache", "Key", "Policy", "SlotSpec", "num_slots"]
 ALIGN = 64  # bytes; what torch's CPU allocator gives a fresh tensor
 
 
 @dataclass(frozen=True)
 class SlotSpec:
-    """The tensors one expert occupies in a slot: (name, shape, dtype), in order."""
+    """The tensors one expert occupies in a slot: (name, shape, dtype), in order. A 2-D tensor named
+    in `transposed` is stored column-major (its transpose is contiguous), as the in-memory experts
+    store that weight, so a matmul on the slot runs the in-memory model's kernel."""
 
     tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    transposed: frozenset[str] = frozenset()
 
     def offsets(self) -> list[int]:
         """Byte offset of each tensor in a slot, each aligned to ALIGN."""
@@ -44,6 +47,11 @@ class SlotSpec:
     def nbytes(self) -> int:
         _, shape, dtype = self.tensors[-1]
         return self.offsets()[-1] + _round_up(_nbytes(shape, dtype))
+
+
+def num_slots(budget: int, slot_bytes: int) -> int:
+    """Slots a byte budget holds: whole experts only."""
+    return budget // slot_bytes
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -94,31 +102,6 @@ class CacheStats:
                 "prediction_precision": round(self.prediction_precision, 4)}
 
 
-class _Order:
-    """Victim choice. lru: least recently used. lfu: fewest uses, then least recent. pinned: the
-    keys in `sticky` are never evicted once loaded; the others go least recently used first."""
-
-    def __init__(self, policy: Policy, uses: Counter, sticky: frozenset[Key]) -> None:
-        self.policy, self.uses, self.sticky = policy, uses, sticky
-        self.recency: OrderedDict[Key, None] = OrderedDict()
-
-    def touch(self, key: Key) -> None:
-        self.recency[key] = None
-        self.recency.move_to_end(key)
-
-    def drop(self, key: Key) -> None:
-        self.recency.pop(key, None)
-
-    def victim(self, candidates: Iterable[Key]) -> Key | None:
-        cands = [k for k in candidates if not (self.policy == "pinned" and k in self.sticky)]
-        if not cands:
-            return None
-        rank = {k: i for i, k in enumerate(self.recency)}
-        if self.policy == "lfu":
-            return min(cands, key=lambda k: (self.uses[k], rank.get(k, -1)))
-        return min(cands, key=lambda k: rank.get(k, -1))
-
-
 class ExpertCache:
     """At most `num_slots` experts resident, read on demand by `load(key, views)`.
 
@@ -126,15 +109,16 @@ class ExpertCache:
         spec: the tensors of one expert in a slot.
         num_slots: slots in the pool (the byte budget divided by spec.nbytes).
         load: fills a slot's tensor views (name -> tensor) with expert `key`; returns bytes read.
-        policy: "lru", "lfu" or "pinned" (with `sticky`: keys kept resident once loaded).
+        policy: "lru", "lfu" or "pinned" (with `sticky`: keys kept resident once loaded), or a
+            `cache_policy` object (the simulator's Belady).
         prefetch: start a background thread for `prefetch(keys)`.
         device: where the slots live (the compute device of the experts).
     """
 
     def __init__(self, spec: SlotSpec, num_slots: int, load: Callable[[Key, dict[str, Tensor]], int], *,
-                 policy: Policy = "lru", sticky: Iterable[Key] = (), prefetch: bool = False,
+                 policy: Policy | CachePolicy = "lru", sticky: Iterable[Key] = (), prefetch: bool = False,
                  device: str | torch.device = "cpu") -> None:
-        if policy not in POLICIES:
+        if isinstance(policy, str) and policy not in POLICIES:
             raise ValueError(f"expert cache policy={policy!r} is invalid: must be one of {list(POLICIES)}")
         if num_slots < 1:
             raise ValueError(f"expert cache needs at least one slot of {spec.nbytes} bytes; got {num_slots}")
@@ -144,10 +128,12 @@ class ExpertCache:
                              f"{num_slots} slots; pin fewer than {num_slots} so misses have a slot")
         self.spec, self.num_slots, self._load = spec, num_slots, load
         self.stats = CacheStats()
-        self._order = _Order(policy, self.stats.uses, sticky)
+        self._order = policy if not isinstance(policy, str) else make_policy(policy, uses=self.stats.uses,
+                                                                                sticky=sticky)
         self.pool = torch.empty(num_slots * spec.nbytes, dtype=torch.uint8, device=device)
         self._views = [self._slot_views(i) for i in range(num_slots)]
         self._key_of: list[Key | None] = [None] * num_slots
+        self._free = list(range(num_slots))  # a heap: the lowest free slot first
         self._slot_of: dict[Key, int] = {}
         self._pins = [0] * num_slots
         self._ready = [False] * num_slots
@@ -172,8 +158,14 @@ class ExpertCache:
         views = {}
         for (name, shape, dtype), off in zip(self.spec.tensors, self.spec.offsets()):
             n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-            views[name] = self.pool[base + off: base + off + n].view(dtype).view(shape)
+            flat = self.pool[base + off: base + off + n].view(dtype)
+            views[name] = flat.view(shape[::-1]).T if name in self.spec.transposed else flat.view(shape)
         return views
+
+    def snapshot(self) -> CacheStats:
+        """A consistent copy of the counters (the live ones change under the engine's thread)."""
+        with self._cond:
+            return replace(self.stats, uses=Counter(self.stats.uses))
 
     def resident(self) -> set[Key]:
         with self._cond:
@@ -250,16 +242,17 @@ class ExpertCache:
     def _claim(self, key: Key, *, wait: bool) -> int | None:
         """A slot for `key` (free, else the policy's victim among unpinned ready slots), pinned and
         marked not ready. Called with the lock held; waits for a pin to go when `wait`."""
+        def evictable(k: Key) -> bool:
+            s = self._slot_of[k]
+            return self._pins[s] == 0 and self._ready[s]
+
         while True:
-            free = [i for i, k in enumerate(self._key_of) if k is None]
-            if free:
-                slot = free[0]
+            if self._free:
+                slot = heapq.heappop(self._free)
                 break
-            candidates = {k: s for k, s in self._slot_of.items() if self._pins[s] == 0 and self._ready[s]}
-            victim = self._order.victim(candidates)
+            victim = self._order.victim(evictable)
             if victim is not None:
-                slot = candidates[victim]
-                del self._slot_of[victim]
+                slot = self._slot_of.pop(victim)
                 self._order.drop(victim)
                 self.stats.evictions += 1
                 break
@@ -277,10 +270,12 @@ class ExpertCache:
             with self._cond:  # leave no half-read slot behind
                 del self._slot_of[key]
                 self._key_of[slot], self._pins[slot] = None, 0
+                heapq.heappush(self._free, slot)
                 self._cond.notify_all()
             raise
         with self._cond:
             self._ready[slot], self._prefetched[slot] = True, prefetched
+            self._order.insert(key)
             self.stats.bytes_read += nbytes
             if prefetched:
                 self.stats.prefetch_reads += 1

@@ -18,6 +18,19 @@ def expert_param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape[1:]) for name, p in experts.named_parameters()}
 
 
+def expert_param_transposed(config: MoEConfig) -> frozenset[str]:
+    """The 2-D per-expert weights that `Experts(config)` stores column-major (a transposed view of a
+    contiguous (out, in) tensor, the Hugging Face layout), read from the strides of a meta build."""
+    with torch.device("meta"):
+        experts = Experts(config, num_experts=1)
+    out = set()
+    for name, p in experts.named_parameters():
+        w = p[0]
+        if w.dim() == 2 and w.shape[0] > 1 and w.shape[1] > 1 and w.stride() == (1, w.shape[0]):
+            out.add(name)
+    return frozenset(out)
+
+
 def expert_forward(x_rD: Tensor, w: dict[str, Tensor], config: MoEConfig, *, fused_bias: bool,
                    matmul) -> Tensor:
     """One expert's MLP on its rows, as `Experts` computes it: with `fused_bias` (its decode path)

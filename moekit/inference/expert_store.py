@@ -2,9 +2,13 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (per tensor: dtype,
 shape, [begin, end) byte offsets into the data that follows), then the raw data. Offloading reads
-one expert at a time with `os.preadv` into a buffer the caller owns (never a memory map, whose
-touched pages would count towards the resident set) and turns it into moekit's per-expert tensors
-with the family's own key-mapping rules, so a read expert equals the loaded model's slice bit for bit.
+one expert at a time with `os.preadv` into a staging buffer the store owns, one per reading thread
+and reused (never a memory map, whose touched pages would count towards the resident set, nor a
+fresh allocation per read, whose pages the kernel would fault in on every miss), and turns it into
+moekit's per-expert tensors with the family's own key-mapping rules, so a read expert equals the
+loaded model's slice bit for bit. The tensors `read` returns are views of that buffer (a per-expert
+checkpoint's (out, in) weight as a transposed view, with no copy): the caller copies them into its
+cache slot before the same thread reads again.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +141,7 @@ class ExpertStore:
         self.parts: dict[int, list[_Part]] = {layer: [] for layer in self.num_experts}
         self.expert_keys: set[str] = set()
         self._find_parts(rules)
+        self._staging = threading.local()  # each reading thread's buffer (the layer call's, the prefetch's)
 
     def _find_parts(self, rules: tuple[Rule, ...]) -> None:
         matcher = Matcher(rules)
@@ -189,17 +195,38 @@ class ExpertStore:
         """Checkpoint bytes of one expert of `layer` (what a cache miss reads)."""
         return sum(self.span(p, k, 0).nbytes for p in self.parts[layer] for k in p.keys)
 
+    def _buffer(self, nbytes: int) -> Tensor:
+        """This thread's staging buffer, grown to at least `nbytes` (allocated once per size)."""
+        buf = getattr(self._staging, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._staging.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
     def read(self, layer: int, expert: int) -> dict[str, Tensor]:
-        """Expert `expert` of `layer` as {name: tensor of its per-expert shape}, in the file's dtype."""
+        """Expert `expert` of `layer` as {name: tensor of its per-expert shape}, in the file's dtype:
+        views of this thread's staging buffer, valid until its next `read`."""
         if not 0 <= expert < self.num_experts.get(layer, 0):
             raise KeyError(f"no expert {expert} in MoE layer {layer}")
+        spans = [[self.span(part, k, expert) for k in part.keys] for part in self.parts[layer]]
+        offsets, at = [], 0
+        for part_spans in spans:
+            offsets.append([])
+            for span in part_spans:
+                offsets[-1].append(at)
+                at += -(-span.nbytes // 64) * 64
+        buf = self._buffer(at)
         out: dict[str, Tensor] = {}
-        for part in self.parts[layer]:
-            raw = {k: read_span(self.span(part, k, expert)) for k in part.keys}
-            shapes = {fill(p, layer=layer): (1, *self.shapes[_name(p)]) for p in part.rule.model_patterns}
-            for model_key, t in part.rule.to_model(raw.__getitem__, shapes, layer).items():
+        for part, part_spans, part_offsets in zip(self.parts[layer], spans, offsets):
+            raw = {k: read_span(span, into=buf[off:]) for k, span, off in zip(part.keys, part_spans, part_offsets)}
+            if isinstance(part.rule, StackExperts):  # one (out, in) tensor per expert: a view, no copy
+                t = raw[part.keys[0]]
+                got = {fill(part.rule.model, layer=layer): (t.transpose(-1, -2) if part.rule.transpose else t)[None]}
+            else:
+                shapes = {fill(p, layer=layer): (1, *self.shapes[_name(p)]) for p in part.rule.model_patterns}
+                got = part.rule.to_model(raw.__getitem__, shapes, layer)
+            for model_key, t in got.items():
                 name = _name(model_key)
-                if tuple(t.shape) != shapes[fill(model_key, layer=layer)]:
+                if tuple(t.shape[1:]) != self.shapes[name]:
                     raise ValueError(f"{self.path}: {part.keys[0]} gives expert {expert} of layer {layer} "
                                      f"the shape {tuple(t.shape[1:])} for {name}, expected "
                                      f"{self.shapes[name]}; config.json contradicts the weights")

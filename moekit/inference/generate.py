@@ -13,6 +13,7 @@ import torch
 from moekit.inference.engine import Engine, Request
 from moekit.inference.load import LoadedModel, load
 from moekit.inference.sampling import SamplingParams
+from moekit.inference.trace_recorder import TraceRecorder
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def generate(
     routing: bool = False,
     on_text: Callable[[str], None] | None = None,
     prefill_chunk: int = 512,
+    trace: TraceRecorder | None = None,
 ) -> Generation:
     """Generate one completion.
 
@@ -87,13 +89,14 @@ def generate(
         dtype: load dtype when `model` is a path.
         routing: also return per MoE layer the count of this request's tokens per expert.
         on_text: called with each piece of text as soon as it is final (streaming).
+        trace: a `TraceRecorder` that records the routing of every forward (`trace.save(path)`).
     """
     loaded = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=tuple(stop))
     ids = prompt_ids(loaded, prompt, chat=chat)
     engine = Engine(loaded, max_batch_size=1, max_len=min(loaded.context_length, len(ids) + max_new_tokens),
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, trace=trace)
     request = Request(prompt_ids=ids, params=params, routing=routing,
                       on_event=(lambda _r, delta: on_text(delta) if delta else None) if on_text else None)
     engine.submit(request)

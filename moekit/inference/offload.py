@@ -29,8 +29,9 @@ from moekit.hf.families import family
 from moekit.hf.io import CONFIG_FILE, NATIVE_FILE, CheckpointReader, parse_size, read_config
 from moekit.hf.native import read_native
 from moekit.hf.save import TIED_HEAD, tied_copies
-from moekit.inference.expert_cache import POLICIES, CacheStats, ExpertCache, Key, Policy, SlotSpec
-from moekit.inference.expert_math import expert_forward, expert_param_shapes
+from moekit.inference.cache_policy import top_experts
+from moekit.inference.expert_cache import POLICIES, CacheStats, ExpertCache, Key, Policy, SlotSpec, num_slots
+from moekit.inference.expert_math import expert_forward, expert_param_shapes, expert_param_transposed
 from moekit.inference.expert_store import ExpertStore
 from moekit.inference.quant import (
     GROUP_SIZE,
@@ -39,6 +40,9 @@ from moekit.inference.quant import (
     check_quantized_file,
     quantize_attention_meta,
     quantize_model,
+)
+from moekit.inference.quant import (
+    quantize_attention as quantize_attention_layers,
 )
 from moekit.layer import MoELayer
 from moekit.model.config import ModelConfig
@@ -97,25 +101,20 @@ class ExpertFormat(Protocol):
 class FloatFormat:
     """Experts in the model dtype, computed with exactly `Experts`' operations."""
 
-    def __init__(self, config: MoEConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: MoEConfig, dtype: torch.dtype, transposed: frozenset[str] | None = None) -> None:
         self.config, self.dtype = config, dtype
         self.shapes = expert_param_shapes(config)
+        # the in-memory layout of each weight (same strides, same matmul kernel, same bits)
+        self.transposed = expert_param_transposed(config) if transposed is None else transposed
 
     def spec(self) -> SlotSpec:
-        # Weights sit in a slot (out, in), as `Experts` stores them (moekit.experts.layout), so the
-        # matmuls below run the same kernels and round the same way.
-        return SlotSpec(tuple((n, s[::-1] if n.startswith("w_") else s, self.dtype) for n, s in self.shapes.items()))
-
-    @staticmethod
-    def _logical(views: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {n: v.t() if n.startswith("w_") else v for n, v in views.items()}
+        return SlotSpec(tuple((n, s, self.dtype) for n, s in self.shapes.items()), self.transposed)
 
     def fill(self, views: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
-        for name, view in self._logical(views).items():
+        for name, view in views.items():
             view.copy_(tensors[name])  # the cast `load_weights` does with Parameter.copy_
 
     def forward(self, x_rD: Tensor, views: dict[str, Tensor], *, fused_bias: bool) -> Tensor:
-        views = self._logical(views)
         return expert_forward(x_rD, views, self.config, fused_bias=fused_bias,
                               matmul=lambda x, name: x @ views[name])
 
@@ -179,22 +178,8 @@ def load_offloaded(path: str | Path, offload: OffloadConfig, *, dtype: torch.dty
     When the budget holds every routed expert, warns that offloading is not needed and loads the
     model in memory. Raises ValueError for a budget smaller than one expert.
     """
-    hf_config = read_config(path)
-    file = Path(path) / CONFIG_FILE
-    fam = family(hf_config.get("model_type"), where=str(file))
+    hf_config, fam, model, layers, dtype = _meta_decoder(path, dtype)
     model_type = fam.model_type
-    config = fam.config_from_hf(hf_config, source=str(file))
-    if not isinstance(config, ModelConfig):
-        raise ValueError(f"{Path(path) / CONFIG_FILE}: model_type={model_type!r} is an encoder-decoder; "
-                         f"offload_experts supports decoder-only models")
-    dtype = resolve_dtype(dtype, hf_config)
-    with torch.device("meta"):
-        model = MoETransformer(config)
-    layers = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoELayer)}
-    if not layers:
-        raise ValueError(f"{path}: this model has no MoE layers; there are no experts to offload")
-    if config.moe is None or config.moe.router == "soft":
-        raise ValueError("offload_experts supports token- and expert-choice routers, not router='soft'")
     moe = layers[next(iter(layers))].config
     fmt = make_format(moe, dtype, quantize)
     if holds_everything(offload, fmt, layers, quantize):
@@ -209,9 +194,74 @@ def load_offloaded(path: str | Path, offload: OffloadConfig, *, dtype: torch.dty
     model = _load_resident(model, path, rules, fam.ignored_keys(hf_config), store.expert_keys,
                            dtype=dtype, device=device, name=f"model_type={model_type!r}")
     if quantize_attention:
-        quantize_attention(model, quantize or "int8")
+        quantize_attention_layers(model, quantize or "int8")
     model.hf_config = hf_config  # type: ignore[attr-defined]
     return model
+
+
+def _meta_decoder(path: str | Path, dtype: torch.dtype | str | None):
+    """(config.json, family, the model on the meta device, its MoE layers by index, the load dtype)
+    of a Hugging Face decoder checkpoint whose experts can be offloaded."""
+    hf_config = read_config(path)
+    file = Path(path) / CONFIG_FILE
+    fam = family(hf_config.get("model_type"), where=str(file))
+    config = fam.config_from_hf(hf_config, source=str(file))
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"{file}: model_type={fam.model_type!r} is an encoder-decoder; "
+                         f"offload_experts supports decoder-only models")
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    layers = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoELayer)}
+    if not layers:
+        raise ValueError(f"{path}: this model has no MoE layers; there are no experts to offload")
+    if config.moe is None or config.moe.router == "soft":
+        raise ValueError("offload_experts supports token- and expert-choice routers, not router='soft'")
+    return hf_config, fam, model, layers, resolve_dtype(dtype, hf_config)
+
+
+@dataclass(frozen=True)
+class ExpertSizes:
+    """Sizes an expert cache works with, for one checkpoint and format.
+
+    slot_bytes: one expert in a cache slot (the budget holds budget // slot_bytes of them);
+    read_bytes: decoder layer -> bytes a miss reads from the files; num_experts: decoder layer -> E.
+    """
+
+    slot_bytes: int
+    read_bytes: dict[int, int]
+    num_experts: dict[int, int]
+
+    @property
+    def total_bytes(self) -> int:
+        """Every routed expert in slots: a budget this large loads the model in memory."""
+        return self.slot_bytes * sum(self.num_experts.values())
+
+
+def expert_sizes(path: str | Path, *, dtype: torch.dtype | str | None = None,
+                 quantize: Quantize | None = None) -> ExpertSizes:
+    """The sizes `from_pretrained(path, offload_experts=True, dtype=, quantize=)` would use (headers only)."""
+    from moekit.hf.native import is_native
+
+    if is_native(path) and read_native(path).quantize is not None:
+        meta = read_native(path)
+        if quantize is not None:
+            raise ValueError(f"{path} already holds quantized weights; leave out quantize")
+        quant = meta.quantize
+        with torch.device("meta"):
+            model = MoETransformer(meta.config)  # type: ignore[arg-type]
+        layers = {i: m.mlp for i, m in enumerate(model.model.layers) if isinstance(m.mlp, MoELayer)}
+        fmt: ExpertFormat = QuantFormat(next(iter(layers.values())).config,
+                                        resolve_dtype(None, {"dtype": meta.dtype}), quant["method"],
+                                        int(quant.get("group_size", GROUP_SIZE)))
+        shapes, rules = {n: s for n, (s, _) in fmt.tensors.items()}, ()
+    else:
+        _, fam, _, layers, dtype = _meta_decoder(path, dtype)
+        fmt = make_format(next(iter(layers.values())).config, dtype, quantize)
+        shapes, rules = expert_param_shapes(next(iter(layers.values())).config), fam.load_rules()
+    num_experts = {i: m.config.num_experts for i, m in layers.items()}
+    store = ExpertStore(path, rules, num_experts, shapes)
+    return ExpertSizes(slot_bytes=fmt.spec().nbytes, read_bytes={i: store.expert_nbytes(i) for i in layers},
+                       num_experts=num_experts)
 
 
 def holds_everything(offload: OffloadConfig, fmt: ExpertFormat, layers: dict[int, MoELayer],
@@ -242,10 +292,10 @@ def attach_cache(model: MoETransformer, layers: dict[int, MoELayer], store: Expe
         fmt.fill(views, store.read(*key))
         return store.expert_nbytes(key[0])
 
-    num_slots = offload.budget // spec.nbytes
-    sticky = (top_experts(offload.pin, int(num_slots * offload.pin_fraction))
+    slots = num_slots(offload.budget, spec.nbytes)
+    sticky = (top_experts(offload.pin, int(slots * offload.pin_fraction))
               if offload.policy == "pinned" else [])
-    cache = ExpertCache(spec, num_slots, load, policy=offload.policy, sticky=sticky,
+    cache = ExpertCache(spec, slots, load, policy=offload.policy, sticky=sticky,
                         prefetch=offload.prefetch, device=device)
     for i, layer in layers.items():
         layer.experts = OffloadedExperts(layer.config, i, cache, fmt)
@@ -259,11 +309,6 @@ def make_format(config: MoEConfig, dtype: torch.dtype, quantize: Quantize | None
     if quantize is None:
         return FloatFormat(config, dtype)
     return QuantFormat(config, dtype, quantize)
-
-
-def top_experts(counts: dict[Key, int], n: int) -> list[Key]:
-    """The n most used keys (ties: lower layer, then lower expert)."""
-    return sorted(counts, key=lambda k: (-counts[k], k))[:n]
 
 
 def _load_resident(model: MoETransformer, path: str | Path, rules: tuple, ignore, expert_keys: set[str], *,

@@ -3,11 +3,12 @@
 int8: per output channel, symmetric: w[n, k] ~ q[n, k] * scale[n], q in [-127, 127].
 int4: per group of `group_size` inputs, asymmetric (gpt-fast / llama.cpp Q4_1 style):
       w[n, k] ~ (q[n, k] - 8) * scale[n, g] + zero[n, g], q in [0, 15], g = k // group_size.
-Weights are kept output-major (N, K) like nn.Linear. The product is computed by dequantizing one
-expert's weight to the activation dtype and a plain matmul (`dequantize`, the reference), except
-int8 with bf16 activations, which uses torch's CPU kernel `_weight_int8pack_mm` (measured here: as
-fast as an fp32 matmul from a quarter of the bytes; the fp32 int8 and the int4 kernels were 2-20x
-slower than dequantize-then-matmul on this CPU, so they are not used).
+Weights are kept output-major (N, K) like nn.Linear. int8 products run torch's CPU kernel
+`_weight_int8pack_mm` with bf16 activations (fp32 activations are rounded to bf16 for it, see
+`quant_matmul`); int4 dequantizes one expert's weight to the activation dtype and does a plain
+matmul (`reference_matmul`, also the reference for int8). Measured on this CPU, one 1024x512
+weight: `_weight_int8pack_mm` with fp32 activations and `_weight_int4pack_mm_for_cpu` were 2-20x
+slower than that, so they are not used.
 
 Stored layout (`save_quantized`, safetensors, never pickle): moekit parameter names; each
 quantized weight W (e.g. `model.layers.0.mlp.experts.w_up_EDF`) becomes
@@ -75,9 +76,26 @@ def dequantize(q: Tensor, scale: Tensor, zero: Tensor | None, dtype: torch.dtype
 
 
 def quant_matmul(x_MK: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
-    """x @ W.T for a quantized W (N, K); (M, N) in x's dtype."""
-    if zero is None and x_MK.dtype == torch.bfloat16 and x_MK.device.type == "cpu":
-        return torch.ops.aten._weight_int8pack_mm(x_MK.contiguous(), q, scale.to(x_MK.dtype))
+    """x @ W.T for a quantized W (N, K); (M, N) in x's dtype.
+
+    int8 on CPU runs torch's weight-only kernel `_weight_int8pack_mm`, which reads the int8 bytes
+    directly (a quarter of fp32's memory traffic). It is fast only with bf16 activations, so fp32
+    activations are rounded to bf16 for it and the fp32 scales applied to its output afterwards
+    (W8A16, as gpt-fast's int8): the error this adds (~0.4% of the output's largest value, measured
+    in tests/inference/test_quant.py) is below int8's own rounding. `reference_matmul` is the exact
+    dequantize-then-matmul the tests hold it to; int4 and other devices use that."""
+    if zero is None and x_MK.device.type == "cpu" and x_MK.shape[0] > 0 and q.is_contiguous():
+        if x_MK.dtype == torch.bfloat16:
+            return torch.ops.aten._weight_int8pack_mm(x_MK.contiguous(), q, scale.to(x_MK.dtype))
+        if x_MK.dtype == torch.float32:
+            ones_N = torch.ones(q.shape[0], dtype=torch.bfloat16)
+            y_MN = torch.ops.aten._weight_int8pack_mm(x_MK.to(torch.bfloat16).contiguous(), q, ones_N)
+            return torch.mul(y_MN, scale)  # bf16 * fp32 -> fp32
+    return reference_matmul(x_MK, q, scale, zero)
+
+
+def reference_matmul(x_MK: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
+    """x @ W.T with W dequantized to x's dtype first: the exact product of the quantized weight."""
     return x_MK @ dequantize(q, scale, zero, x_MK.dtype).T
 
 

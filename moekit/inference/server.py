@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over the batching engine (FastAPI + uvicorn).
 
-GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions; `stream: true`
+GET /health, GET /v1/models, GET /metrics (Prometheus text: requests served, tokens, the expert
+cache's counters; `moekit.inference.metrics`), POST /v1/completions, POST /v1/chat/completions; `stream: true`
 sends server-sent events (`data: {...}` chunks, `data: [DONE]` last; `stream_options.include_usage`
 adds a usage chunk). Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}
 with a 4xx status (429 when the engine's queue is full). The extension field
@@ -23,10 +24,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from moekit.inference.engine import Engine, QueueFull, Request
 from moekit.inference.generate import prompt_ids
+from moekit.inference.metrics import CONTENT_TYPE, ServerCounters, render
 from moekit.inference.sampling import SamplingParams
 from moekit.inference.tokenizer import check_messages
 
@@ -118,6 +120,7 @@ class Server:
         self.engine, self.name = engine, name or engine.loaded.name
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.counters = ServerCounters()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.engine.run, args=(self.stop,), name="moekit-engine",
@@ -214,7 +217,10 @@ class Server:
 
         def on_event(request: Request, delta: str) -> None:
             # finish_reason read now, in the engine thread: set only on the request's last event
-            loop.call_soon_threadsafe(events.put_nowait, (request, delta, request.finish_reason))
+            finish = request.finish_reason
+            if finish is not None:
+                self.counters.finished(request)
+            loop.call_soon_threadsafe(events.put_nowait, (request, delta, finish))
 
         requests: list[Request] = []
         try:
@@ -280,6 +286,10 @@ def create_app(engine: Engine, *, name: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render(engine, server.counters, server.name), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -15,6 +15,7 @@ from moekit.inference.expert_cache import ExpertCache, SlotSpec
 from moekit.inference.offload import model_offload_stats
 from tests.hf.tiny import VOCAB, save_tiny
 from tests.inference.offload_helpers import expert_bytes, greedy_logits, load_quiet
+from tests.reference.expert_cache import simulate
 
 # mixtral: per-expert keys; qwen2_moe: shared experts and a dense layer; gpt_oss: interleaved gate/up
 # with biases; dbrx: experts flattened along rows; jamba: Mamba layers and MoE every other layer.
@@ -96,31 +97,6 @@ def routed_sets(model, prompt_BS, steps) -> list[tuple[int, list[int]]]:
         for h in hooks:
             h.remove()
     return calls
-
-
-def simulate(calls, slots: int, policy: str, sticky=frozenset()) -> tuple[int, int]:
-    """Slow reference cache: per call, resident experts first (ascending), then the rest; LRU or
-    LFU (fewest uses, then least recent) victims; "pinned": LRU among keys not in `sticky`.
-    Returns (hits, misses)."""
-    resident: list[tuple[int, int]] = []  # least recent first
-    uses: dict = {}
-    hits = misses = 0
-    for layer, experts in calls:
-        keys = [(layer, e) for e in experts]
-        order = [k for k in keys if k in resident] + [k for k in keys if k not in resident]
-        for key in order:
-            uses[key] = uses.get(key, 0) + 1
-            if key in resident:
-                hits += 1
-                resident.remove(key)
-            else:
-                misses += 1
-                if len(resident) == slots:
-                    victim = min(resident, key=lambda k: (uses[k], resident.index(k))) if policy == "lfu" \
-                        else [k for k in resident if k not in sticky][0]
-                    resident.remove(victim)
-            resident.append(key)
-    return hits, misses
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
@@ -313,3 +289,27 @@ def test_not_a_regular_file(tmp_path):
     bad.write_bytes((10**6).to_bytes(8, "little") + b"{}")
     with pytest.raises(ValueError, match="past the end"):
         read_header(bad)
+
+
+def test_slots_follow_the_in_memory_weight_layout(checkpoints, monkeypatch):
+    """Experts whose weights are stored column-major (the Hugging Face (out, in) layout, viewed as
+    (in, out)) get column-major slots, so the offloaded matmuls stay the in-memory ones bit for bit."""
+    import copy
+
+    from moekit.inference import offload
+
+    path, ref = checkpoints["mixtral"]
+    ref = copy.deepcopy(ref)
+    names = set()
+    for layer in ref.moe_layers():
+        for name, p in layer.experts.named_parameters():
+            if name.startswith("w_"):
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (E, F, D) storage
+                names.add(name)
+    monkeypatch.setattr(offload, "expert_param_transposed", lambda config: frozenset(names))
+    model = load_quiet(path, offload_experts=True, expert_cache=3 * expert_bytes(ref))
+    views = model.expert_cache._views[0]
+    assert all(views[n].stride() == (1, views[n].shape[0]) for n in names)
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    for w, g in zip(greedy_logits(ref, prompt, 4), greedy_logits(model, prompt, 4)):
+        assert torch.equal(w, g)
