@@ -2,7 +2,7 @@
 
 `Experts.forward(x_RD, counts_E)` takes rows sorted by expert (`counts_E[e]` rows for expert e, in
 order) and runs each projection as ONE grouped GEMM over the 3-D weights (`torch._grouped_mm`,
-forward and backward, with operands in the layouts of `moekit.experts.layout`). Where that kernel
+forward and backward, in the compute dtype of `moekit.experts.layout`). Where that kernel
 cannot run (device, dtype, 16-byte alignment) `grouped_matmul` falls back to a loop of plain matmuls. A decode step (a few rows) loops over only
 the experts that received rows, so it reads only their weights.
 """
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.experts.activations import glu, plain
-from moekit.experts.layout import fast_operands, is_transposed, linear_layout, matmul
+from moekit.experts.layout import affine, compute_dtype, is_transposed, linear_layout, matmul
 
 # The CPU kernel of torch._grouped_mm (torch >= 2.9) takes these; CUDA's takes bf16 only (sm80+).
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,20 +73,23 @@ def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor
 
 
 def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
-    """`torch._grouped_mm` on operands in a fast layout (copies only where the layout needs it)."""
-    a, b = fast_operands(a, b)
+    """`torch._grouped_mm` in `compute_dtype` (fp32 for bf16 on a CPU without bf16 matrix
+    instructions), returned in a's dtype."""
+    dtype = a.dtype
+    if compute_dtype(a, a.shape[0]) != dtype:
+        a, b = a.float(), b.float()
     if not (_aligned(a) and _aligned(b)):
         a, b = a.contiguous(), b.contiguous()
-    return torch._grouped_mm(a, b, offs=offs_E)
+    return torch._grouped_mm(a, b, offs=offs_E).to(dtype)
 
 
 class _GroupedMatmul(torch.autograd.Function):
     """y_RF = x_RD @ w_EDF[expert of each row], differentiated by grouped GEMMs of its own.
 
-    torch's derivative of `_grouped_mm` keeps the operands' layouts; on the CPU's bf16 kernels one
-    of its two products is then the slow pair. This backward picks fast layouts and computes the
-    weight gradient directly in the weight's own memory layout (no transposing copy when it is
-    accumulated). Experts with no rows get exactly zero gradient.
+    Each product runs in `compute_dtype`; only the operands in their own dtype are saved (an fp32
+    copy for the backward is made there and dropped). The weight gradient is computed directly in
+    the weight's memory layout (no transposing copy when it is accumulated). Experts with no rows
+    get exactly zero gradient.
     """
 
     @staticmethod
@@ -106,7 +109,7 @@ class _GroupedMatmul(torch.autograd.Function):
                 grad_w = _grouped_mm(g_RF.t(), x_RD, offs_E).transpose(-2, -1)
             else:
                 grad_w = _grouped_mm(x_RD.t(), g_RF, offs_E)
-        return grad_x, grad_w, None
+        return grad_x, grad_w.to(w_EDF.dtype) if grad_w is not None else None, None
 
 
 def row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
@@ -242,8 +245,8 @@ class Experts(nn.Module):
         ys = []
         for e, lo, hi in row_blocks(counts_E):
             x_rD = x_RD[lo:hi]
-            hs = [x_rD @ w[e] if b is None else torch.addmm(b[e], x_rD, w[e]) for w, b in ins]
+            hs = [affine(x_rD, w[e], None if b is None else b[e]) for w, b in ins]
             h_rF = glu(hs[0], hs[1], self.config.activation) if self.config.gated else plain(
                 hs[0], self.config.activation)
-            ys.append(h_rF @ w_out_EFD[e] if b_out_ED is None else torch.addmm(b_out_ED[e], h_rF, w_out_EFD[e]))
+            ys.append(affine(h_rF, w_out_EFD[e], None if b_out_ED is None else b_out_ED[e]))
         return torch.cat(ys) if ys else x_RD.new_zeros(0, w_out_EFD.shape[-1])

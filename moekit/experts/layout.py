@@ -1,15 +1,15 @@
-"""Memory layouts that the CPU's reduced-precision matrix multiply runs fast.
+"""Where the CPU's reduced-precision matrix multiply is slow, and what the experts do about it.
 
-On a CPU without native bf16 instructions (AVX2, AVX-512 without BF16) torch's bf16/fp16 GEMM is
-fast only when exactly one operand of `a @ b` is a transposed view (column-major): with both
-row-major it is 6-15x slower, with both transposed 25-50x slower (measured on this project's
-2-core AVX2 VM: 16384x256 @ 256x128 in bf16 takes 603 ms row-major x row-major, 96 ms with b
-transposed, 82 ms with a transposed; fp32 takes 22 ms in every layout). fp32 and every other
-device are left alone.
+On a CPU without native bf16/fp16 matrix instructions (AVX2; AVX-512 without BF16/AMX) torch's
+bf16 GEMM runs 4-15x slower than fp32 on the same shape, whatever the layout (measured on this
+project's 2-core AVX2 VM: a grouped GEMM of 16384 x 256 rows into 128 experts of 256 x 128 takes
+138 ms in bf16 and 29 ms when its operands are cast to fp32 first, the casts included). So there,
+products of more than one row are computed in fp32 from the bf16 values (exact: bf16 is a subset
+of fp32, and the bf16 kernels accumulate in fp32 too) and rounded back to bf16 once. A single row
+(a decode step) stays in bf16: it is bound by reading the weight, which fp32 would double.
 
-So expert weights are stored as the Hugging Face checkpoints store them, (out, in) per expert, and
-exposed as (in, out) views (`linear_layout`): the forward `x @ W` is then the fast pair, and
-`fast_operands` fixes the backward's pairs by copying the smaller operand.
+Expert weights are stored as checkpoints store them, (out, in) per expert, and exposed as (in, out)
+views (`linear_layout`): a one-row product then reads each weight row-contiguously.
 """
 
 from __future__ import annotations
@@ -31,71 +31,60 @@ def is_transposed(t: Tensor) -> bool:
     return t.dim() >= 2 and t.stride(-2) == 1 and t.stride(-1) != 1 and t.shape[-1] > 1
 
 
-def _flipped(t: Tensor) -> Tensor:
-    """The same values in the other layout of the last two dims (one copy), with the leading
-    stride padded to 16 bytes, which the grouped-GEMM kernels require."""
-    step = max(1, 16 // t.element_size())
-    transposed = is_transposed(t)
-    src = t if transposed else t.transpose(-2, -1)  # copy src row-major: t's other layout
-    rows, cols = src.shape[-2:]
-    buf = t.new_empty(*t.shape[:-2], rows, -(-cols // step) * step)[..., :cols]
-    buf.copy_(src)
-    return buf if transposed else buf.transpose(-2, -1)
+def slow_reduced_matmul(x: Tensor) -> bool:
+    """True for a bf16/fp16 tensor on a CPU without native matrix instructions for its dtype."""
+    if x.device.type != "cpu" or x.dtype not in _REDUCED:
+        return False
+    if x.dtype == torch.bfloat16:
+        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return not torch.cpu._is_amx_fp16_supported()
 
 
-def _aligned_leading_stride(t: Tensor) -> bool:
-    """The non-unit stride of a matrix is a multiple of 16 bytes (what grouped GEMMs need)."""
-    return all(s * t.element_size() % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
-
-
-def needs_fast_operands(a: Tensor) -> bool:
-    return a.device.type == "cpu" and a.dtype in _REDUCED
-
-
-def fast_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """`a` and `b` (same values) laid out so that exactly one is transposed, where that matters.
-
-    Copies the smaller operand when both have the same layout; returns them untouched otherwise
-    (and always for fp32 or off the CPU).
-    """
-    if not needs_fast_operands(a) or is_transposed(a) != is_transposed(b):
-        return a, b
-    if a.numel() <= b.numel():
-        return _flipped(a), b
-    return a, _flipped(b)
+def compute_dtype(x: Tensor, rows: int) -> torch.dtype:
+    """The dtype a product of `rows` rows of `x` is computed in (see the module docstring). Under
+    torch.compile the dtype stays (inductor's grouped GEMM takes bf16 only, and fuses its own casts)."""
+    if rows <= 1 or torch.compiler.is_compiling() or not slow_reduced_matmul(x):
+        return x.dtype
+    return torch.float32
 
 
 class _Matmul(torch.autograd.Function):
-    """a @ b (2-D) with `fast_operands` in the forward and in both products of the backward; the
-    gradient of b is computed in b's own layout."""
+    """a @ b (2-D) computed in `compute_dtype`; saves the operands in their own dtype."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
         ctx.save_for_backward(a, b)
-        return torch.mm(*fast_operands(a, b))
+        return torch.mm(a.float(), b.float()).to(a.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         a, b = ctx.saved_tensors
-        grad_a = torch.mm(*fast_operands(g, b.t())) if ctx.needs_input_grad[0] else None
-        grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_b = torch.mm(*fast_operands(g.t(), a)).t() if is_transposed(b) else torch.mm(
-                *fast_operands(a.t(), g))
+        g = g.float()
+        grad_a = (g @ b.float().t()).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = (a.float().t() @ g).to(b.dtype) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """`a @ b` for 2-D tensors, forward and backward in fast layouts (plain `torch.mm` semantics)."""
-    if not needs_fast_operands(a):
+    """`a @ b` for 2-D tensors (plain `torch.mm` semantics), in `compute_dtype`."""
+    if compute_dtype(a, a.shape[0]) == a.dtype:
         return torch.mm(a, b)
     return _Matmul.apply(a, b)
 
 
+def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """`x @ w + b` (2-D x, w (in, out), b (out,) or None) as one addmm, in `compute_dtype`."""
+    if b is None:
+        return matmul(x, w)
+    if compute_dtype(x, x.shape[0]) == x.dtype:
+        return torch.addmm(b, x, w)
+    return matmul(x, w) + b
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)` (weight (out, in)) whose backward also runs in fast layouts on
-    the CPU's reduced-precision kernels (F.linear's input gradient is the slow pair there)."""
-    if not needs_fast_operands(x) or x.dim() < 2:
+    """`F.linear(x, weight, bias)` (weight (out, in)), in `compute_dtype` (forward and backward)."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    if x.dim() < 2 or compute_dtype(x, rows) == x.dtype:
         return torch.nn.functional.linear(x, weight, bias)
     y = matmul(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias

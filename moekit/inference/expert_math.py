@@ -9,6 +9,7 @@ from torch import Tensor
 from moekit.config import MoEConfig
 from moekit.experts.activations import glu, plain
 from moekit.experts.grouped import Experts
+from moekit.experts.layout import affine
 
 
 def expert_param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
@@ -45,7 +46,7 @@ def expert_forward(x_rD: Tensor, w: dict[str, Tensor], config: MoEConfig, *, fus
         if b is None:
             return matmul(x, weight)
         if fused_bias and weight in w:
-            return torch.addmm(b, x, w[weight])
+            return affine(x, w[weight], b)
         return matmul(x, weight) + b
 
     hs = [project(x_rD, f"w_{n}_EDF", f"b_{n}_EF") for n in names]

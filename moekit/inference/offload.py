@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.experts.grouped import row_blocks
+from moekit.experts.layout import matmul
 from moekit.hf.checkpoint import _to_empty, _Without, _zero_runtime_buffers, from_pretrained, resolve_dtype
 from moekit.hf.convert import checkpoint_to_model
 from moekit.hf.families import family
@@ -116,7 +117,7 @@ class FloatFormat:
 
     def forward(self, x_rD: Tensor, views: dict[str, Tensor], *, fused_bias: bool) -> Tensor:
         return expert_forward(x_rD, views, self.config, fused_bias=fused_bias,
-                              matmul=lambda x, name: x @ views[name])
+                              matmul=lambda x, name: matmul(x, views[name]))
 
 
 class OffloadedExperts(nn.Module):

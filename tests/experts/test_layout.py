@@ -9,7 +9,14 @@ from torch import Tensor
 
 from moekit.config import MoEConfig
 from moekit.experts.grouped import Experts, grouped_matmul
-from moekit.experts.layout import _aligned_leading_stride, fast_operands, is_transposed, linear, linear_layout, matmul
+from moekit.experts.layout import (
+    compute_dtype,
+    is_transposed,
+    linear,
+    linear_layout,
+    matmul,
+    slow_reduced_matmul,
+)
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -19,25 +26,12 @@ def layouts(rows: int, cols: int, dtype: torch.dtype) -> dict[str, Tensor]:
     return {"row": t, "col": t.t().contiguous().t()}
 
 
-@pytest.mark.parametrize("la", ["row", "col"])
-@pytest.mark.parametrize("lb", ["row", "col"])
-def test_fast_operands_keep_values_and_make_one_operand_transposed(la: str, lb: str) -> None:
-    a = layouts(7, 12, torch.bfloat16)[la]
-    b = layouts(12, 5, torch.bfloat16)[lb]
-    fa, fb = fast_operands(a, b)
-    assert torch.equal(fa, a) and torch.equal(fb, b)
-    assert is_transposed(fa) != is_transposed(fb)
-    if la != lb:  # already a fast pair: nothing is copied
-        assert fa.data_ptr() == a.data_ptr() and fb.data_ptr() == b.data_ptr()
-    else:  # the smaller operand (b here) is the one copied
-        assert fa.data_ptr() == a.data_ptr() and fb.data_ptr() != b.data_ptr()
-        assert _aligned_leading_stride(fb)  # the copy is padded for the grouped kernels
-
-
-def test_fast_operands_leave_fp32_alone() -> None:
-    a, b = torch.randn(7, 12), torch.randn(12, 5)
-    fa, fb = fast_operands(a, b)
-    assert fa is a and fb is b
+def test_compute_dtype_is_fp32_for_several_rows_only_where_bf16_is_slow() -> None:
+    x = torch.randn(4, 8).to(torch.bfloat16)
+    expected = torch.float32 if slow_reduced_matmul(x) else torch.bfloat16
+    assert compute_dtype(x, 4) == expected
+    assert compute_dtype(x, 1) == torch.bfloat16  # one row: bandwidth-bound, stays bf16
+    assert compute_dtype(torch.randn(4, 8), 4) == torch.float32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,7 +93,7 @@ def test_grouped_matmul_either_weight_layout_with_empty_experts(dtype: torch.dty
     torch.testing.assert_close(x.grad.float(), x_ref.grad, **tol)
     torch.testing.assert_close(w.grad.float(), w_ref.grad, **tol)
     assert w.grad[1].abs().max() == 0 and w.grad[3].abs().max() == 0
-    assert w.grad.stride() == w.stride()
+    assert w.grad.stride() == w.stride() and w.grad.dtype == dtype
 
 
 def test_expert_weights_are_stored_out_by_in_through_cast_and_load() -> None:
