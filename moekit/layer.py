@@ -104,6 +104,7 @@ class MoELayer(RoutedLayer):
         causal: True when a token must not depend on later tokens (decoders). Every router this
             layer takes routes each token on its own at least in eval mode, except expert choice,
             which ranks over the batch (see moekit/traits.py); Soft MoE is `SoftMoELayer`.
+        aux: False skips the aux losses (decoding: aux_losses is then empty).
         Returns MoEOutput(y (same shape and dtype as x), aux_losses {"load_balance", "z"}, decision).
     """
 
@@ -142,13 +143,14 @@ class MoELayer(RoutedLayer):
         mask: Tensor | None = None,
         token_ids: Tensor | None = None,
         causal: bool = False,
+        aux: bool = True,
     ) -> MoEOutput:
         x_TD, mask_T, token_ids_T, num_sequences = self.flat_inputs(x, mask, token_ids)
         decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T, num_sequences=num_sequences)
         x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
         y_RD = self.experts(x_RD, counts_E)
         y_TD = self.dispatcher.combine(y_RD, plan)
-        return self.finish(x, x_TD, y_TD, decision, mask_T, num_sequences)
+        return self.finish(x, x_TD, y_TD, decision, mask_T, num_sequences, aux=aux)
 
     def flat_inputs(
         self, x: Tensor, mask: Tensor | None, token_ids: Tensor | None
@@ -172,12 +174,15 @@ class MoELayer(RoutedLayer):
         return x_TD, mask_T, token_ids_T, lead[0] if x.dim() == 3 else 1
 
     def finish(self, x: Tensor, x_TD: Tensor, y_TD: Tensor, decision: RoutingDecision,
-               mask_T: Tensor | None, num_sequences: int) -> MoEOutput:
-        """Add the shared/dense parts, count the loads, compute the aux losses, restore x's shape."""
-        y_TD = y_TD + self.dense_parts(x_TD)
+               mask_T: Tensor | None, num_sequences: int, *, aux: bool = True) -> MoEOutput:
+        """Add the shared/dense parts, count the loads, compute the aux losses (with `aux`), restore
+        x's shape."""
+        dense = self.dense_parts(x_TD)
+        if not isinstance(dense, float):
+            y_TD = y_TD + dense
         self.count_loads(decision)
-        aux = self.aux_losses(decision, mask_T, num_sequences)
-        return MoEOutput(y=y_TD.reshape(x.shape), aux_losses=aux, decision=decision)
+        losses = self.aux_losses(decision, mask_T, num_sequences) if aux else {}
+        return MoEOutput(y=y_TD.reshape(x.shape), aux_losses=losses, decision=decision)
 
     def route(
         self,

@@ -82,8 +82,14 @@ def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)` (weight (out, in)), in `compute_dtype` (forward and backward)."""
+    """`F.linear(x, weight, bias)` (weight (out, in), any strides), in `compute_dtype` (forward and
+    backward). One bf16 row without gradients, on a weight stored column-major
+    (`moekit.model.linear.lm_head_layout`), is a matrix-vector product: it streams the weight once."""
     rows = x.numel() // x.shape[-1] if x.dim() else 1
+    if (rows == 1 and x.dim() >= 1 and weight.stride(0) == 1 and not torch.is_grad_enabled()
+            and slow_reduced_matmul(x)):
+        y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
     if x.dim() < 2 or compute_dtype(x, rows) == x.dtype:
         return torch.nn.functional.linear(x, weight, bias)
     y = matmul(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])

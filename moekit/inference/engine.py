@@ -1,10 +1,11 @@
 """Continuous batching: requests join between decode steps, finished ones leave, and every running
 request shares each decode forward.
 
-One `step()` admits waiting requests into free slots, runs one prefill chunk (at most
-`prefill_chunk` prompt tokens of one request, so a long prompt delays the running decodes by one
-chunk, not by its whole length), then one decode forward over every request that has a token to
-extend, and retires finished or cancelled requests.
+One `step()` admits waiting requests into free slots, runs one prefill forward (the next L
+prompt tokens of every request still in its prompt, L the shortest remainder and at most about
+`prefill_chunk` tokens in all, so a long prompt delays the running decodes by one chunk, not by
+its whole length, and requests that arrive together share their prefill), then one decode forward
+over every request that has a token to extend, and retires finished or cancelled requests.
 
 The cache is preallocated per slot (`moekit.model.cache.SlotStore`: max_batch_size rows of max_len
 positions per layer), not paged: a row is indexed by position directly, so each row's keys are
@@ -125,6 +126,11 @@ class Engine:
         self._ids = itertools.count()
         self.device = next(self.model.parameters()).device
         self.trace = trace  # records every forward's routing (moekit.inference.trace_recorder)
+        # Prompts of several requests share a prefill forward, each cut at the same length. Not
+        # with RoPE whose frequencies depend on the sequence length so far (dynamic NTK, longrope):
+        # there a prompt's cut points change its keys, so it keeps the chunks it would have alone.
+        rope = self.model.config.rope
+        self.group_prefill = rope is None or rope.scaling not in ("dynamic", "longrope")
 
     # ---- called from any thread ----
     def submit(self, request: Request) -> Request:
@@ -189,11 +195,13 @@ class Engine:
     def step(self) -> None:
         self._admit()
         self._retire()
-        prefill = next((r for r in self.running if r.prefilled < len(r.prompt_ids)), None)
-        if prefill is not None:
-            self._prefill_chunk(prefill)
+        prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
+        if not self.group_prefill:
+            prefilling = prefilling[:1]
+        if prefilling:
+            self._prefill_chunk(prefilling)
         ready = [r for r in self.running if r.prefilled == len(r.prompt_ids) and r.output_ids and not r.done
-                 and r is not prefill]
+                 and r not in prefilling]
         if ready:
             self._decode(ready)
         self._retire()
@@ -243,15 +251,19 @@ class Engine:
                         r.routing_counts[layer] = r.routing_counts.get(layer, 0) + counts_E
         return out.logits[:, -1]
 
-    def _prefill_chunk(self, request: Request) -> None:
-        lo = request.prefilled
-        hi = min(len(request.prompt_ids), lo + self.prefill_chunk)
-        tokens_1S = torch.tensor([request.prompt_ids[lo:hi]], dtype=torch.long)
-        logits_1V = self._forward(tokens_1S, [request], [lo], logits_to_keep=1)
-        request.prefilled = hi
-        if hi == len(request.prompt_ids):
-            request.t_first = time.perf_counter()
-            self._accept(request, sample(logits_1V[0], request.params, request._generator))
+    def _prefill_chunk(self, requests: list[Request]) -> None:
+        """One forward over the next L prompt tokens of each request: L is the shortest remainder,
+        capped so that the forward holds at most max(prefill_chunk, len(requests)) tokens."""
+        left = min(len(r.prompt_ids) - r.prefilled for r in requests)
+        L = max(1, min(left, self.prefill_chunk // len(requests)))
+        starts = [r.prefilled for r in requests]
+        tokens_BS = torch.tensor([r.prompt_ids[lo:lo + L] for r, lo in zip(requests, starts)], dtype=torch.long)
+        logits_BV = self._forward(tokens_BS, requests, starts, logits_to_keep=1)
+        for b, request in enumerate(requests):
+            request.prefilled += L
+            if request.prefilled == len(request.prompt_ids):
+                request.t_first = time.perf_counter()
+                self._accept(request, sample(logits_BV[b], request.params, request._generator))
 
     def _decode(self, requests: list[Request]) -> None:
         tokens_B1 = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long)

@@ -98,27 +98,34 @@ class DecoderLayer(nn.Module):
             h_BSD = self.mamba(h_BSD, cache=state, mask_BS=mask_BS)
         if cfg.post_norms:
             h_BSD = self.attn_out_norm(h_BSD)
-        x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
+        x_BSD = residual_add(x_BSD, h_BSD, cfg.residual_multiplier)
 
         if self.parallel:
             # Arctic (parallel_attn_mlp_res): dense residual MLP after attention; the MoE below
             # reads the block input, so it can run in parallel with attention.
-            x_BSD = x_BSD + self.residual_mlp(self.residual_layernorm(x_BSD)) * cfg.residual_multiplier
+            x_BSD = residual_add(x_BSD, self.residual_mlp(self.residual_layernorm(x_BSD)), cfg.residual_multiplier)
             h_BSD = self.post_attention_layernorm(block_in_BSD)
         else:
             h_BSD = self.post_attention_layernorm(x_BSD)
         decision = None
         if isinstance(self.mlp, MoELayer):
             # A decoder: no token may depend on later ones (the config already refused soft MoE).
-            out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS, causal=True)
+            # Decoding with a cache computes no aux losses: nothing trains on them there.
+            out = self.mlp(h_BSD, mask=mask_BS, token_ids=token_ids_BS, causal=True, aux=cache is None)
             h_BSD, decision = out.y, out.decision
-            aux_losses.update(out.aux_losses)
-            ffn_aux = self.mlp.aux_loss(out.aux_losses)
-            aux_loss = ffn_aux if aux_loss is None else aux_loss + ffn_aux
+            if out.aux_losses:
+                aux_losses.update(out.aux_losses)
+                ffn_aux = self.mlp.aux_loss(out.aux_losses)
+                aux_loss = ffn_aux if aux_loss is None else aux_loss + ffn_aux
         else:
             h_BSD = self.mlp(h_BSD)
         if cfg.post_norms:
             h_BSD = self.ffn_out_norm(h_BSD)
-        x_BSD = x_BSD + h_BSD * cfg.residual_multiplier
+        x_BSD = residual_add(x_BSD, h_BSD, cfg.residual_multiplier)
         return LayerOutput(x=x_BSD, decision=decision, attention_decision=attention_decision,
                            aux_losses=aux_losses, aux_loss=aux_loss, kv=kv)
+
+
+def residual_add(x_BSD: Tensor, h_BSD: Tensor, multiplier: float) -> Tensor:
+    """x + h * multiplier (no multiply for the usual 1.0: one op less per branch per step)."""
+    return x_BSD + h_BSD if multiplier == 1.0 else x_BSD + h_BSD * multiplier

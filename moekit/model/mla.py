@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from moekit.model.attention import attend
 from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
+from moekit.model.linear import project
 from moekit.model.norm import RMSNorm
 from moekit.model.rope import apply_rope, softmax_scale_factor
 
@@ -59,13 +60,14 @@ class MLAttention(nn.Module):
         B, S, _ = x_BSD.shape
         H, nope, rope_d, vd = cfg.n_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         if m.q_lora_rank is None:
-            q = self.q_proj(x_BSD)
+            q = project(self.q_proj, x_BSD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x_BSD)))
         q_BHSq = q.view(B, S, H, nope + rope_d).transpose(1, 2)
         q_nope_BHSn, q_rot_BHSr = q_BHSq.split([nope, rope_d], dim=-1)
 
-        latent_BSc, k_rot_BSr = self.kv_a_proj_with_mqa(x_BSD).split([m.kv_lora_rank, rope_d], dim=-1)
+        latent_BSc, k_rot_BSr = project(self.kv_a_proj_with_mqa, x_BSD).split([m.kv_lora_rank, rope_d],
+                                                                             dim=-1)
         latent_BSc = self.kv_a_layernorm(latent_BSc)
         k_rot_B1Sr = k_rot_BSr[:, None]
         interleaved = cfg.rope.interleaved if cfg.rope is not None else False
@@ -77,11 +79,11 @@ class MLAttention(nn.Module):
             latent_BTc, k_rot_BTr = cache.append(self.layer_idx, latent_BSc, k_rot_B1Sr[:, 0], dim=1)
         T = latent_BTc.shape[1]
 
-        kv_BHTx = self.kv_b_proj(latent_BTc).view(B, T, H, nope + vd).transpose(1, 2)
+        kv_BHTx = project(self.kv_b_proj, latent_BTc).view(B, T, H, nope + vd).transpose(1, 2)
         k_nope_BHTn, v_BHTv = kv_BHTx.split([nope, vd], dim=-1)
         k_BHTq = torch.cat((k_nope_BHTn, k_rot_BTr[:, None].expand(B, H, T, rope_d)), dim=-1)
         q_BHSq = torch.cat((q_nope_BHSn, q_rot_BHSr), dim=-1)
         out_BHSv = attend(q_BHSq, k_BHTq, v_BHTv, mask_B1ST, scale=self.scale,
                           softcap=cfg.attn_logit_softcap)
-        y_BSD = self.o_proj(out_BHSv.transpose(1, 2).reshape(B, S, H * vd))
+        y_BSD = project(self.o_proj, out_BHSv.transpose(1, 2).reshape(B, S, H * vd))
         return y_BSD, (latent_BTc, k_rot_BTr)

@@ -21,6 +21,7 @@ from moekit.layer import RoutedLayer
 from moekit.model.attention import attend
 from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
+from moekit.model.linear import project
 from moekit.model.rope import apply_rope
 from moekit.types import RoutingDecision
 
@@ -70,7 +71,7 @@ class MixtureOfAttention(RoutedLayer):
         q_RA = grouped_matmul(x_RD, self.w_q_EDA, counts_E)
         q_TKA = x_TD.new_zeros(T * k, A).index_copy(0, plan.slot_index_R, q_RA).view(T, k, A)
         q_BHSd = q_TKA.view(B, S, k * K, hd).transpose(1, 2)
-        k_BSA, v_BSA = self.kv_proj(x_BSD).chunk(2, dim=-1)
+        k_BSA, v_BSA = project(self.kv_proj, x_BSD).chunk(2, dim=-1)
         k_BKSd = k_BSA.view(B, S, K, hd).transpose(1, 2)
         v_BKSd = v_BSA.view(B, S, K, hd).transpose(1, 2)
         if cos_sin is not None:

@@ -20,6 +20,7 @@ from moekit.model.block import DecoderLayer
 from moekit.model.cache import KVCache, RowCache
 from moekit.model.config import ModelConfig
 from moekit.model.init import INIT_STD, init_decoder
+from moekit.model.linear import project
 from moekit.model.norm import make_norm
 from moekit.model.rope import rope_cos_sin
 from moekit.traits import ROUTER_TRAITS, batch_ranked_warning, generation_error
@@ -183,7 +184,7 @@ class MoETransformer(nn.Module):
 
         if logits_to_keep:
             x_BSD = x_BSD[:, -logits_to_keep:]  # the LM head only where logits are wanted
-        logits_BSV = self.lm_head(self.model.norm(x_BSD))
+        logits_BSV = project(self.lm_head, self.model.norm(x_BSD))
         if cfg.logits_scaling != 1.0:
             logits_BSV = logits_BSV / cfg.logits_scaling
         loss = None if targets_BS is None else lm_loss(logits_BSV, targets_BS)

@@ -107,3 +107,22 @@ def test_bad_requests_are_value_errors(loaded_models):
         engine.submit(Request(prompt_ids=[10_000], params=SamplingParams()))
     with pytest.raises(ValueError, match="max_batch_size"):
         Engine(loaded, max_batch_size=0)
+
+
+def test_requests_arriving_together_share_prefill_forwards(loaded_models):
+    """Three prompts (3, 5 and 8 tokens) submitted at once are prefilled together, each forward cut
+    at the shortest remainder (3, then 2, then 3 tokens), and still get what they get alone."""
+    loaded = loaded_models("qwen3_moe")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]
+    alone = [moekit.generate(loaded, p, max_new_tokens=4, temperature=0).token_ids for p in prompts]
+    shapes: list[tuple[int, int]] = []
+    hook = loaded.model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    try:
+        requests = [Request(prompt_ids=p, params=SamplingParams(max_new_tokens=4, temperature=0))
+                    for p in prompts]
+        _run(Engine(loaded, max_batch_size=3, prefill_chunk=64), requests)
+    finally:
+        hook.remove()
+    assert [r.output_ids for r in requests] == alone
+    # the prefill forwards (decode forwards have one token per row): 3 x 3, then 2 x 2, then 1 x 3
+    assert [s for s in shapes if s[1] > 1] == [(3, 3), (2, 2), (1, 3)]
