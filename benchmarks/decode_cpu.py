@@ -7,8 +7,6 @@ shows). On the checkpoint `benchmarks/decode.py --dir DIR` builds:
 
 prints the prefill and the median batch-1 decode step, moekit vs transformers interleaved, and the
 engine's generated tokens per CPU second at 1 and 16 concurrent requests (32-token prompts).
-`--transposed-experts` stores the routed experts' weights (E, F, D) as transformers does, the
-layout moekit/experts/ is moving to, to preview its effect.
 """
 
 from __future__ import annotations
@@ -70,7 +68,6 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--new", type=int, default=16, help="tokens per request in the engine runs")
-    parser.add_argument("--transposed-experts", action="store_true")
     parser.add_argument("--skip-engine", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -80,10 +77,6 @@ def main() -> None:
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.dir, dtype=getattr(torch, args.dtype)).eval()
     loaded = dataclasses.replace(load(args.dir, dtype=args.dtype), eos_ids=frozenset())
-    if args.transposed_experts:
-        for name, p in loaded.model.named_parameters():
-            if ".experts." in name and p.dim() == 3:
-                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
     mk_pre, hf_pre, mk, hf_step = step_cpu(loaded.model, hf, args.prompt, args.steps)
     print(f"{args.dtype}, {args.prompt}-token prompt, CPU ms (1 thread): prefill moekit {mk_pre * 1e3:.0f} vs "
           f"transformers {hf_pre * 1e3:.0f} ({hf_pre / mk_pre:.2f}x); decode step, median of {args.steps}: "

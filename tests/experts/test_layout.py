@@ -111,3 +111,14 @@ def test_expert_weights_are_stored_out_by_in_through_cast_and_load() -> None:
 def test_linear_layout_shape_and_strides() -> None:
     t = linear_layout(3, n_in=4, n_out=6)
     assert t.shape == (3, 4, 6) and t.stride() == (24, 1, 4)
+
+
+@pytest.mark.skipif(not slow_reduced_matmul(torch.zeros(1, dtype=torch.bfloat16)),
+                    reason="this CPU has bf16 matrix instructions: bf16 products stay bf16")
+def test_bf16_grouped_product_is_the_fp32_product_rounded_once() -> None:
+    counts_E = torch.tensor([5, 0, 11, 3])
+    x = torch.randn(19, 16).to(torch.bfloat16)
+    w = linear_layout(4, n_in=16, n_out=24).copy_(torch.randn(4, 16, 24)).to(torch.bfloat16)
+    want = torch.cat([x[lo:hi].float() @ w[e].float() for e, lo, hi in
+                      [(0, 0, 5), (2, 5, 16), (3, 16, 19)]]).to(torch.bfloat16)
+    assert torch.equal(grouped_matmul(x, w, counts_E), want)
