@@ -205,7 +205,7 @@ def _target_line(name: str, s: dict, dense: dict) -> str:
 def plot_val_loss(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> None:
     fig = Figure(figsize=(12, 4.5))
     ax_s, ax_f = fig.subplots(1, 2)
-    lows = []
+    lows, highs = [], []
     for name, run in runs.items():
         steps, mean, lo, hi = mean_curve(run["metrics"])
         if not len(steps):
@@ -217,6 +217,7 @@ def plot_val_loss(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> 
         for ax, x in ((ax_s, steps), (ax_f, steps * tokens_per_step * run["flops_per_token"])):
             plot_curve(ax, x, mean, lo, hi, colour=colour[name], label=label, dense=name == "dense")
         lows.append(lo.min())
+        highs.append(hi.max())
     if "dense" in runs:
         final = statistics.fmean(val_curve(m)[1][-1] for m in runs["dense"]["metrics"].values())
         for ax in (ax_s, ax_f):
@@ -228,7 +229,7 @@ def plot_val_loss(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         if lows:
-            ax.set_ylim(min(lows) - 0.1, min(lows) + 2.0)
+            ax.set_ylim(min(lows) - 0.05, min(max(highs), min(lows) + 2.0) + 0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
