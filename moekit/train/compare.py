@@ -207,5 +207,5 @@ def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, c
         run["balanced"] = VARIANTS[name].balanced
     settings = {**config.settings(), "seeds": " ".join(map(str, seeds))}
     parallel.on_writer(lambda: write_report(out_dir / "report", runs, config=settings,
-                                            corpus=data.corpus.describe(), validation=validation))
+                                            corpus=data.corpus.describe(names_shown=None), validation=validation))
     return out_dir / "report"

@@ -46,11 +46,13 @@ class Corpus:
     source: str
     split: str = ""  # how validation was chosen (`split_rule`)
 
-    def describe(self) -> str:
-        """One line: sizes of both splits and the held-out documents by name (and how they were chosen)."""
+    def describe(self, names_shown: int | None = 8) -> str:
+        """One line: sizes of both splits and the held-out documents by name (the first `names_shown`,
+        all for None), and how they were chosen."""
         chars = lambda docs: sum(len(d.text) for d in docs)  # noqa: E731
         names = [d.name for d in self.val]
-        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        limit = len(names) if names_shown is None else names_shown
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
         rule = f"; {self.split}" if self.split else ""
         return (f"{self.source}: {len(self.train)} train documents ({chars(self.train):,} chars), "
                 f"{len(self.val)} validation ({chars(self.val):,} chars): {shown}{rule}")
@@ -97,7 +99,7 @@ def verify_cache(cache_dir: Path) -> None:
     problems += [f"{name} was added" for name in sorted(present - set(recorded))]
     if problems:
         shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        raise ValueError(f"the Shakespeare cache {cache_dir} no longer matches what was fetched "
+        raise ValueError(f"the corpus cache {cache_dir} no longer matches what was fetched "
                          f"({shown}); training on it would silently change the data. {refetch}")
 
 

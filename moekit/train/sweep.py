@@ -155,5 +155,5 @@ def run_sweep(config: SweepConfig, *, out_dir: str | Path, corpus: str | Path | 
         for point in config.points():
             runs[point.name]["point"] = point
         parallel.on_writer(lambda: write_sweep_report(out_dir / "report", runs, config=config.settings(),
-                                                      corpus=data.corpus.describe(), validation=validation))
+                                                      corpus=data.corpus.describe(names_shown=None), validation=validation))
     return out_dir / "report"
