@@ -73,7 +73,8 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict]:
             per_seed[seed] = _seed_summary(
                 m, dense_final=dense_final.get(seed, fallback) if baseline else None,
                 dense_steps=dense_steps.get(seed, m[-1]["step"]) if baseline else None)
-        keys = ("final_val_loss", "steps_to_dense", "reach_ratio", "max_vio", "val_max_vio", "dropped_fraction")
+        keys = ("final_val_loss", "steps_to_dense", "reach_ratio", "max_vio", "val_max_vio",
+                "dropped_fraction")
         spreads = {k: _spread_of(per_seed, k) for k in keys}
         layer_lists = [s["val_max_vio_layers"] for s in per_seed.values() if s["val_max_vio_layers"]]
         cpu = [s["tokens_per_cpu_s"] for s in per_seed.values() if s["tokens_per_cpu_s"] is not None]
@@ -129,7 +130,7 @@ def _reach_text(name: str, s: dict, dense: dict | None) -> str:
     ratio = _sp(s, "reach_ratio")
     steps = _sp(s, "steps_to_dense")
     assert ratio is not None and steps is not None
-    text = f"{steps.mean:.0f} ({ratio.text('.2f')}x)" if ratio.n > 1 else f"{steps.mean:.0f} ({ratio.mean:.2f}x)"
+    text = f"{steps.mean:.0f} ({ratio.text('.2f') if ratio.n > 1 else format(ratio.mean, '.2f')}x)"
     if s["reached_seeds"] < s["seeds"]:
         text += f", reached by {s['reached_seeds']} of {s['seeds']} seeds (mean over those)"
     return text
@@ -139,7 +140,8 @@ def _throughput(s: dict, dense: dict | None) -> str:
     cpu = s["tokens_per_cpu_s"]
     if cpu is None:
         return "-"
-    rel = f" ({cpu / dense['tokens_per_cpu_s']:.2f}x dense)" if dense and dense.get("tokens_per_cpu_s") else ""
+    base = dense.get("tokens_per_cpu_s") if dense else None
+    rel = f" ({cpu / base:.2f}x dense)" if base else ""
     return f"{cpu:,.0f}{rel}"
 
 
@@ -184,12 +186,14 @@ def markdown(summary: dict[str, dict], *, config: dict, corpus: str, validation:
                              f"(target < {MAXVIO_TARGET}): **{'met' if v < MAXVIO_TARGET else 'missed'}**")
     lines += ["", "## Variants", ""] + [f"- {n}: {s['description']}" for n, s in summary.items()]
     lines += ["", "## Plots", "", "![validation loss](val_loss.png)", "", "![MaxVio](max_vio.png)", ""]
-    lines += [f"![expert load {n}](expert_load_{n}.png)" for n, s in summary.items() if s["max_vio"] is not None]
+    lines += [f"![expert load {n}](expert_load_{n}.png)" for n, s in summary.items()
+              if s["max_vio"] is not None]
     return "\n".join(lines) + "\n"
 
 
 def _target_line(name: str, s: dict, dense: dict) -> str:
-    fast = s["reach_ratio"] is not None and s["reached_seeds"] == s["seeds"] and s["reach_ratio"] <= REACH_TARGET
+    fast = (s["reach_ratio"] is not None and s["reached_seeds"] == s["seeds"]
+            and s["reach_ratio"] <= REACH_TARGET)
     lower = s["final_val_loss"] is not None and s["final_val_loss"] < dense["final_val_loss"]
     if s["reached_seeds"] == 0:
         reach = f"does not reach the dense final val loss within its {s['steps']} steps"
@@ -293,7 +297,8 @@ def write_report(folder: str | Path, runs: dict[str, dict], *, config: dict, cor
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
-    (folder / "summary.md").write_text(markdown(summary, config=config, corpus=corpus, validation=validation))
+    text = markdown(summary, config=config, corpus=corpus, validation=validation)
+    (folder / "summary.md").write_text(text)
     (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     colour = colours(list(runs))
     plot_val_loss(runs, folder / "val_loss.png", colour)
