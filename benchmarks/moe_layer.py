@@ -250,9 +250,25 @@ def sample_shapes(n: int, seed: int, max_gflop: float) -> list[tuple[Shape, int]
     return out
 
 
+def weights_bound_ms(row: dict, copy_GBps: float) -> float:
+    """Milliseconds to read, once, the weights of every expert that gets rows (all E of them for
+    these T * k, in expectation) at the machine's copy bandwidth: a floor no MoE layer beats when
+    few rows reach each expert, which the dense limit (one expert's weights) does not pay.
+    A forward+backward reads them twice and writes their gradients once."""
+    import re
+
+    E, k, D, Fd, T = (int(v) for v in re.fullmatch(r"E(\d+)k(\d+)D(\d+)F(\d+)T(\d+)", row["shape"]).groups())
+    used = E * (1 - (1 - 1 / E) ** (T * k))
+    nbytes = used * 3 * D * Fd * (4 if row["dtype"] == "fp32" else 2) * (3 if row["mode"] == "fwd+bwd" else 1)
+    return nbytes / (copy_GBps * 1e9) * 1e3
+
+
 def section_sweep(args: argparse.Namespace) -> list[dict]:
     """Sampled grid shapes: moekit / dense limit and transformers / moekit, fwd and fwd+bwd."""
+    from decode import copy_bandwidth  # benchmarks/decode.py, beside this script
+
     rows = []
+    copy_GBps = copy_bandwidth() / 1e9
     drawn = sample_shapes(args.sweep_shapes, args.seed, args.max_gflop)
     print(f"sweep: {len(drawn)} shapes drawn with seed {args.seed}, forward <= {args.max_gflop} GFLOP", flush=True)
     for shape, T in drawn:
@@ -266,7 +282,8 @@ def section_sweep(args: argparse.Namespace) -> list[dict]:
                 best_hf = med["hf_grouped_mm"]
                 rows.append(dict(section="sweep", shape=shape.name, dtype=dt, T=T,
                                  mode="fwd+bwd" if backward else "fwd", ms={k: v * 1e3 for k, v in med.items()},
-                                 vs_dense=med["moekit"] / med["dense"], speedup_vs_best_hf=best_hf / med["moekit"]))
+                                 vs_dense=med["moekit"] / med["dense"], speedup_vs_best_hf=best_hf / med["moekit"],
+                                 copy_GBps=copy_GBps))
                 print_row(rows[-1])
     return rows
 
@@ -400,6 +417,9 @@ def markdown_summary(data: dict) -> str:
                 f"{r['ms']['hf_eager']:.0f}", f"{r['ms']['hf_grouped_mm']:.0f}", x(r["vs_dense"]),
                 x(r["speedup_vs_best_hf"]), x(r["fused_vs_separate"])] for r in sel])
     sel = [r for r in rows if r["section"] == "sweep"]
+    for r in sel:
+        if r.get("copy_GBps"):
+            r["vs_limit"] = r["ms"]["moekit"] / max(r["ms"]["dense"], weights_bound_ms(r, r["copy_GBps"]))
     if sel:
         lines = []
         for dt in dict.fromkeys(r["dtype"] for r in sel):
@@ -409,11 +429,16 @@ def markdown_summary(data: dict) -> str:
                     continue
                 worst = max(cell, key=lambda r: r["vs_dense"])
                 slowest_hf = min(cell, key=lambda r: r["speedup_vs_best_hf"])
+                bound = [r for r in cell if "vs_limit" in r]
+                worst_b = max(bound, key=lambda r: r["vs_limit"]) if bound else None
                 lines.append([dt, mode, str(len(cell)), x(statistics.median(r["vs_dense"] for r in cell)),
                               f"{x(worst['vs_dense'])} ({worst['shape']})",
+                              x(statistics.median(r["vs_limit"] for r in bound)) if bound else "-",
+                              f"{x(worst_b['vs_limit'])} ({worst_b['shape']})" if worst_b else "-",
                               x(statistics.median(r["speedup_vs_best_hf"] for r in cell)),
                               f"{x(slowest_hf['speedup_vs_best_hf'])} ({slowest_hf['shape']})"])
         table(["dtype", "pass", "shapes", "median moekit / dense", "worst moekit / dense",
+               "median moekit / max(dense, weights read)", "worst moekit / max(dense, weights read)",
                "median hf grouped_mm / moekit", "lowest hf grouped_mm / moekit"], lines)
     sel = [r for r in rows if r["section"] == "decode"]
     if sel:

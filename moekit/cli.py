@@ -11,8 +11,21 @@ import argparse
 import sys
 from types import ModuleType
 
-from moekit.commands import (analyze, cache_sim, catalog, compare, convert, data, demo, generate, inspect, prune, serve,
-                             train)
+from moekit.commands import (
+    analyze,
+    cache_sim,
+    catalog,
+    compare,
+    convert,
+    data,
+    demo,
+    generate,
+    inspect,
+    prune,
+    serve,
+    sweep,
+    train,
+)
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -20,6 +33,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "data": (data, "fetch a data set (Shakespeare, Fashion-MNIST, Census-Income), sha256-pinned"),
     "train": (train, "train a preset MoE language model on a corpus (resumable)"),
     "compare": (compare, "train dense vs MoE variants at equal active compute; write a report"),
+    "sweep": (sweep, "validation loss vs number of experts at equal active compute, over seeds"),
     "convert": (convert, "convert a checkpoint between Hugging Face and moekit layouts, dtypes"),
     "catalog": (catalog, "list the famous MoE architectures: parameters, experts, FLOPs, memory"),
     "inspect": (inspect, "show one catalog architecture layer by layer, or a checkpoint directory"),

@@ -21,8 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME",
                    help=f"variants to train (default {' '.join(DEFAULT_VARIANTS)}); any of "
                         f"{', '.join(VARIANTS)}")
+    from moekit.train.data import SPLIT_HELP
+
     p.add_argument("--corpus", type=Path, default=None,
-                   help="folder or file of UTF-8 text (default: Shakespeare, fetched on demand)")
+                   help="folder or file of UTF-8 text (default: Shakespeare, fetched on demand); "
+                        + SPLIT_HELP.replace("%", "%%"))
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train every variant at each of these seeds and report means and spreads "
+                        "(default: --seed alone); runs/NAME holds --seed's run, runs/NAME.seedN the others")
     p.add_argument("--cache-dir", type=Path, default=None, help="Shakespeare cache folder")
     p.add_argument("--expert-parallel", type=int, default=None, metavar="EP",
                    help="under torchrun: shard each MoE variant's experts over EP ranks "
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.compare import TRAIN_FLAGS, CompareConfig, check_variants, model_config, run_compare
     from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
     from moekit.train.runfolder import StorageError
+    from moekit.train.series import check_seeds
     from moekit.train.tokenizer import check_vocab_size
     from moekit.train.trainer import NonFiniteLossError
 
@@ -66,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         shared = [f.name for f in fields(CompareConfig) if f.name != "train"] + list(TRAIN_FLAGS)
         return run_task(args, "compare", shared)
     check_variants(args.variants)
+    if args.seeds is not None:
+        check_seeds(args.seeds)
     if args.vocab_size is not None:
         check_vocab_size(args.vocab_size, "--vocab-size")
     check_not_a_file(args.out, "--out")
@@ -90,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         parallel.on_writer(fetch)
         try:
             report = run_compare(config, variants=args.variants, out_dir=args.out, corpus=args.corpus,
-                                 cache_dir=args.cache_dir, progress=not args.quiet, parallel=parallel)
+                                 cache_dir=args.cache_dir, progress=not args.quiet, parallel=parallel,
+                                 seeds=args.seeds)
         except (NonFiniteLossError, StorageError) as err:
             raise ValueError(str(err)) from err
         except KeyboardInterrupt as stop:

@@ -27,11 +27,14 @@ TRAIN_FLAGS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from moekit.train.data import SPLIT_HELP
+
     p.add_argument("--preset", default="tiny", help="tiny | small | catalog:NAME (default tiny)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--corpus", type=Path, default=None,
-                   help="folder or file of UTF-8 text (default: the fetched Shakespeare corpus)")
+                   help="folder or file of UTF-8 text (default: the fetched Shakespeare corpus); "
+                        + SPLIT_HELP.replace("%", "%%"))
     p.add_argument("--cache-dir", type=Path, default=None, help="where `moekit data fetch` put the corpus")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
     for flag, kind in TRAIN_FLAGS.items():

@@ -74,5 +74,9 @@ def batch_indices(step: int, *, seed: int, batch_size: int, num_sequences: int) 
 
 
 def eval_indices(num_sequences: int, max_sequences: int) -> Tensor:
-    """The fixed validation sequences: the first `max_sequences` of the stream, in order."""
-    return torch.arange(min(num_sequences, max_sequences))
+    """The fixed validation sequences (M,): all of them when `max_sequences` is 0 or at least
+    `num_sequences`, else `max_sequences` evenly spaced over the whole held-out stream (so a
+    sample covers every held-out document, not only the first one), in order."""
+    if max_sequences <= 0 or max_sequences >= num_sequences:
+        return torch.arange(num_sequences)
+    return torch.linspace(0, num_sequences - 1, max_sequences).round().long().unique()

@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moekit.config import MoEConfig, check
-from moekit.model.accounting import active_params, num_params
 from moekit.model.config import ModelConfig
-from moekit.train.metrics import read_metrics
-from moekit.train.run import build_model, config_json, prepare_data
+from moekit.train.batches import eval_indices
+from moekit.train.run import PreparedData, prepare_data
 from moekit.train.runfolder import RunLock
+from moekit.train.series import RunSpec, check_seeds, train_series
 from moekit.train.tokenizer import save_tokenizer
-from moekit.train.trainer import TrainConfig, Trainer
+from moekit.train.trainer import TrainConfig
 
 # The training budget of a comparison: every variant runs exactly this. Chosen so the default run
 # (3 variants) takes about 10 minutes on 2 CPU cores. No intermediate checkpoints (a finished
-# variant is resumed from its last one), one kept.
+# variant is resumed from its last one), one kept. Validation covers the whole held-out set
+# (eval_sequences 0): Shakespeare's two held-out plays are ~500 sequences, ~20% of the run's time.
 DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
-                            eval_sequences=64, checkpoint_every=0, keep_last=1, seed=0)
+                            eval_sequences=0, checkpoint_every=0, keep_last=1, seed=0)
 # TrainConfig fields `moekit compare` takes as flags (the rest keep DEFAULT_TRAIN's values)
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed")
 
@@ -135,76 +136,76 @@ def model_config(name: str, c: CompareConfig) -> ModelConfig:
                        moe_layers="all" if moe is not None else "none", tie_embeddings=True)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active non-embedding params + attention scores (Kaplan et al.
-    2020, eq. 2.2 tripled for forward + backward): 6N + 6 L S D."""
-    n_active = active_params(config, embedding=False)
-    return 6.0 * n_active + 6.0 * config.n_layers * seq_len * config.d_model
-
-
 def run_compare(
     config: CompareConfig, *, variants: list[str], out_dir: str | Path, corpus: str | Path | None = None,
     cache_dir: Path | None = None, progress: bool = True, parallel: SingleProcess | None = None,
+    seeds: list[int] | None = None,
 ) -> Path:
-    """Train each variant into `out_dir/runs/<name>` (resuming any it finds) and write the report.
+    """Train each variant at each seed into `out_dir/runs/` (resuming any it finds) and write the report.
 
-    Holds a RunLock on `out_dir` (RunFolderBusy if another process has it). parallel: the process
-    layout (`moekit.parallel.Distributed` under torchrun; rank 0 alone prints, writes and locks).
+    seeds: the seeds every variant runs with (default: `config.train.seed` alone); the base seed's
+    run folder is `runs/<name>`, another seed's `runs/<name>.seed<N>`. Holds a RunLock on `out_dir`
+    (RunFolderBusy if another process has it). parallel: the process layout
+    (`moekit.parallel.Distributed` under torchrun; rank 0 alone prints, writes and locks).
     Returns the report folder.
     """
     from moekit.parallel import SingleProcess
 
     parallel = parallel if parallel is not None else SingleProcess()
     check_variants(variants)
+    seeds = check_seeds(list(seeds) if seeds is not None else [config.train.seed])
     out_dir = Path(out_dir)
     # one comparison per folder at a time; each variant's run folder too
     with RunLock(out_dir) if parallel.is_writer else nullcontext():
-        return _run_compare(config, variants=variants, out_dir=out_dir, corpus=corpus,
+        return _run_compare(config, variants=variants, out_dir=out_dir, corpus=corpus, seeds=seeds,
                             cache_dir=cache_dir, progress=progress and parallel.is_writer, parallel=parallel)
 
 
-def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, corpus: str | Path | None,
-                 cache_dir: Path | None, progress: bool, parallel: SingleProcess) -> Path:
-    from moekit.train.report import write_report
-
+def prepare_series_data(corpus: str | Path | None, *, seq_len: int, vocab_size: int, out_dir: Path,
+                        cache_dir: Path | None, parallel: SingleProcess) -> PreparedData:
+    """The corpus packed for every run of a series: rank 0 trains the tokenizer, the others read it."""
     holder: dict = {}
 
-    def prepare() -> None:  # rank 0 trains the tokenizer; the others read it
-        holder["data"] = prepare_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size,
-                                      out_dir=out_dir, cache_dir=cache_dir)
+    def prepare() -> None:
+        holder["data"] = prepare_data(corpus, seq_len=seq_len, vocab_size=vocab_size, out_dir=out_dir,
+                                      cache_dir=cache_dir)
         save_tokenizer(holder["data"].tokenizer, out_dir)
 
     parallel.on_writer(prepare)
-    data = holder.get("data") or prepare_data(corpus, seq_len=config.train.seq_len,
-                                              vocab_size=config.vocab_size, out_dir=out_dir, cache_dir=cache_dir)
+    return holder.get("data") or prepare_data(corpus, seq_len=seq_len, vocab_size=vocab_size,
+                                              out_dir=out_dir, cache_dir=cache_dir)
+
+
+def validation_text(data: PreparedData, train: TrainConfig) -> str:
+    """What the validation loss and validation MaxVio are measured on, for the report."""
+    n = data.val.num_sequences
+    used = len(eval_indices(n, train.eval_sequences))
+    tokens = used * train.seq_len
+    what = (f"the whole held-out set ({n} sequences)" if used == n else
+            f"a fixed sample of {used} of the {n} held-out sequences, evenly spaced over it")
+    return f"{used} sequences x {train.seq_len} tokens = {tokens:,} tokens: {what}"
+
+
+def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, corpus: str | Path | None,
+                 cache_dir: Path | None, progress: bool, parallel: SingleProcess, seeds: list[int]) -> Path:
+    from moekit.train.report import write_report
+
+    data = prepare_series_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size,
+                               out_dir=out_dir, cache_dir=cache_dir, parallel=parallel)
     vocab = data.tokenizer.get_vocab_size()
     if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
         config = replace(config, vocab_size=vocab)
+    validation = validation_text(data, config.train)
     if progress:
         print(data.corpus.describe())
-    runs = {}
-    for name in variants:
-        mc = model_config(name, config)
-        run_dir = out_dir / "runs" / name
-        model = parallel.prepare(build_model(mc, seed=config.train.seed))
-        trainer = Trainer(model, config=config.train, train=data.train, val=data.val, out_dir=run_dir,
-                          run_info={"variant": name, "model": config_json(mc)}, progress=progress,
-                          label=f"{name:>16}", parallel=parallel)
-        if progress:
-            print(f"{name}: {VARIANTS[name].description}; {num_params(mc):,} parameters, "
-                  f"{active_params(mc):,} active")
-        with RunLock(run_dir) if parallel.is_writer else nullcontext():
-            result = trainer.fit(resume=(run_dir / "checkpoints").is_dir())
-        if result.interrupted:
-            raise KeyboardInterrupt(f"compare interrupted during {name}; rerun the same command to resume")
-        runs[name] = {
-            "metrics": read_metrics(run_dir / "metrics.jsonl"),
-            "total_params": num_params(mc),
-            "active_params": active_params(mc),
-            "flops_per_token": flops_per_token(mc, config.train.seq_len),
-            "description": VARIANTS[name].description,
-            "balanced": VARIANTS[name].balanced,
-        }
-    parallel.on_writer(lambda: write_report(out_dir / "report", runs, config=config.settings(),
-                                            corpus=data.corpus.describe()))
+        print(f"validation: {validation}")
+    specs = [RunSpec(name, seed, model_config(name, config), VARIANTS[name].description)
+             for seed in seeds for name in variants]
+    runs = train_series(specs, train=config.train, data=data, out_dir=out_dir, progress=progress,
+                        parallel=parallel)
+    for name, run in runs.items():
+        run["balanced"] = VARIANTS[name].balanced
+    settings = {**config.settings(), "seeds": " ".join(map(str, seeds))}
+    parallel.on_writer(lambda: write_report(out_dir / "report", runs, config=settings,
+                                            corpus=data.corpus.describe(names_shown=None), validation=validation))
     return out_dir / "report"

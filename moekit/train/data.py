@@ -44,11 +44,18 @@ class Corpus:
     train: tuple[Document, ...]
     val: tuple[Document, ...]
     source: str
+    split: str = ""  # how validation was chosen (`split_rule`)
 
-    def describe(self) -> str:
+    def describe(self, names_shown: int | None = 8) -> str:
+        """One line: sizes of both splits and the held-out documents by name (the first `names_shown`,
+        all for None), and how they were chosen."""
         chars = lambda docs: sum(len(d.text) for d in docs)  # noqa: E731
+        names = [d.name for d in self.val]
+        limit = len(names) if names_shown is None else names_shown
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        rule = f"; {self.split}" if self.split else ""
         return (f"{self.source}: {len(self.train)} train documents ({chars(self.train):,} chars), "
-                f"{len(self.val)} validation ({chars(self.val):,} chars)")
+                f"{len(self.val)} validation ({chars(self.val):,} chars): {shown}{rule}")
 
 
 def default_cache_dir() -> Path:
@@ -92,7 +99,7 @@ def verify_cache(cache_dir: Path) -> None:
     problems += [f"{name} was added" for name in sorted(present - set(recorded))]
     if problems:
         shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        raise ValueError(f"the Shakespeare cache {cache_dir} no longer matches what was fetched "
+        raise ValueError(f"the corpus cache {cache_dir} no longer matches what was fetched "
                          f"({shown}); training on it would silently change the data. {refetch}")
 
 
@@ -233,6 +240,22 @@ def split_documents(
     return docs[: len(docs) - len(val)], val
 
 
+# How `split_documents` splits a corpus, for --help and the README (one owner of the rule).
+SPLIT_HELP = ("split by whole documents: files named like the built-in held-out works "
+              f"({', '.join(VALIDATION_WORKS)}) are validation; otherwise the last files in sorted path "
+              "order holding 5% of the characters (at least one file stays for training); a single file "
+              "is cut once at a line boundary, its last 5% held out")
+
+
+def split_rule(docs: list[Document], val: list[Document], val_names: tuple[str, ...] = VALIDATION_WORKS) -> str:
+    """How `split_documents` chose `val` from `docs`, in words."""
+    if len(docs) == 1:
+        return "held out: the last 5% of the one file, cut at a line boundary"
+    if any(d.name in val_names for d in val):
+        return "held out by name"
+    return "held out: the last files in sorted path order, 5% of the characters"
+
+
 def load_corpus(path: str | Path | None = None, *, cache_dir: Path | None = None) -> Corpus:
     """The corpus at `path`, or the fetched Shakespeare corpus when `path` is None."""
     if path is None:
@@ -245,4 +268,4 @@ def load_corpus(path: str | Path | None = None, *, cache_dir: Path | None = None
         path = cache_dir
     docs = read_documents(path)
     train, val = split_documents(docs)
-    return Corpus(train=tuple(train), val=tuple(val), source=str(path))
+    return Corpus(train=tuple(train), val=tuple(val), source=str(path), split=split_rule(docs, val))

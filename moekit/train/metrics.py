@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moekit.analysis.stats import routing_stats
@@ -100,12 +101,58 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [record for _, record in _parse(Path(path))[0]]
 
 
+# Wall-clock fields of a metrics record: the only ones a resumed run does not reproduce exactly.
+TIMING_KEYS = ("tokens_per_s", "tokens_per_cpu_s")
+
+
+@dataclass
+class RunPlan:
+    """The optimizer steps of several runs trained one after another (the variants of `moekit
+    compare`, the points of `moekit sweep`), for one ETA over all of them.
+
+    `finish_run(steps)` after each run; a Progress given this plan adds "run i of n" and the ETA of
+    everything left, from the time per step trained so far in this process (resumed steps cost
+    nothing, so they are not timed).
+    """
+
+    total_steps: int
+    runs: int
+    index: int = 0  # runs finished (or skipped as already complete)
+    steps_done: int = 0  # steps of finished runs, trained or resumed
+    steps_timed: int = 0  # steps trained in this process
+    seconds: float = 0.0  # their wall time
+    started: float = field(default_factory=time.monotonic)
+
+    def eta(self, steps_in_run: int, seconds_in_run: float, trained_in_run: int) -> float | None:
+        timed, seconds = self.steps_timed + trained_in_run, self.seconds + seconds_in_run
+        if timed == 0:
+            return None
+        return seconds / timed * (self.total_steps - self.steps_done - steps_in_run)
+
+    def describe(self, steps_in_run: int = 0, seconds_in_run: float = 0.0, trained_in_run: int = 0) -> str:
+        eta = self.eta(steps_in_run, seconds_in_run, trained_in_run)
+        left = "eta all ?" if eta is None else f"eta all {_duration(eta)}"
+        return f"run {min(self.index + 1, self.runs)} of {self.runs}, {left}"
+
+    def finish_run(self, steps: int, *, trained: int, seconds: float) -> None:
+        self.index += 1
+        self.steps_done += steps
+        self.steps_timed += trained
+        self.seconds += seconds
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class Progress:
     """A rich progress bar with ETA on a TTY, plain lines (every `every` steps) otherwise."""
 
     def __init__(self, total: int, *, start: int = 0, label: str = "train", every: int = 10,
-                 enabled: bool = True, tty: bool | None = None) -> None:
+                 enabled: bool = True, tty: bool | None = None, plan: RunPlan | None = None) -> None:
         self.total, self.label, self.every, self.enabled = total, label, every, enabled
+        self.plan = plan
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.start_time = time.monotonic()
         self.start = start
@@ -128,13 +175,19 @@ class Progress:
     def update(self, step: int, info: str) -> None:
         if not self.enabled:
             return
+        plan = f" | {self.plan_text(step)}" if self.plan is not None else ""
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
+            self._bar.update(self._task, completed=step, info=info + plan)
         elif step % self.every == 0 or step == self.total:
             elapsed = time.monotonic() - self.start_time
             done = step - self.start
             eta = elapsed / done * (self.total - step) if done else 0.0
-            print(f"{self.label} step {step}/{self.total} {info} eta {eta:.0f}s", flush=True)
+            print(f"{self.label} step {step}/{self.total} {info} eta {eta:.0f}s{plan}", flush=True)
+
+    def plan_text(self, step: int) -> str:
+        """"run i of n, eta all ..." of the plan, counting this run up to `step`."""
+        assert self.plan is not None
+        return self.plan.describe(step, time.monotonic() - self.start_time, step - self.start)
 
     def close(self) -> None:
         if self._bar is not None:

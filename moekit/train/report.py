@@ -1,71 +1,98 @@
 """The comparison report: a Markdown summary table and matplotlib plots from each run's metrics.
 
-Plots: validation loss against steps and against training FLOPs, MaxVio over time, and for each MoE
-variant a heatmap of every layer's expert load over time (load / mean load, 1 = balanced).
+Every figure is per variant over its seeds (mean, and the spread when there are several): the
+final validation loss, the step at which it reaches the dense model's final validation loss
+(interpolated between evaluations, against the dense run of the same seed), MaxVio on training
+batches and on the validation set (with the worst layer where it stands out), and throughput.
+Plots: validation loss against steps and against training FLOPs, MaxVio over time (training
+batches and validation set), and for each MoE variant a heatmap of every layer's expert load.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 
-REACH_TARGET = 0.6  # an MoE should reach the dense final validation loss within 0.6x the dense steps
+from moekit.train.curves import (
+    Spread,
+    final_val_max_vio_layers,
+    layer_mean,
+    spread,
+    steps_to_reach,
+    val_curve,
+)
+from moekit.train.plots import colours, dense_line, mean_curve, plot_curve, smooth
+
+REACH_TARGET = 0.5  # an MoE should reach the dense final validation loss within 0.5x the dense steps
 MAXVIO_TARGET = 0.2
 TAIL = 10  # final MaxVio / dropped fraction: mean over the last TAIL steps (one batch is noisy)
+# A layer's validation MaxVio is shown beside the layer average when it is this much worse.
+WORST_LAYER_MARGIN = 0.1
 
 
-def val_curve(metrics: list[dict]) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
-    return [p[0] for p in points], [p[1] for p in points]
+def _seed_summary(m: list[dict], *, dense_final: float | None, dense_steps: int | None) -> dict:
+    vals = val_curve(m)[1]
+    maxvio, dropped = layer_mean(m, "max_vio"), layer_mean(m, "dropped_fraction")
+    reach = steps_to_reach(m, dense_final) if dense_final is not None else None
+    layers = final_val_max_vio_layers(m)
+    cpu = [r["tokens_per_cpu_s"] for r in m if "tokens_per_cpu_s" in r]
+    return {
+        "final_val_loss": vals[-1] if vals else None,
+        "steps": m[-1]["step"],
+        "steps_to_dense": reach,
+        "reach_ratio": reach / dense_steps if reach is not None and dense_steps else None,
+        "max_vio": statistics.fmean(maxvio[-TAIL:]) if maxvio else None,
+        "val_max_vio": statistics.fmean(layers) if layers else None,
+        "val_max_vio_layers": layers,
+        "dropped_fraction": statistics.fmean(dropped[-TAIL:]) if dropped else None,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in m),
+        "tokens_per_cpu_s": statistics.median(cpu) if cpu else None,
+    }
 
 
-def steps_to_reach(metrics: list[dict], target: float) -> int | None:
-    """First evaluated step whose validation loss is <= target (None if never)."""
-    for step, loss in zip(*val_curve(metrics)):
-        if loss <= target:
-            return step
-    return None
-
-
-def layer_mean(metrics: list[dict], key: str) -> list[float]:
-    """Per step, `key` of the MoE layers averaged over layers."""
-    return [sum(m[key] for m in r["moe"]) / len(r["moe"]) for r in metrics if r.get("moe")]
-
-
-def final_val_max_vio(metrics: list[dict]) -> float | None:
-    """MaxVio over the validation set at the last evaluation, averaged over MoE layers."""
-    evals = [r["val_moe"] for r in metrics if r.get("val_moe")]
-    return sum(x["max_vio"] for x in evals[-1]) / len(evals[-1]) if evals else None
+def _spread_of(per_seed: dict[int, dict], key: str) -> Spread | None:
+    return spread([s[key] for s in per_seed.values() if s[key] is not None])
 
 
 def summarize(runs: dict[str, dict]) -> dict[str, dict]:
-    dense_final = None
-    if "dense" in runs:
-        dense_final = val_curve(runs["dense"]["metrics"])[1][-1]
-    dense_steps = runs["dense"]["metrics"][-1]["step"] if "dense" in runs else None
+    """Per variant: each seed's figures (`per_seed`), their means, and `spread` (mean, std, range, n)."""
+    dense = runs.get("dense")
+    dense_final = {seed: val_curve(m)[1][-1] for seed, m in dense["metrics"].items()} if dense else {}
+    dense_steps = {seed: m[-1]["step"] for seed, m in dense["metrics"].items()} if dense else {}
+    fallback = statistics.fmean(dense_final.values()) if dense_final else None
     out = {}
     for name, run in runs.items():
-        m = run["metrics"]
-        steps, vals = val_curve(m)
-        maxvio, dropped = layer_mean(m, "max_vio"), layer_mean(m, "dropped_fraction")
-        reach = steps_to_reach(m, dense_final) if dense_final is not None and name != "dense" else None
+        per_seed = {}
+        for seed, m in run["metrics"].items():
+            baseline = name != "dense" and dense is not None
+            per_seed[seed] = _seed_summary(
+                m, dense_final=dense_final.get(seed, fallback) if baseline else None,
+                dense_steps=dense_steps.get(seed, m[-1]["step"]) if baseline else None)
+        keys = ("final_val_loss", "steps_to_dense", "reach_ratio", "max_vio", "val_max_vio",
+                "dropped_fraction")
+        spreads = {k: _spread_of(per_seed, k) for k in keys}
+        layer_lists = [s["val_max_vio_layers"] for s in per_seed.values() if s["val_max_vio_layers"]]
+        cpu = [s["tokens_per_cpu_s"] for s in per_seed.values() if s["tokens_per_cpu_s"] is not None]
         out[name] = {
-            "final_val_loss": vals[-1] if vals else None,
-            "steps": m[-1]["step"],
-            "steps_to_dense": reach,
-            "reach_ratio": reach / dense_steps if reach is not None and dense_steps else None,
-            "max_vio": statistics.fmean(maxvio[-TAIL:]) if maxvio else None,
-            "val_max_vio": final_val_max_vio(m),
-            "dropped_fraction": statistics.fmean(dropped[-TAIL:]) if dropped else None,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in m),
+            **{k: (v.mean if v is not None else None) for k, v in spreads.items()},
+            "spread": {k: (asdict(v) if v is not None else None) for k, v in spreads.items()},
+            "seeds": len(per_seed),
+            "reached_seeds": sum(s["steps_to_dense"] is not None for s in per_seed.values()),
+            "steps": max(s["steps"] for s in per_seed.values()),
+            "val_max_vio_layers": [statistics.fmean(c) for c in zip(*layer_lists)] if layer_lists else None,
+            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in per_seed.values()),
+            "tokens_per_cpu_s": statistics.median(cpu) if cpu else None,
             "total_params": run["total_params"],
             "active_params": run["active_params"],
+            "flops_per_token": run["flops_per_token"],
             "description": run["description"],
             "balanced": run["balanced"],
+            "per_seed": {str(seed): s for seed, s in per_seed.items()},
         }
     return out
 
@@ -74,101 +101,166 @@ def _fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def markdown(summary: dict[str, dict], *, config: dict, corpus: str) -> str:
+def _sp(s: dict, key: str) -> Spread | None:
+    d = s["spread"].get(key)
+    return Spread(**d) if d is not None else None
+
+
+def _text(s: dict, key: str, spec: str) -> str:
+    v = _sp(s, key)
+    return "-" if v is None else v.text(spec)
+
+
+def _val_max_vio_text(s: dict) -> str:
+    """The layer average, and the worst layer when it is WORST_LAYER_MARGIN above the average."""
+    text = _text(s, "val_max_vio", ".3f")
+    layers = s["val_max_vio_layers"]
+    if layers and s["val_max_vio"] is not None:
+        worst = int(np.argmax(layers))
+        if layers[worst] - s["val_max_vio"] >= WORST_LAYER_MARGIN - 1e-9:
+            text += f" (layer {worst}: {layers[worst]:.3f})"
+    return text
+
+
+def _reach_text(name: str, s: dict, dense: dict | None) -> str:
+    if name == "dense":
+        return "(baseline)"
+    if dense is None or s["reached_seeds"] == 0:
+        return "not reached"
+    ratio = _sp(s, "reach_ratio")
+    steps = _sp(s, "steps_to_dense")
+    assert ratio is not None and steps is not None
+    text = f"{steps.mean:.0f} ({ratio.text('.2f') if ratio.n > 1 else format(ratio.mean, '.2f')}x)"
+    if s["reached_seeds"] < s["seeds"]:
+        text += f", reached by {s['reached_seeds']} of {s['seeds']} seeds (mean over those)"
+    return text
+
+
+def _throughput(s: dict, dense: dict | None) -> str:
+    cpu = s["tokens_per_cpu_s"]
+    if cpu is None:
+        return "-"
+    base = dense.get("tokens_per_cpu_s") if dense else None
+    rel = f" ({cpu / base:.2f}x dense)" if base else ""
+    return f"{cpu:,.0f}{rel}"
+
+
+def markdown(summary: dict[str, dict], *, config: dict, corpus: str, validation: str = "") -> str:
     dense = summary.get("dense")
-    lines = ["# moekit compare", "", f"Corpus: {corpus}", "",
-             "Settings: " + ", ".join(f"{k}={v}" for k, v in config.items()), "",
-             "| variant | final val loss | steps to dense final val loss | MaxVio (val set) "
-             "| MaxVio (train batch) | dropped | tokens/s | total params | active params |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# moekit compare", "", f"Corpus: {corpus}", ""]
+    if validation:
+        lines += [f"Validation loss and validation MaxVio: {validation}.", ""]
+    lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in config.items()), "",
+              "| variant | final val loss | steps to dense final val loss | MaxVio (val set) "
+              "| MaxVio (train batch) | dropped | tokens per CPU-s | tokens/s (wall, load-dependent) "
+              "| total params | active params |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
-        reach = ("(baseline)" if name == "dense" else
-                 "not reached" if s["steps_to_dense"] is None or dense is None else
-                 f"{s['steps_to_dense']} ({s['reach_ratio']:.2f}x)")
-        lines.append(f"| {name} | {_fmt(s['final_val_loss'], '.4f')} | {reach} | {_fmt(s['val_max_vio'], '.3f')} "
-                     f"| {_fmt(s['max_vio'], '.3f')} "
-                     f"| {_fmt(s['dropped_fraction'], '.1%')} | {s['tokens_per_s']:,.0f} "
-                     f"| {s['total_params']:,} | {s['active_params']:,} |")
-    lines += ["", "MaxVio = max expert load / mean load - 1 (Wang et al. 2024; 0 is perfect balance), averaged "
-              "over MoE layers: on the whole validation set at the end (MaxVio_global), and on each "
+        lines.append(f"| {name} | {_text(s, 'final_val_loss', '.4f')} | {_reach_text(name, s, dense)} "
+                     f"| {_val_max_vio_text(s)} | {_text(s, 'max_vio', '.3f')} "
+                     f"| {_fmt(s['dropped_fraction'], '.1%')} | {_throughput(s, dense)} "
+                     f"| {s['tokens_per_s']:,.0f} | {s['total_params']:,} | {s['active_params']:,} |")
+    lines += ["", "With several seeds each figure is the mean ± the sample standard deviation over seeds; "
+              "each seed's crossing is measured against the dense run of the same seed, interpolated "
+              "linearly between the two evaluations around it.",
+              "", "MaxVio = max expert load / mean load - 1 (Wang et al. 2024; 0 is perfect balance), averaged "
+              "over MoE layers (a layer at least "
+              f"{WORST_LAYER_MARGIN} above that average is named beside it): on the validation set at the "
+              "last evaluation (MaxVio_global), and on each "
               f"training batch averaged over the last {TAIL} steps (MaxVio_batch, which includes the "
               f"sampling noise of one batch). Dropped fraction: also over the last {TAIL} steps.", "",
+              "Throughput: tokens per second of the training process's CPU time (median over steps), "
+              "which other processes' load changes much less than wall time, so variants trained at "
+              "different times compare; wall-clock tokens/s follows the machine's load.", "",
               "## Targets", ""]
     if dense is None:
         lines.append("No dense baseline in this comparison: add `dense` to --variants for the targets.")
     else:
-        for name, s in summary.items():
-            if name == "dense" or not s["balanced"]:
-                continue
-            fast = s["reach_ratio"] is not None and s["reach_ratio"] <= REACH_TARGET
-            lower = s["final_val_loss"] is not None and s["final_val_loss"] < dense["final_val_loss"]
-            ratio = "never" if s["reach_ratio"] is None else f"at {s['reach_ratio']:.2f}x the dense steps"
-            lines.append(f"- {name}: reaches the dense final val loss {ratio} (target <= {REACH_TARGET}x): "
-                         f"**{'met' if fast else 'missed'}**; ends "
-                         f"{'lower' if lower else 'not lower'} than dense "
-                         f"({_fmt(s['final_val_loss'], '.4f')} vs {dense['final_val_loss']:.4f}): "
-                         f"**{'met' if lower else 'missed'}**")
+        lines += [_target_line(name, s, dense) for name, s in summary.items()
+                  if name != "dense" and s["balanced"]]
     if "aux_free" in summary and summary["aux_free"]["max_vio"] is not None:
         for label, key in (("validation set", "val_max_vio"), ("train batch", "max_vio")):
             v = summary["aux_free"][key]
             if v is not None:
-                lines.append(f"- aux_free final MaxVio ({label}) {v:.3f} (target < {MAXVIO_TARGET}): "
-                             f"**{'met' if v < MAXVIO_TARGET else 'missed'}**")
+                lines.append(f"- aux_free final MaxVio ({label}) {_text(summary['aux_free'], key, '.3f')} "
+                             f"(target < {MAXVIO_TARGET}): **{'met' if v < MAXVIO_TARGET else 'missed'}**")
     lines += ["", "## Variants", ""] + [f"- {n}: {s['description']}" for n, s in summary.items()]
     lines += ["", "## Plots", "", "![validation loss](val_loss.png)", "", "![MaxVio](max_vio.png)", ""]
-    lines += [f"![expert load {n}](expert_load_{n}.png)" for n, s in summary.items() if s["max_vio"] is not None]
+    lines += [f"![expert load {n}](expert_load_{n}.png)" for n, s in summary.items()
+              if s["max_vio"] is not None]
     return "\n".join(lines) + "\n"
 
 
-def _smooth(values: list[float], window: int = 10) -> np.ndarray:
-    v = np.asarray(values, dtype=float)
-    if len(v) < window:
-        return v
-    kernel = np.ones(window) / window
-    head = np.cumsum(v[: window - 1]) / np.arange(1, window)  # partial windows at the start
-    return np.concatenate([head, np.convolve(v, kernel, mode="valid")])
+def _target_line(name: str, s: dict, dense: dict) -> str:
+    fast = (s["reach_ratio"] is not None and s["reached_seeds"] == s["seeds"]
+            and s["reach_ratio"] <= REACH_TARGET)
+    lower = s["final_val_loss"] is not None and s["final_val_loss"] < dense["final_val_loss"]
+    if s["reached_seeds"] == 0:
+        reach = f"does not reach the dense final val loss within its {s['steps']} steps"
+    else:
+        reach = f"reaches the dense final val loss at {_sp(s, 'reach_ratio').text('.2f')}x the dense steps"
+        if s["reached_seeds"] < s["seeds"]:
+            reach += f" (only {s['reached_seeds']} of {s['seeds']} seeds)"
+    return (f"- {name}: {reach} (target <= {REACH_TARGET}x): **{'met' if fast else 'missed'}**; ends "
+            f"{'lower' if lower else 'not lower'} than dense ({_text(s, 'final_val_loss', '.4f')} vs "
+            f"{dense['final_val_loss']:.4f}): **{'met' if lower else 'missed'}**")
 
 
-def plot_val_loss(runs: dict[str, dict], path: Path) -> None:
+def plot_val_loss(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> None:
     fig = Figure(figsize=(12, 4.5))
     ax_s, ax_f = fig.subplots(1, 2)
+    lows, highs = [], []
     for name, run in runs.items():
-        steps, vals = val_curve(run["metrics"])
-        tokens_per_step = run["metrics"][0]["tokens"]  # step 1 has seen one step of tokens
-        flops = [s * tokens_per_step * run["flops_per_token"] for s in steps]
-        style = dict(lw=2.2 if name == "dense" else 1.6, ls="--" if name == "dense" else "-", label=name)
-        ax_s.plot(steps, vals, **style)
-        ax_f.plot(flops, vals, **style)
+        steps, mean, lo, hi = mean_curve(run["metrics"])
+        if not len(steps):
+            continue
+        first = next(iter(run["metrics"].values()))
+        tokens_per_step = first[0]["tokens"] / first[0]["step"]
+        seeds = len(run["metrics"])
+        label = name if seeds == 1 else f"{name} (mean of {seeds} seeds)"
+        for ax, x in ((ax_s, steps), (ax_f, steps * tokens_per_step * run["flops_per_token"])):
+            plot_curve(ax, x, mean, lo, hi, colour=colour[name], label=label, dense=name == "dense")
+        lows.append(lo.min())
+        highs.append(hi.max())
     if "dense" in runs:
-        final = val_curve(runs["dense"]["metrics"])[1][-1]
+        final = statistics.fmean(val_curve(m)[1][-1] for m in runs["dense"]["metrics"].values())
         for ax in (ax_s, ax_f):
-            ax.axhline(final, color="grey", lw=0.8, ls=":")
+            dense_line(ax, final)
     ax_s.set(xlabel="optimizer step", ylabel="validation loss (nats/token)", title="validation loss vs steps")
-    ax_f.set(xlabel="training FLOPs (6N_active + 6LSD per token)", ylabel="validation loss",
+    ax_f.set(xlabel="training FLOPs (6N_active incl. router + 6LSD per token)", ylabel="validation loss",
              title="validation loss vs training compute")
     for ax in (ax_s, ax_f):
         ax.grid(alpha=0.3)
-        ax.legend()
-        lo = min(min(val_curve(r["metrics"])[1]) for r in runs.values())
-        ax.set_ylim(lo - 0.1, lo + 2.0)
+        ax.legend(fontsize=8)
+        if lows:
+            ax.set_ylim(min(lows) - 0.05, min(max(highs), min(lows) + 2.0) + 0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def plot_max_vio(runs: dict[str, dict], path: Path) -> None:
-    fig = Figure(figsize=(7, 4))
+def plot_max_vio(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> None:
+    """Training-batch MaxVio (10-step average, solid) and validation-set MaxVio at each evaluation
+    (dots, dashed), layer mean, of each variant's first seed."""
+    fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     for name, run in runs.items():
-        values = layer_mean(run["metrics"], "max_vio")
-        if values:
-            steps = [r["step"] for r in run["metrics"] if r.get("moe")]
-            ax.plot(steps, _smooth(values), label=name)
+        metrics = next(iter(run["metrics"].values()))
+        values = layer_mean(metrics, "max_vio")
+        if not values:
+            continue
+        steps = [r["step"] for r in metrics if r.get("moe")]
+        ax.plot(steps, smooth(values), color=colour[name], lw=1.4, label=f"{name} (train batch)")
+        evals = [(r["step"], statistics.fmean(x["max_vio"] for x in r["val_moe"]))
+                 for r in metrics if r.get("val_moe")]
+        if evals:
+            ax.plot(*zip(*evals), color=colour[name], ls="--", marker="o", ms=3, lw=1.0,
+                    label=f"{name} (validation set)")
     ax.axhline(MAXVIO_TARGET, color="grey", lw=0.8, ls=":", label=f"{MAXVIO_TARGET} target")
     # Early steps can reach MaxVio ~E (all tokens on one expert); cap the axis to keep the end readable.
-    ax.set(xlabel="optimizer step", ylabel="MaxVio (mean over layers, 10-step average)",
+    ax.set(xlabel="optimizer step", ylabel="MaxVio (mean over layers)",
            title="load imbalance over training (axis capped at 2)", ylim=(0, 2))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -195,16 +287,24 @@ def plot_expert_load(name: str, metrics: list[dict], path: Path, columns: int = 
     fig.savefig(path, dpi=110)
 
 
-def write_report(folder: str | Path, runs: dict[str, dict], *, config: dict, corpus: str) -> Path:
-    """Write summary.md, summary.json and the PNG plots into `folder`; returns it."""
+def write_report(folder: str | Path, runs: dict[str, dict], *, config: dict, corpus: str,
+                 validation: str = "") -> Path:
+    """Write summary.md, summary.json and the PNG plots into `folder`; returns it.
+
+    runs: {variant: {"metrics": {seed: records}, "total_params", "active_params", "flops_per_token",
+    "description", "balanced"}}.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
-    (folder / "summary.md").write_text(markdown(summary, config=config, corpus=corpus))
+    text = markdown(summary, config=config, corpus=corpus, validation=validation)
+    (folder / "summary.md").write_text(text)
     (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_val_loss(runs, folder / "val_loss.png")
-    plot_max_vio(runs, folder / "max_vio.png")
+    colour = colours(list(runs))
+    plot_val_loss(runs, folder / "val_loss.png", colour)
+    plot_max_vio(runs, folder / "max_vio.png", colour)
     for name, run in runs.items():
-        if any(r.get("moe") for r in run["metrics"]):
-            plot_expert_load(name, run["metrics"], folder / f"expert_load_{name}.png")
+        metrics = next(iter(run["metrics"].values()))
+        if any(r.get("moe") for r in metrics):
+            plot_expert_load(name, metrics, folder / f"expert_load_{name}.png")
     return folder

@@ -24,7 +24,7 @@ from moekit.config import check
 from moekit.routing.base import detach_decision
 from moekit.train import checkpoint as ckpt
 from moekit.train.batches import PackedSequences, batch_indices, eval_indices
-from moekit.train.metrics import MetricsLog, Progress, summarize_routing
+from moekit.train.metrics import MetricsLog, Progress, RunPlan, summarize_routing
 from moekit.train.runfolder import storage_error
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class TrainConfig:
         lr: peak learning rate; warmup_steps of linear warmup, then cosine decay to lr * min_lr_ratio.
         weight_decay: AdamW decoupled decay on matrices only (not norms, biases or router biases).
         grad_clip: max global gradient norm (0 disables clipping).
-        eval_every / eval_sequences: validation loss every N steps on the first M validation sequences.
+        eval_every / eval_sequences: validation loss every N steps on M validation sequences spread
+            evenly over the held-out set (0: the whole held-out set; see `batches.eval_indices`).
         checkpoint_every / keep_last: checkpoint every N steps (and at the end), keep the newest K.
         bf16: run forward in bfloat16 autocast.
     """
@@ -76,10 +77,10 @@ class TrainConfig:
     bf16: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_sequences", "keep_last"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_last"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "eval_sequences", "checkpoint_every", "seed"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 0, name, value, "must be an integer >= 0")
         check(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -168,6 +169,7 @@ class FitResult:
     final_val_loss: float | None
     interrupted: bool
     checkpoint: Path | None
+    start_step: int = 0  # the step training began from (a resumed checkpoint's)
 
 
 class Trainer:
@@ -182,12 +184,13 @@ class Trainer:
         progress: show progress (a bar on a TTY, plain lines otherwise).
         parallel: the process layout (`moekit.parallel.Distributed` under torchrun): every rank
             trains its share of each global micro-batch; rank 0 alone writes files. Default: one process.
+        plan: when this run is one of several trained in a row, their RunPlan (one ETA for all).
     """
 
     def __init__(self, model: nn.Module, *, config: TrainConfig, train: PackedSequences,
                  val: PackedSequences | None, out_dir: str | Path, run_info: dict | None = None,
                  progress: bool = True, label: str = "train",
-                 parallel: SingleProcess | None = None) -> None:
+                 parallel: SingleProcess | None = None, plan: RunPlan | None = None) -> None:
         from moekit.parallel.context import SingleProcess  # here: moekit.parallel imports moekit.train
 
         self.parallel = parallel if parallel is not None else SingleProcess()
@@ -196,7 +199,7 @@ class Trainer:
         self.model, self.config, self.train, self.val = model, config, train, val
         self.out_dir = Path(out_dir)
         self.run_info = run_info or {}
-        self.progress, self.label = progress, label
+        self.progress, self.label, self.plan = progress, label, plan
         self.device = next(model.parameters()).device
         self.optimizer = build_optimizer(model, config)
         self.step = 0
@@ -315,7 +318,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step (with accumulation); returns its metrics record."""
         cfg = self.config
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         self.model.train()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
@@ -358,9 +361,12 @@ class Trainer:
         means = self.parallel.mean({"loss": loss_sum, "aux_loss": aux_sum, **aux_named})
         loss_sum, aux_sum = means.pop("loss"), means.pop("aux_loss")
         aux_named = means
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         record = {"step": self.step, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / max(elapsed, 1e-9),
+                  # per second of this process's CPU time (all its threads): what another process's
+                  # load changes far less than wall time, so variants run at different times compare
+                  "tokens_per_cpu_s": cfg.tokens_per_step / max(cpu, 1e-9),
                   "tokens": self.step * cfg.tokens_per_step}
         record.update({f"aux/{k}": v for k, v in aux_named.items()})
         record["moe"] = self.parallel.routing_summaries([summarize_routing(ds) for ds in decisions["moe"] if ds])
@@ -416,8 +422,9 @@ class Trainer:
                 print(f"note: removed {stale}, a checkpoint a stopped run did not finish writing")
 
         self.parallel.on_writer(remove_stale)
+        start_step = self.step
         progress = Progress(cfg.steps, start=self.step, label=self.label, enabled=self.progress,
-                            every=max(1, cfg.steps // 20))
+                            every=max(1, cfg.steps // 20), plan=self.plan)
         last_ckpt: Path | None = None
         val_loss: float | None = None
         try:
@@ -442,4 +449,4 @@ class Trainer:
                     print(f"\ninterrupted: saved {last_ckpt}; continue with --resume")
         finally:
             progress.close()
-        return FitResult(self.step, val_loss, self.stop.requested, last_ckpt)
+        return FitResult(self.step, val_loss, self.stop.requested, last_ckpt, start_step)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.train import checkpoint as ckpt
-from moekit.train.metrics import read_metrics
+from moekit.train.metrics import TIMING_KEYS, read_metrics
 from moekit.train.runfolder import LOCK_FILE
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "shakespeare_mini"
@@ -56,7 +56,7 @@ def last_good_step(out: Path) -> int:
 
 
 def comparable_metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(out / "metrics.jsonl")]
 
 
 def assert_same_run(out: Path, reference: Path) -> None:

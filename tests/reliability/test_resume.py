@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from moekit.train import checkpoint as ckpt
-from moekit.train.metrics import MetricsLog, read_metrics
+from moekit.train.metrics import TIMING_KEYS, MetricsLog, read_metrics
 from moekit.train.runfolder import StorageError
 from moekit.train.trainer import NonFiniteLossError
 
@@ -17,7 +17,7 @@ from ..train.helpers import make_trainer
 
 
 def _rows(out):
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(out / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ from moekit.train.compare import (
     VARIANTS,
     CompareConfig,
     check_variants,
-    flops_per_token,
     model_config,
     run_compare,
 )
-from moekit.train.report import markdown, steps_to_reach, summarize
+from moekit.train.curves import steps_to_reach
+from moekit.train.report import markdown, summarize
+from moekit.train.series import flops_per_token
 
 from .helpers import FIXTURE
 
@@ -55,34 +56,61 @@ def test_unknown_variant_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
-def _metrics(vals: dict[int, float], max_vio: float = 0.1) -> list[dict]:
-    # validation-set MaxVio of the two layers: 0 at step 5, then 0.1 and 0.3 at step 10 (mean 0.2)
-    val_moe = {5: [{"max_vio": 0.0}, {"max_vio": 0.0}], 10: [{"max_vio": 0.1}, {"max_vio": 0.3}]}
-    return [{"step": s, "loss": 0.0, "tokens": 10 * s, "tokens_per_s": 100.0,
+def _metrics(vals: dict[int, float], max_vio: float = 0.1, layer1: float = 0.3) -> list[dict]:
+    # validation-set MaxVio of the two layers: 0 at step 5, then 0.1 and `layer1` at step 10
+    val_moe = {5: [{"max_vio": 0.0}, {"max_vio": 0.0}], 10: [{"max_vio": 0.1}, {"max_vio": layer1}]}
+    return [{"step": s, "loss": 0.0, "tokens": 10 * s, "tokens_per_s": 100.0, "tokens_per_cpu_s": 50.0,
              "moe": [{"tokens_per_expert": [5, 5], "max_vio": max_vio, "dropped_fraction": 0.0}],
              **({"val_loss": vals[s], "val_moe": val_moe[s]} if s in vals else {})} for s in range(1, 11)]
 
 
-def _run(vals, **kw):
-    return {"metrics": _metrics(vals, **kw), "total_params": 10, "active_params": 5, "flops_per_token": 30.0,
-            "description": "d", "balanced": True}
+def _run(*seeds, **kw):
+    return {"metrics": {i: _metrics(vals, **kw) for i, vals in enumerate(seeds)}, "total_params": 10,
+            "active_params": 5, "flops_per_token": 30.0, "description": "d", "balanced": True}
+
+
+def test_crossing_is_interpolated_between_evaluations():
+    m = _metrics({5: 3.0, 10: 2.0})
+    assert steps_to_reach(m, 2.5) == pytest.approx(7.5)  # halfway in loss between steps 5 and 10
+    assert steps_to_reach(m, 2.0) == pytest.approx(10.0)
+    assert steps_to_reach(m, 3.5) == 5.0  # already below at the first evaluation
+    assert steps_to_reach(m, 1.9) is None
 
 
 def test_report_arithmetic_and_verdicts():
     dense = _run({5: 3.0, 10: 2.0})
     fast = _run({5: 1.9, 10: 1.5}, max_vio=0.05)  # reaches 2.0 at step 5 = 0.5x, ends lower
-    slow = _run({5: 2.5, 10: 2.0}, max_vio=0.5)   # reaches 2.0 only at step 10 = 1.0x, not lower
-    assert steps_to_reach(fast["metrics"], 2.0) == 5 and steps_to_reach(slow["metrics"], 1.0) is None
+    slow = _run({5: 2.5, 10: 2.0}, max_vio=0.5, layer1=0.1)   # reaches 2.0 only at step 10 = 1.0x
     summary = summarize({"dense": dense, "topk_lb": slow, "aux_free": fast})
     assert summary["aux_free"]["reach_ratio"] == 0.5 and summary["topk_lb"]["reach_ratio"] == 1.0
     assert summary["aux_free"]["max_vio"] == pytest.approx(0.05)
-    text = markdown(summary, config={}, corpus="c")
+    text = markdown(summary, config={}, corpus="c", validation="8 sequences")
     assert summary["aux_free"]["val_max_vio"] == pytest.approx(0.2)
-    assert "| aux_free | 1.5000 | 5 (0.50x) | 0.200 | 0.050 |" in text
-    assert "aux_free: reaches the dense final val loss at 0.50x the dense steps (target <= 0.6x): **met**" in text
-    assert "topk_lb: reaches the dense final val loss at 1.00x the dense steps (target <= 0.6x): **missed**" in text
+    # layer 1 (0.3) is 0.1 above the layer mean 0.2: named; topk_lb's layers are equal: not named
+    assert "| aux_free | 1.5000 | 5 (0.50x) | 0.200 (layer 1: 0.300) | 0.050 |" in text
+    assert "| topk_lb | 2.0000 | 10 (1.00x) | 0.100 | 0.500 |" in text
+    assert "| 50 (1.00x dense) | 100 |" in text
+    assert "Validation loss and validation MaxVio: 8 sequences." in text
+    assert "aux_free: reaches the dense final val loss at 0.50x the dense steps (target <= 0.5x): **met**" in text
+    assert "topk_lb: reaches the dense final val loss at 1.00x the dense steps (target <= 0.5x): **missed**" in text
     assert "aux_free final MaxVio (train batch) 0.050 (target < 0.2): **met**" in text
     assert "aux_free final MaxVio (validation set) 0.200 (target < 0.2): **missed**" in text
+
+
+def test_report_over_seeds_gives_spreads_and_says_never_plainly():
+    dense = _run({5: 3.0, 10: 2.0}, {5: 3.0, 10: 2.2})
+    # seed 0 crosses dense's 2.0 at step 10; seed 1 crosses dense's 2.2 at 5 + (2.5-2.2)/(2.5-2.0)*5 = 8
+    moe = _run({5: 2.5, 10: 2.0}, {5: 2.5, 10: 2.0})
+    never = _run({5: 3.5, 10: 2.5}, {5: 3.5, 10: 2.6})
+    summary = summarize({"dense": dense, "topk_lb": moe, "aux_free": never})
+    assert summary["topk_lb"]["steps_to_dense"] == pytest.approx(9.0)
+    assert summary["topk_lb"]["spread"]["reach_ratio"]["std"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert summary["dense"]["final_val_loss"] == pytest.approx(2.1)
+    text = markdown(summary, config={}, corpus="c")
+    assert "| topk_lb | 2.0000 ± 0.0000 (2 seeds) | 9 (0.90 ± 0.14 (2 seeds)x) |" in text
+    assert "aux_free: does not reach the dense final val loss within its 10 steps (target <= 0.5x): " \
+           "**missed**" in text
+    assert "never" not in text
 
 
 def test_tiny_compare_end_to_end_writes_the_report(tmp_path):

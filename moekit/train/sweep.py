@@ -1,0 +1,159 @@
+"""`moekit sweep`: the experts scaling curve at identical active compute (Switch Transformer, Fig. 1).
+
+Every point has the same attention, embedding, data, seed set and active FFN width per token; the
+points differ only in the number (and, with granularity, the size) of experts. A point with E
+experts, top-k k and granularity g splits each of E experts of width `active_d_ff / k` into g
+finer ones (DeepSeekMoE): E*g experts of width `active_d_ff / (k*g)`, each token routed to k*g of
+them, so k*g*width = active_d_ff always. E = 1 is the dense model (one expert that every token
+uses is a dense MLP). FLOPs per token count the router (`series.flops_per_token`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from moekit.config import MoEConfig, check
+from moekit.model.config import ModelConfig
+from moekit.train.runfolder import RunLock
+from moekit.train.series import RunSpec, check_seeds, train_series
+from moekit.train.trainer import TrainConfig
+
+if TYPE_CHECKING:
+    from moekit.parallel.context import SingleProcess
+
+# A short run per point: 4 points x 3 seeds x 300 steps is about the default `moekit compare`'s
+# 3 x 1000 steps. Whole held-out set for validation, as in compare.
+SWEEP_TRAIN = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
+                          eval_sequences=0, checkpoint_every=0, keep_last=1, seed=0)
+SWEEP_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences")
+Balance = Literal["topk_lb", "aux_free"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """The shared shape, the axes of the sweep, and the training run of every point.
+
+    Args:
+        active_d_ff: feed-forward width one token uses (the dense model's d_ff) at every point.
+        experts / top_k / granularity: the axes; every combination is a point (E = 1 once, dense).
+        balance: topk_lb (softmax top-k + load-balancing loss) or aux_free (sigmoid scores +
+            aux-loss-free expert bias, DeepSeek-V3).
+        seeds: every point trains once per seed.
+    """
+
+    vocab_size: int = 2048
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    active_d_ff: int = 256
+    experts: tuple[int, ...] = (1, 4, 16, 64)
+    top_k: tuple[int, ...] = (1,)
+    granularity: tuple[int, ...] = (1,)
+    balance: Balance = "topk_lb"
+    load_balance_coef: float = 1e-2
+    bias_update_rate: float = 3e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: TrainConfig = SWEEP_TRAIN
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "active_d_ff"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+        for name in ("experts", "top_k", "granularity"):
+            values = getattr(self, name)
+            check(isinstance(values, tuple) and values and all(isinstance(v, int) and v >= 1 for v in values)
+                  and len(set(values)) == len(values), name, values,
+                  "must be one or more different positive integers")
+        check(self.balance in ("topk_lb", "aux_free"), "balance", self.balance, "must be topk_lb or aux_free")
+        check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")
+        check_seeds(list(self.seeds))
+        for k in self.top_k:
+            for g in self.granularity:
+                check(self.active_d_ff % (k * g) == 0, "active_d_ff", self.active_d_ff,
+                      f"must be divisible by top_k x granularity = {k} x {g} (the active experts share it)")
+        if not self.points():
+            raise ValueError(f"experts={self.experts} with top_k={self.top_k} gives no point: every MoE "
+                             f"point needs top_k < experts; add more experts or a smaller --top-k")
+
+    def points(self) -> list[SweepPoint]:
+        """The points, dense (E = 1) first, then by experts, top-k, granularity; top_k >= E skipped."""
+        out = [SweepPoint(1, 1, 1)] if 1 in self.experts else []
+        out += [SweepPoint(e, k, g) for e in sorted(self.experts) if e > 1
+                for k in sorted(self.top_k) if k < e for g in sorted(self.granularity)]
+        return out
+
+    def settings(self) -> dict:
+        shape = {k: v for k, v in asdict(self).items() if k not in ("train", "experts", "top_k", "granularity")}
+        return {**shape, **asdict(self.train)}
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    experts: int
+    top_k: int
+    granularity: int
+
+    @property
+    def name(self) -> str:
+        return "dense" if self.experts == 1 else f"E{self.experts}_k{self.top_k}_g{self.granularity}"
+
+    def describe(self, c: SweepConfig) -> str:
+        if self.experts == 1:
+            return f"dense MLP of width {c.active_d_ff} (E = 1)"
+        e, k = self.experts * self.granularity, self.top_k * self.granularity
+        return (f"{e} experts of width {c.active_d_ff // k}, top-{k} ({self.experts} x granularity "
+                f"{self.granularity}), {'load-balancing loss' if c.balance == 'topk_lb' else 'aux-loss-free bias'}")
+
+    def moe(self, c: SweepConfig) -> MoEConfig | None:
+        if self.experts == 1:
+            return None
+        k = self.top_k * self.granularity
+        base = dict(d_model=c.d_model, d_ff=c.active_d_ff // k, num_experts=self.experts * self.granularity,
+                    top_k=k)
+        if c.balance == "aux_free":
+            return MoEConfig(**base, score_func="sigmoid", expert_bias=True, load_balance_coef=0.0,
+                             bias_update_rate=c.bias_update_rate)
+        return MoEConfig(**base, load_balance_coef=c.load_balance_coef)
+
+    def model(self, c: SweepConfig) -> ModelConfig:
+        moe = self.moe(c)
+        return ModelConfig(vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads,
+                           max_seq_len=c.train.seq_len, d_ff=c.active_d_ff, moe=moe,
+                           moe_layers="all" if moe is not None else "none", tie_embeddings=True)
+
+
+def run_sweep(config: SweepConfig, *, out_dir: str | Path, corpus: str | Path | None = None,
+              cache_dir: Path | None = None, progress: bool = True,
+              parallel: SingleProcess | None = None) -> Path:
+    """Train every point at every seed into `out_dir/runs/` (resuming what it finds) and write the
+    report into `out_dir/report`; returns that folder. Holds a RunLock on `out_dir`."""
+    from moekit.parallel import SingleProcess
+    from moekit.train.compare import prepare_series_data, validation_text
+    from moekit.train.sweep_report import write_sweep_report
+
+    parallel = parallel if parallel is not None else SingleProcess()
+    out_dir = Path(out_dir)
+    with RunLock(out_dir) if parallel.is_writer else nullcontext():
+        progress = progress and parallel.is_writer
+        data = prepare_series_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size,
+                                   out_dir=out_dir, cache_dir=cache_dir, parallel=parallel)
+        vocab = data.tokenizer.get_vocab_size()
+        if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
+            config = replace(config, vocab_size=vocab)
+        validation = validation_text(data, config.train)
+        if progress:
+            print(f"{data.corpus.describe()}\nvalidation: {validation}")
+        # the base seed first for every point, so a stopped sweep already has one curve per point
+        specs = [RunSpec(p.name, seed, p.model(config), p.describe(config))
+                 for seed in config.seeds for p in config.points()]
+        train = replace(config.train, seed=config.seeds[0])
+        runs = train_series(specs, train=train, data=data, out_dir=out_dir, progress=progress,
+                            parallel=parallel)
+        for point in config.points():
+            runs[point.name]["point"] = point
+        parallel.on_writer(lambda: write_sweep_report(out_dir / "report", runs, config=config.settings(),
+                                                      corpus=data.corpus.describe(names_shown=None), validation=validation))
+    return out_dir / "report"

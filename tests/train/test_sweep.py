@@ -1,0 +1,82 @@
+"""moekit sweep: identical active compute at every point, the spread verdicts, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from moekit.cli import main
+from moekit.model.accounting import active_params
+from moekit.train.curves import separated, spread
+from moekit.train.series import flops_per_token
+from moekit.train.sweep import SWEEP_TRAIN, SweepConfig
+
+from .helpers import FIXTURE
+
+SMALL = SweepConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, active_d_ff=32, experts=(1, 2, 4),
+                    top_k=(1, 2), granularity=(1, 2), seeds=(0,), train=replace(SWEEP_TRAIN, seq_len=16))
+
+
+def test_points_share_the_active_width_and_differ_only_in_experts():
+    points = SMALL.points()
+    # dense once; top-2 needs more than 2 experts; every (E, k) with k < E at both granularities
+    assert [p.name for p in points] == ["dense", "E2_k1_g1", "E2_k1_g2", "E4_k1_g1", "E4_k1_g2", "E4_k2_g1",
+                                        "E4_k2_g2"]
+    dense = points[0].model(SMALL)
+    assert dense.moe is None and dense.d_ff == SMALL.active_d_ff
+    for p in points[1:]:
+        moe = p.model(SMALL).moe
+        assert moe.num_experts == p.experts * p.granularity and moe.top_k == p.top_k * p.granularity
+        assert moe.top_k * moe.d_ff == SMALL.active_d_ff
+        # active parameters and FLOPs equal dense's up to the router (D x E per layer)
+        router = SMALL.n_layers * SMALL.d_model * moe.num_experts
+        assert active_params(p.model(SMALL)) - active_params(dense) == router
+        assert flops_per_token(p.model(SMALL), 16) - flops_per_token(dense, 16) == 6 * router
+
+
+@pytest.mark.parametrize("changes, match", [
+    pytest.param({"experts": (1,), "top_k": (1,)}, None, id="dense-only-is-fine"),
+    pytest.param({"experts": (2,), "top_k": (2,)}, "gives no point", id="k-not-below-E"),
+    pytest.param({"top_k": (3,)}, "divisible by top_k x granularity", id="width-not-divisible"),
+    pytest.param({"experts": (4, 4)}, "different positive integers", id="repeated"),
+    pytest.param({"seeds": (0, 0)}, "--seeds", id="repeated-seeds"),
+])
+def test_bad_axes_are_clear_errors(changes, match):
+    if match is None:
+        assert [p.name for p in replace(SMALL, **changes).points()] == ["dense"]
+        return
+    with pytest.raises(ValueError, match=match):
+        replace(SMALL, **changes)
+
+
+def test_separated_means_non_overlapping_seed_ranges():
+    a, b, c = spread([1.0, 1.1, 1.2]), spread([1.3, 1.4]), spread([1.15, 1.5])
+    assert separated(a, b) is True and separated(a, c) is False
+    assert separated(a, spread([2.0])) is None  # one seed: the spread is unknown
+    assert a.text(".2f") == "1.10 ± 0.10 (3 seeds)"
+
+
+def test_sweep_end_to_end_on_the_fixture_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--corpus", str(FIXTURE), "--out", str(out), "--vocab-size", "300", "--d-model", "32",
+            "--n-layers", "1", "--n-heads", "2", "--active-d-ff", "32", "--experts", "1", "2", "4",
+            "--seeds", "0", "1", "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "3",
+            "--eval-sequences", "8", "--warmup-steps", "1", "--quiet"]
+    assert main(argv) == 0
+    report = out / "report"
+    assert {"summary.md", "summary.json", "sweep.png"} <= {p.name for p in report.iterdir()}
+    summary = json.loads((report / "summary.json").read_text())
+    assert list(summary) == ["dense", "E2_k1_g1", "E4_k1_g1"]
+    assert [summary[n]["final_val_loss"]["n"] for n in summary] == [2, 2, 2]
+    assert summary["E4_k1_g1"]["vs_previous"]["previous"] == "E2_k1_g1"
+    text = (report / "summary.md").read_text()
+    assert "| E4_k1_g1 | 4 (4 x 1) | 1 | 32 |" in text and "8 sequences x 16 tokens" in text
+    assert {p.name for p in (out / "runs").iterdir()} == {
+        "dense", "dense.seed1", "E2_k1_g1", "E2_k1_g1.seed1", "E4_k1_g1", "E4_k1_g1.seed1"}
+    # rerunning trains nothing again: every run is complete
+    before = {p.name: (p / "metrics.jsonl").read_text() for p in (out / "runs").iterdir()}
+    assert main(argv) == 0
+    assert {p.name: (p / "metrics.jsonl").read_text() for p in (out / "runs").iterdir()} == before
+    assert "moekit sweep" in capsys.readouterr().out
