@@ -73,10 +73,11 @@ def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor
 
 
 def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
-    """`torch._grouped_mm` in `compute_dtype` (fp32 for bf16 on a CPU without bf16 matrix
-    instructions), returned in a's dtype."""
+    """`torch._grouped_mm` in `compute_dtype` of its mean rows per expert (fp32 for bf16 on a CPU
+    without bf16 matrix instructions, where each expert gets several rows), returned in a's dtype."""
     dtype = a.dtype
-    if compute_dtype(a, a.shape[0]) != dtype:
+    rows_per_expert = (a.shape[0] if b.dim() == 3 else a.shape[1]) / max(1, offs_E.numel())
+    if compute_dtype(a, rows_per_expert) != dtype:
         a, b = a.float(), b.float()
     if not (_aligned(a) and _aligned(b)):
         a, b = a.contiguous(), b.contiguous()

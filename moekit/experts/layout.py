@@ -4,9 +4,10 @@ On a CPU without native bf16/fp16 matrix instructions (AVX2; AVX-512 without BF1
 bf16 GEMM runs 4-15x slower than fp32 on the same shape, whatever the layout (measured on this
 project's 2-core AVX2 VM: a grouped GEMM of 16384 x 256 rows into 128 experts of 256 x 128 takes
 138 ms in bf16 and 29 ms when its operands are cast to fp32 first, the casts included). So there,
-products of more than one row are computed in fp32 from the bf16 values (exact: bf16 is a subset
-of fp32, and the bf16 kernels accumulate in fp32 too) and rounded back to bf16 once. A single row
-(a decode step) stays in bf16: it is bound by reading the weight, which fp32 would double.
+a product in which several rows (`FP32_MIN_ROWS`) share each weight is computed in fp32 from the
+bf16 values (exact: bf16 is a subset of fp32, and the bf16 kernels accumulate in fp32 too) and
+rounded back to bf16 once. With fewer rows per weight (a decode step, or many experts with a row
+or two each) it stays in bf16: it is bound by reading the weight, which the cast would triple.
 
 Expert weights are stored as checkpoints store them, (out, in) per expert, and exposed as (in, out)
 views (`linear_layout`): a one-row product then reads each weight row-contiguously.
@@ -40,10 +41,15 @@ def slow_reduced_matmul(x: Tensor) -> bool:
     return not torch.cpu._is_amx_fp16_supported()
 
 
-def compute_dtype(x: Tensor, rows: int) -> torch.dtype:
+# Rows sharing one weight from which the fp32 product (with its casts of the weight) wins; below
+# it the product reads the weight for a few rows and the bf16 kernel, which reads half the bytes, wins.
+FP32_MIN_ROWS = 4
+
+
+def compute_dtype(x: Tensor, rows: float) -> torch.dtype:
     """The dtype a product of `rows` rows of `x` is computed in (see the module docstring). Under
     torch.compile the dtype stays (inductor's grouped GEMM takes bf16 only, and fuses its own casts)."""
-    if rows <= 1 or torch.compiler.is_compiling() or not slow_reduced_matmul(x):
+    if rows < FP32_MIN_ROWS or torch.compiler.is_compiling() or not slow_reduced_matmul(x):
         return x.dtype
     return torch.float32
 

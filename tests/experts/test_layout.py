@@ -30,7 +30,7 @@ def test_compute_dtype_is_fp32_for_several_rows_only_where_bf16_is_slow() -> Non
     x = torch.randn(4, 8).to(torch.bfloat16)
     expected = torch.float32 if slow_reduced_matmul(x) else torch.bfloat16
     assert compute_dtype(x, 4) == expected
-    assert compute_dtype(x, 1) == torch.bfloat16  # one row: bandwidth-bound, stays bf16
+    assert compute_dtype(x, 1) == torch.bfloat16  # one row per weight: bandwidth-bound, stays bf16
     assert compute_dtype(torch.randn(4, 8), 4) == torch.float32
 
 
