@@ -250,14 +250,24 @@ def sample_shapes(n: int, seed: int, max_gflop: float) -> list[tuple[Shape, int]
     return out
 
 
+def parse_shape(name: str) -> tuple[Shape, int]:
+    """(shape, T) from a sweep name such as 'E256k1D512F768T256'."""
+    import re
+
+    match = re.fullmatch(r"E(\d+)k(\d+)D(\d+)F(\d+)T(\d+)", name)
+    if match is None:
+        raise SystemExit(f"--sweep-names {name!r}: expected a sweep shape name like E64k4D512F256T1024")
+    E, k, D, Fd, T = (int(v) for v in match.groups())
+    return Shape(name, D, Fd, E, k), T
+
+
 def weights_bound_ms(row: dict, copy_GBps: float) -> float:
     """Milliseconds to read, once, the weights of every expert that gets rows (all E of them for
     these T * k, in expectation) at the machine's copy bandwidth: a floor no MoE layer beats when
     few rows reach each expert, which the dense limit (one expert's weights) does not pay.
     A forward+backward reads them twice and writes their gradients once."""
-    import re
-
-    E, k, D, Fd, T = (int(v) for v in re.fullmatch(r"E(\d+)k(\d+)D(\d+)F(\d+)T(\d+)", row["shape"]).groups())
+    shape, T = parse_shape(row["shape"])
+    E, k, D, Fd = shape.num_experts, shape.top_k, shape.d_model, shape.d_ff
     used = E * (1 - (1 - 1 / E) ** (T * k))
     nbytes = used * 3 * D * Fd * (4 if row["dtype"] == "fp32" else 2) * (3 if row["mode"] == "fwd+bwd" else 1)
     return nbytes / (copy_GBps * 1e9) * 1e3
@@ -270,6 +280,8 @@ def section_sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
     copy_GBps = copy_bandwidth() / 1e9
     drawn = sample_shapes(args.sweep_shapes, args.seed, args.max_gflop)
+    if args.sweep_names:  # re-time named draws of an earlier sweep, e.g. its worst shapes
+        drawn = [parse_shape(name) for name in args.sweep_names]
     print(f"sweep: {len(drawn)} shapes drawn with seed {args.seed}, forward <= {args.max_gflop} GFLOP", flush=True)
     for shape, T in drawn:
         for dt in args.dtypes:
@@ -505,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sweep's shape draw (printed)")
     p.add_argument("--sweep-shapes", type=int, default=None, help="shapes drawn for the sweep (default 32)")
+    p.add_argument("--sweep-names", nargs="+", default=None, metavar="NAME",
+                   help="time these sweep shapes (e.g. E256k1D512F768T256) instead of a random draw")
     p.add_argument("--sweep-repeats", type=int, default=3, help="timed repeats per sweep case")
     p.add_argument("--max-gflop", type=float, default=2.0,
                    help="redraw sweep shapes whose forward exceeds this many GFLOP (a 2-core budget)")
