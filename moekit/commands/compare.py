@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.hf.io import check_not_a_file
     from moekit.parallel import check_launch, init_from_environment, shutdown
     from moekit.train.compare import TRAIN_FLAGS, CompareConfig, check_variants, model_config, run_compare
-    from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
+    from moekit.train.data import ensure_default_corpus
     from moekit.train.runfolder import StorageError
     from moekit.train.series import check_seeds
     from moekit.train.tokenizer import check_vocab_size
@@ -87,16 +87,7 @@ def run(args: argparse.Namespace) -> int:
     parallel, _ = init_from_environment(expert_parallel=args.expert_parallel, device="cpu")
     say = print if parallel.is_writer else (lambda *a, **k: None)
     try:
-        def fetch() -> None:
-            cache = args.cache_dir or default_cache_dir()
-            if args.corpus is None and not is_fetched(cache):
-                print(f"fetching the Shakespeare corpus into {cache} ...")
-                try:
-                    fetch_shakespeare(cache)
-                except RuntimeError as err:
-                    raise ValueError(str(err)) from err
-
-        parallel.on_writer(fetch)
+        parallel.on_writer(lambda: ensure_default_corpus(args.corpus, args.cache_dir))
         try:
             report = run_compare(config, variants=args.variants, out_dir=args.out, corpus=args.corpus,
                                  cache_dir=args.cache_dir, progress=not args.quiet, parallel=parallel,

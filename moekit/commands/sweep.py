@@ -65,7 +65,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.hf.io import check_not_a_file
-    from moekit.train.data import default_cache_dir, fetch_shakespeare, is_fetched
+    from moekit.train.data import ensure_default_corpus
     from moekit.train.runfolder import StorageError
     from moekit.train.sweep import run_sweep
     from moekit.train.tokenizer import check_vocab_size
@@ -75,13 +75,7 @@ def run(args: argparse.Namespace) -> int:
         check_vocab_size(args.vocab_size, "--vocab-size")
     check_not_a_file(args.out, "--out")
     config = sweep_config(args)
-    cache = args.cache_dir or default_cache_dir()
-    if args.corpus is None and not is_fetched(cache):
-        print(f"fetching the Shakespeare corpus into {cache} ...")
-        try:
-            fetch_shakespeare(cache)
-        except RuntimeError as err:
-            raise ValueError(str(err)) from err
+    ensure_default_corpus(args.corpus, args.cache_dir)
     try:
         report = run_sweep(config, out_dir=args.out, corpus=args.corpus, cache_dir=args.cache_dir,
                            progress=not args.quiet)

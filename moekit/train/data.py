@@ -202,6 +202,19 @@ def legacy_cache(cache_dir: Path) -> bool:
         return False
 
 
+def ensure_default_corpus(corpus: str | Path | None, cache_dir: Path | None) -> None:
+    """Fetch the Shakespeare corpus when a run will read it (`corpus` None) and `cache_dir` (None:
+    the default) holds no current fetch; RuntimeError from the download becomes a ValueError."""
+    cache = cache_dir or default_cache_dir()
+    if corpus is not None or (is_fetched(cache) and not legacy_cache(cache)):
+        return
+    print(f"fetching the Shakespeare corpus into {cache} ...")
+    try:
+        fetch_shakespeare(cache)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from err
+
+
 def _document_name(path: Path) -> str:
     stem = path.stem
     return stem[: -len("_gut")] if stem.endswith("_gut") else stem
