@@ -17,13 +17,18 @@ from torch import Tensor, nn
 from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch.capacity import apply_capacity, expert_capacity
-from moekit.dispatch.sort import SortDispatcher
+from moekit.dispatch.sort import SortDispatcher, combine_slots
 from moekit.experts.dense import DenseMLP
 from moekit.experts.grouped import Experts
 from moekit.inputs import bool_mask, check_float_input
 from moekit.routing import ROUTERS, Router
 from moekit.traits import ROUTER_TRAITS
 from moekit.types import MoEOutput, RoutingDecision
+
+
+# Mean rows per expert up to which an inference forward runs the experts' slot kernel; above it
+# the grouped GEMM's blocking pays (benchmarks/moe_layer.py).
+KERNEL_MEAN_ROWS = 4
 
 
 class RoutedLayer(nn.Module):
@@ -147,10 +152,31 @@ class MoELayer(RoutedLayer):
     ) -> MoEOutput:
         x_TD, mask_T, token_ids_T, num_sequences = self.flat_inputs(x, mask, token_ids)
         decision = self.route(x_TD, token_ids_T=token_ids_T, mask_T=mask_T, num_sequences=num_sequences)
-        x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
-        y_RD = self.experts(x_RD, counts_E)
-        y_TD = self.dispatcher.combine(y_RD, plan)
+        y_TD = self.few_rows(x_TD, decision)
+        if y_TD is None:
+            x_RD, counts_E, plan = self.dispatcher.dispatch(x_TD, decision)
+            y_RD = self.experts(x_RD, counts_E)
+            y_TD = self.dispatcher.combine(y_RD, plan)
         return self.finish(x, x_TD, y_TD, decision, mask_T, num_sequences, aux=aux)
+
+    def few_rows(self, x_TD: Tensor, decision: RoutingDecision) -> Tensor | None:
+        """Few rows per expert (a decode step; many experts with a row or two each) without
+        dispatching: each slot's output from the experts' `slot_outputs` (a CPU kernel reading each
+        selected expert's weights once), summed with the routing weights in fp32. None (dispatch as
+        usual) for more rows than the experts' decode path takes and more than `KERNEL_MEAN_ROWS`
+        per expert, with autograd, another dispatcher (expert parallelism), or experts without it."""
+        slot_outputs = getattr(self.experts, "slot_outputs", None)
+        ids_TK = decision.expert_ids_TK
+        rows = ids_TK.numel()
+        few = rows <= max(getattr(self.experts, "decode_max_rows", 0),
+                          KERNEL_MEAN_ROWS * getattr(self.experts, "num_experts", 0))
+        if (slot_outputs is None or torch.is_grad_enabled() or type(self.dispatcher) is not SortDispatcher
+                or not (0 < rows and few) or torch.compiler.is_compiling()):
+            return None
+        o_TKD = slot_outputs(x_TD, ids_TK)
+        if o_TKD is None:
+            return None
+        return combine_slots(o_TKD, decision.weights_TK).to(x_TD.dtype)
 
     def flat_inputs(
         self, x: Tensor, mask: Tensor | None, token_ids: Tensor | None

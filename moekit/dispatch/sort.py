@@ -67,6 +67,12 @@ class WeightedCombine(torch.autograd.Function):
         return grad_y, grad_w, None, None
 
 
+def combine_slots(o_TKD: Tensor, weights_TK: Tensor) -> Tensor:
+    """y_TD = sum over k of weights_TK[t, k] * o_TKD[t, k], in fp32 (slots without an expert carry
+    weight 0 and a zero row); the combine of a decode step computed per slot (MoELayer.few_rows)."""
+    return (o_TKD.float() * weights_TK.float()[..., None]).sum(1)
+
+
 class SortDispatcher:
     """Dropless dispatcher (no parameters): `dispatch(x_TD, decision)` -> rows sorted by expert."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from moekit.experts.activations import glu, plain
-from moekit.experts.layout import linear
+from moekit.experts.layout import linear, linear_many
 from moekit.traits import GATED_ACTIVATIONS
 
 
@@ -31,5 +31,7 @@ class DenseMLP(nn.Module):
             return linear(h, m.weight, m.bias)
 
         if self.gated:
-            return proj(self.down_proj, glu(proj(self.gate_proj, x), proj(self.up_proj, x), self.activation))
+            gate, up = linear_many(x, [(self.gate_proj.weight, self.gate_proj.bias),
+                                       (self.up_proj.weight, self.up_proj.bias)])
+            return proj(self.down_proj, glu(gate, up, self.activation))
         return proj(self.down_proj, plain(proj(self.up_proj, x), self.activation))

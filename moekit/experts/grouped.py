@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.experts.activations import glu, plain
 from moekit.experts.layout import affine, compute_dtype, is_transposed, linear_layout, matmul
+from moekit.kernels import cpu as cpu_kernels
 
 # The CPU kernel of torch._grouped_mm (torch >= 2.9) takes these; CUDA's takes bf16 only (sm80+).
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -165,6 +166,8 @@ class Experts(nn.Module):
         self.num_experts = E
         self.fuse_gate_up = fuse_gate_up
         self.decode_max_rows = decode_max_rows
+        # (the weights' addresses and dtypes, their ExpertPointers) for the decode kernel
+        self._pointers: tuple[tuple, cpu_kernels.ExpertPointers | None] | None = None
         names_in = ("w_gate_EDF", "w_up_EDF") if config.gated else ("w_in_EDF",)
         out_name = "w_down_EFD" if config.gated else "w_out_EFD"
         # Stored (out, in) per expert, as checkpoints store them; see moekit.experts.layout.
@@ -235,6 +238,20 @@ class Experts(nn.Module):
             h_RF = plain(hs[0], self.config.activation)
         y_RD = grouped_matmul(h_RF, w_out_EFD, counts_E, offs_E)
         return y_RD if b_out_ED is None else y_RD + rows_bias(b_out_ED, counts_E, R)
+
+    def slot_outputs(self, x_TD: Tensor, ids_TK: Tensor) -> Tensor | None:
+        """Each routed slot's expert output, fp32 (T, K, D), by the CPU kernel that streams only the
+        selected experts' weights (`moekit.kernels.cpu.expert_rows`); zeros where the id is -1.
+        None where the kernel cannot run (no compiler, autograd, device, dtype, layout): the
+        caller then dispatches as usual."""
+        projections = [*self.input_projections(), self.output_projection()]
+        if not cpu_kernels.supports(x_TD, *(w for w, _ in projections)):
+            return None
+        key = tuple((t.data_ptr(), t.dtype) for pair in projections for t in pair if t is not None)
+        if self._pointers is None or self._pointers[0] != key:  # rebuilt after a move or a cast
+            self._pointers = (key, cpu_kernels.expert_pointers(projections, self.config.activation))
+        pointers = self._pointers[1]
+        return None if pointers is None else cpu_kernels.expert_rows(x_TD, ids_TK, pointers)
 
     def forward_selected(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Decode path: plain matmuls on the weights of the experts that have rows, and no others.

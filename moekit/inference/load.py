@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from moekit.inference.tokenizer import TOKENIZER_FILE, TextTokenizer
+from moekit.kernels import cpu as cpu_kernels
 from moekit.model.linear import lm_head_layout
 from moekit.model.transformer import MoETransformer
 
@@ -90,7 +91,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     if not isinstance(model, MoETransformer):
         raise ValueError(f"{folder} holds a {type(model).__name__}; generation runs decoder-only models")
     model.eval()
-    lm_head_layout(model)  # the decode step's largest matrix, stored the way it reads fastest
+    if not cpu_kernels.available():
+        lm_head_layout(model)  # the decode step's largest matrix, stored the way torch reads it fastest
     eos = _config_eos(folder)
     tok_eos = tokenizer.token_id("eos_token")
     if tok_eos is not None:

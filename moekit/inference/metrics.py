@@ -47,7 +47,8 @@ def render(engine: Engine, counters: ServerCounters, model_name: str) -> str:
     """The /metrics page."""
     by_reason, prompt, generated = counters.copy()
     with engine.lock:
-        running, waiting = len(engine.running), len(engine.waiting)
+        # A finished request keeps its slot until the step's end: it is not running any more.
+        running, waiting = sum(not r.done for r in engine.running), len(engine.waiting)
     tag = f'model_name="{model_name}"'
     lines: list[str] = []
     _metric(lines, "num_requests_running", "gauge", "Requests decoding now.", [(f"{{{tag}}}", running)])

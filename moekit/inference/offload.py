@@ -45,6 +45,7 @@ from moekit.inference.quant import (
 from moekit.inference.quant import (
     quantize_attention as quantize_attention_layers,
 )
+from moekit.kernels import cpu as cpu_kernels
 from moekit.layer import MoELayer
 from moekit.model.config import ModelConfig
 from moekit.model.transformer import MoETransformer
@@ -157,6 +158,35 @@ class OffloadedExperts(nn.Module):
         finally:
             self.cache.end_call()
         return y_RD
+
+    def slot_outputs(self, x_TD: Tensor, ids_TK: Tensor) -> Tensor | None:
+        """`Experts.slot_outputs` on the cached experts: the same kernel, one expert at a time as
+        the cache hands them over, so the outputs equal the in-memory model's bit for bit. None
+        (dispatch as usual) where the kernel cannot run or the experts are quantized."""
+        if not isinstance(self.fmt, FloatFormat) or x_TD.dtype != self.fmt.dtype or not cpu_kernels.supports(x_TD):
+            return None
+        T, K = ids_TK.shape
+        o_TKD = torch.zeros(T, K, self.config.d_model, dtype=torch.float32)
+        used = sorted({e for e in ids_TK.reshape(-1).tolist() if e >= 0})
+        names = (["w_gate_EDF", "w_up_EDF"] if self.config.gated else ["w_in_EDF"]) + [
+            "w_down_EFD" if self.config.gated else "w_out_EFD"]
+        order = self.cache.begin_call(self.layer, used)
+        try:
+            for e in order:
+                key = (self.layer, e)
+                views = self.cache.acquire(key)
+                try:
+                    projections = [(views[n], views.get(f"b_{n[2:-4]}_E{n[-1]}")) for n in names]
+                    pointers = cpu_kernels.expert_pointers(projections, self.config.activation, expert=e,
+                                                           num_experts=self.num_experts)
+                    if pointers is None:
+                        return None
+                    cpu_kernels.expert_rows(x_TD, ids_TK, pointers, only=e, out_TKD=o_TKD)
+                finally:
+                    self.cache.release(key)
+        finally:
+            self.cache.end_call()
+        return o_TKD
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, cache_slots={self.cache.num_slots}"

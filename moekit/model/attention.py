@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.kernels import cpu as cpu_kernels
 from moekit.model.cache import KVCache
 from moekit.model.config import ModelConfig
-from moekit.model.linear import project
+from moekit.model.linear import project, project_many
 from moekit.model.norm import RMSNorm, l2_norm
 from moekit.model.rope import apply_rope
 
@@ -100,6 +101,9 @@ def attend_one(q_BH1d: Tensor, k_BKTd: Tensor, v_BKTe: Tensor, mask_B11T: Tensor
     reshape, not a copy. Returns (B, H, 1, e) in q's dtype."""
     B, H, _, d = q_BH1d.shape
     K = k_BKTd.shape[1]
+    if (B == 1 and k_BKTd.stride(-1) == 1 and v_BKTe.stride(-1) == 1 and mask_B11T.shape[0] == 1
+            and cpu_kernels.supports(q_BH1d, k_BKTd, v_BKTe)):
+        return cpu_kernels.attend_one(q_BH1d, k_BKTd, v_BKTe, mask_B11T, scale)  # one call, no copies
     dtype = q_BH1d.dtype
     q_BKGd = q_BH1d.float().view(B, K, H // K, d)  # G = H / K query heads per K/V head
     logits_BKGT = torch.matmul(q_BKGd, k_BKTd.float().transpose(-1, -2)) * scale
@@ -151,7 +155,10 @@ class Attention(nn.Module):
         cfg = self.config
         B, S, _ = x_BSD.shape
         H, K, hd = cfg.n_heads, cfg.kv_heads, cfg.dim_head
-        q = project(self.q_proj, x_BSD)
+        if self.owns_kv:
+            q, k, v = project_many([self.q_proj, self.k_proj, self.v_proj], x_BSD)
+        else:
+            q = project(self.q_proj, x_BSD)
         if cfg.qk_norm == "full":
             q = self.q_norm(q)  # OLMoE: RMSNorm over all heads at once, before the head split
         if cfg.clip_qkv is not None:
@@ -167,7 +174,6 @@ class Attention(nn.Module):
             q_BHSd = self.q_norm(q_BHSd)  # Hunyuan: per-head RMSNorm after RoPE
 
         if self.owns_kv:
-            k, v = project(self.k_proj, x_BSD), project(self.v_proj, x_BSD)
             if cfg.qk_norm == "full":
                 k = self.k_norm(k)
             if cfg.clip_qkv is not None:

@@ -10,6 +10,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from moekit.kernels import cpu as cpu_kernels
+
+
+# Up to this many elements (a decode step's rows), without autograd, RMSNorm runs as one CPU
+# kernel call (`moekit.kernels.cpu.rmsnorm`) instead of eight small torch ops.
+KERNEL_MAX_ELEMENTS = 1 << 15
+
 
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, the one class moekit uses.
@@ -27,6 +34,9 @@ class RMSNorm(nn.Module):
         self.cast_to = cast_to
 
     def forward(self, x: Tensor) -> Tensor:
+        if (self.cast_to == "input" and x.dim() and x.numel() <= KERNEL_MAX_ELEMENTS
+                and cpu_kernels.supports(x, self.weight)):
+            return cpu_kernels.rmsnorm(x, self.weight, self.variance_epsilon)  # a decode step's few rows
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         if self.cast_to == "input":

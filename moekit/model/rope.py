@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from moekit.kernels import cpu as cpu_kernels
 from moekit.model.config import RopeConfig
 
 
@@ -129,6 +130,10 @@ def rope_cos_sin(
     return (angles_SR.cos() * scale).to(dtype), (angles_SR.sin() * scale).to(dtype)
 
 
+# Positions up to which, without autograd, apply_rope runs as one CPU kernel call (a decode step).
+KERNEL_MAX_POSITIONS = 8
+
+
 def apply_rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: bool = False) -> Tensor:
     """Rotate the first 2R dims of x (B, H, S, d); the remaining d - 2R dims pass through.
 
@@ -137,6 +142,9 @@ def apply_rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: b
     DeepSeek-V3 does. q and k are permuted alike, so every q.k product is unchanged.
     """
     R = cos_SR.shape[-1]
+    if (x_BHSd.shape[2] <= KERNEL_MAX_POSITIONS and cos_SR.dim() == 2 and x_BHSd.stride(-1) == 1
+            and cpu_kernels.supports(x_BHSd)):
+        return cpu_kernels.rope(x_BHSd, cos_SR, sin_SR, interleaved=interleaved)  # a decode step
     rot, rest = x_BHSd[..., : 2 * R], x_BHSd[..., 2 * R:]
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]

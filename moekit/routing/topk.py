@@ -30,7 +30,8 @@ def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
         ids_T1 = scores_TE.argmax(dim=-1, keepdim=True)
         return scores_TE.gather(-1, ids_T1), ids_T1
     E = scores_TE.shape[-1]
-    if scores_TE.dtype == torch.float64 or E > _MAX_KEY_EXPERTS:
+    if scores_TE.dtype == torch.float64 or E > _MAX_KEY_EXPERTS or scores_TE.numel() <= _SORT_MAX_SCORES:
+        # (a decode step's few tokens: one sort costs less than the key's handful of small ops)
         values_TE, ids_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
         return values_TE[..., :k], ids_TE[..., :k]
     scores32_TE = scores_TE.float()
@@ -44,6 +45,7 @@ def stable_topk(scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 _MAX_KEY_EXPERTS = 1 << 16  # index bits of the int64 keys in stable_topk
+_SORT_MAX_SCORES = 4096  # up to this many scores stable_topk sorts
 
 
 def expert_scores(logits_TE: Tensor, score_func: str) -> Tensor:

@@ -131,9 +131,10 @@ def test_record_and_replay_reproduce_routing() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("E,k", [(8, 2), (64, 6), (300, 8)])
-def test_stable_topk_equals_stable_sort(dtype: torch.dtype, E: int, k: int) -> None:
+@pytest.mark.parametrize("T", [pytest.param(4, id="sorted"), pytest.param(600, id="keys")])  # both paths
+def test_stable_topk_equals_stable_sort(dtype: torch.dtype, E: int, k: int, T: int) -> None:
     g = torch.Generator().manual_seed(E)
-    scores_TE = torch.randn(50, E, generator=g).to(dtype)
+    scores_TE = torch.randn(T, E, generator=g).to(dtype)
     scores_TE[:, : E // 2] = scores_TE[:, :1]  # many exact ties, including negative values
     scores_TE[0, 3] = float("-inf")
     scores_TE[1, :] = 0.0

@@ -1,0 +1,278 @@
+"""The CPU kernels of `small_rows.cpp`: built at first use, loaded with ctypes, torch fallbacks.
+
+The library is compiled once per source, compiler and CPU (`g++ -O3 -march=native -fopenmp`, a few
+seconds) into `$MOEKIT_CACHE` (default `~/.cache/moekit`)`/kernels/`, written to a temporary name and
+renamed, so concurrent processes never load a half-written file. Where there is no compiler, the
+build fails, or `MOEKIT_KERNELS=0` is set, `available()` is False and every caller keeps its torch
+path: the kernels are a speed-up, never a requirement.
+
+Entry points (no autograd; inference only; CPU tensors):
+    linear_rows(x, weight, bias)      F.linear for a few rows, weight (out, in) row-major
+    linear_rows_many(x, [(w, b), ...])   several of them sharing x, in one call
+    rmsnorm(x, weight, eps)           RMSNorm of a few rows (statistics in fp32)
+    rope(x_BHSd, cos_SR, sin_SR, interleaved)   rotary embedding of a few positions
+    attend_one(q_BH1d, k_BKTd, v_BKTe, mask_B11T, scale)   one query over the KV cache (B = 1)
+    expert_rows(x_TD, ids_TK, experts)  every routed slot's expert output, o_TKD (experts: ExpertPointers)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("small_rows.cpp")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17")
+_WTYPE = {torch.float32: 0, torch.bfloat16: 1}
+ACTIVATIONS = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2, "gelu": 3, "relu": 4, "silu": 5}
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "kernels"
+
+
+def _cpu_key() -> str:
+    """What the `-march=native` binary depends on: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    return "\n".join(lines) + platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_key(),
+                                    sys.platform]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"small_rows-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{result.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("MOEKIT_KERNELS", "1") == "0" or sys.platform != "linux":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"moekit's CPU kernels are unavailable ({err}); using the torch paths", stacklevel=3)
+        return None
+    lib.mk_linear_rows.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int]
+    lib.mk_expert_rows.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int,
+                                   _int, _int, _ptr, _int]
+    lib.mk_rmsnorm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, _int]
+    lib.mk_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _int, _ptr, _int]
+    lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr,
+                                  ctypes.c_float, _ptr, _int, _int]
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded (see the module docstring)."""
+    return _library() is not None
+
+
+def supports(x: Tensor, *weights: Tensor) -> bool:
+    """True when the kernels can run these tensors: CPU, fp32/bf16, no autograd, library loaded."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in _WTYPE or not available():
+        return False
+    return all(w.dtype == x.dtype and w.device.type == "cpu" for w in weights) and not torch.compiler.is_compiling()
+
+
+def _ptr_of(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _addresses(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def linear_rows_many(x: Tensor, weights: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
+    """[F.linear(x, w, b) for w, b in weights] for a few rows, in one call: every weight (out, in)
+    with unit stride along in, weights and biases in x's dtype. Accumulates in fp32 and rounds
+    once to x's dtype. Call only where `supports(x, *weights)`."""
+    lib = _library()
+    assert lib is not None, "linear_rows needs the compiled kernels (check available())"
+    K = x.shape[-1]
+    for w, b in weights:
+        if w.dim() != 2 or w.shape[1] != K or w.stride(-1) != 1:
+            raise ValueError(f"linear_rows needs weights (out, {K}) with unit stride along in; got shape "
+                             f"{tuple(w.shape)}, strides {tuple(w.stride())}")
+        if b is not None and (b.dtype != x.dtype or not b.is_contiguous()):
+            raise ValueError(f"linear_rows needs contiguous biases in {x.dtype}")
+    x2 = x.reshape(-1, K).contiguous()
+    ys = [torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype) for w, _ in weights]
+    lib.mk_linear_rows(x2.data_ptr(), x2.shape[0], K, len(weights),
+                       _addresses([w.data_ptr() for w, _ in weights]),
+                       _addresses([w.shape[0] for w, _ in weights]),
+                       _addresses([w.stride(0) for w, _ in weights]),
+                       _addresses([0 if b is None else b.data_ptr() for _, b in weights]),
+                       _addresses([y.data_ptr() for y in ys]), _WTYPE[x.dtype], torch.get_num_threads())
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)` for a few rows (see `linear_rows_many`)."""
+    return linear_rows_many(x, [(weight, bias)])[0]
+
+
+@dataclass(frozen=True)
+class ExpertPointers:
+    """Where each expert's weights are, for `expert_rows`: one layer's gate/in, up and down/out
+    projections, each expert's matrix stored (out, in) row-major with rows `lds[i]` apart.
+
+    ptrs_3E: int64 (3, E) addresses (0 for an expert that is not there; row 1 unused for plain
+    experts); bias_ptrs_3E: the same for biases in the weight dtype, or None; keep: the tensors the
+    addresses point into (held so that they outlive the call).
+    """
+
+    ptrs_3E: Tensor
+    bias_ptrs_3E: Tensor | None
+    lds: Tensor
+    gated: bool
+    d_ff: int
+    dtype: torch.dtype
+    activation: str
+    keep: tuple[Tensor, ...]
+
+
+def expert_pointers(projections: list[tuple[Tensor, Tensor | None]], activation: str, *,
+                    expert: int | None = None, num_experts: int | None = None) -> ExpertPointers | None:
+    """ExpertPointers of one layer's expert weights: [(w, b)] for gate, up, down (gated) or in, out
+    (plain), in `moekit.experts.grouped.Experts`' logical shapes. Either every expert's 3-D weights
+    (w (E, in, out), b (E, out)), or, with `expert` and `num_experts`, one expert's 2-D ones
+    (w (in, out), b (out,); an offloaded expert in its cache slot). None when a weight is not
+    stored (out, in) row-major or its dtype has no kernel."""
+    ws = [w for w, _ in projections]
+    dtype = ws[0].dtype
+    if not all(w.stride(-2) == 1 and w.dtype == dtype for w in ws) or dtype not in _WTYPE:
+        return None
+    gated = len(projections) == 3
+    order = list(projections) if gated else [projections[0], (None, None), projections[1]]
+    if any(b is not None and (b.dtype != dtype or b.stride(-1) != 1) for _, b in order):
+        return None
+    size = ws[0].element_size()
+    E = ws[0].shape[0] if expert is None else num_experts
+    assert E is not None, "pass num_experts with expert"
+    arange_E = torch.arange(E, dtype=torch.int64)
+
+    def addresses(t: Tensor | None) -> Tensor:
+        if t is None:
+            return torch.zeros(E, dtype=torch.int64)
+        if expert is None:
+            return t.data_ptr() + arange_E * (t.stride(0) * size)
+        return torch.zeros(E, dtype=torch.int64).index_fill_(0, torch.tensor([expert]), t.data_ptr())
+
+    biases = [b for _, b in order]
+    return ExpertPointers(
+        ptrs_3E=torch.stack([addresses(w) for w, _ in order]),
+        bias_ptrs_3E=None if all(b is None for b in biases) else torch.stack([addresses(b) for b in biases]),
+        lds=torch.tensor([0 if w is None else w.stride(-1) for w, _ in order], dtype=torch.int64),
+        gated=gated, d_ff=ws[0].shape[-1], dtype=dtype, activation=activation,
+        keep=tuple(t for pair in order for t in pair if t is not None))
+
+
+def expert_rows(x_TD: Tensor, ids_TK: Tensor, experts: ExpertPointers, *, only: int = -1,
+                out_TKD: Tensor | None = None) -> Tensor:
+    """o_TKD[t, k] = expert ids_TK[t, k] applied to x_TD[t], in fp32 (accumulated in fp32, never
+    rounded to the model dtype in between), for every slot whose id is >= 0 (and == `only` when
+    only >= 0); the other slots of `out_TKD` (default: zeros) are left as they are.
+
+    Call only where `supports(x_TD, ...)`; the routing weights are applied by the caller.
+    """
+    lib = _library()
+    assert lib is not None, "expert_rows needs the compiled kernels (check available())"
+    T, D = x_TD.shape
+    K = ids_TK.shape[1]
+    E = experts.ptrs_3E.shape[1]
+    if x_TD.dtype != experts.dtype:
+        raise ValueError(f"x_TD is {x_TD.dtype} but the experts are {experts.dtype}")
+    x = x_TD.contiguous()
+    ids = ids_TK.to(torch.int64).contiguous()
+    o = torch.zeros(T, K, D, dtype=torch.float32) if out_TKD is None else out_TKD
+    if o.shape != (T, K, D) or o.dtype != torch.float32 or not o.is_contiguous():
+        raise ValueError(f"out_TKD must be a contiguous float32 ({T}, {K}, {D}) tensor")
+    lib.mk_expert_rows(x.data_ptr(), T, D, experts.d_ff, K, E, ids.data_ptr(), only,
+                       experts.ptrs_3E.data_ptr(), _ptr_of(experts.bias_ptrs_3E), experts.lds.data_ptr(),
+                       int(experts.gated), _WTYPE[experts.dtype], ACTIVATIONS[experts.activation],
+                       o.data_ptr(), torch.get_num_threads())
+    return o
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`moekit.model.norm.RMSNorm` (cast_to="input") of x (…, D): fp32 statistics, the normalised
+    row rounded to x's dtype, then times the weight (x's dtype). Call only where `supports(x, weight)`."""
+    lib = _library()
+    assert lib is not None, "rmsnorm needs the compiled kernels (check available())"
+    D = x.shape[-1]
+    if weight.shape != (D,) or not weight.is_contiguous():
+        raise ValueError(f"rmsnorm needs a contiguous ({D},) weight; got {tuple(weight.shape)}")
+    x2 = x.contiguous()
+    y = torch.empty_like(x2)
+    lib.mk_rmsnorm(x2.data_ptr(), x2.numel() // D, D, weight.data_ptr(), eps, y.data_ptr(), _WTYPE[x.dtype])
+    return y
+
+
+def rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: bool) -> Tensor:
+    """`moekit.model.rope.apply_rope` (each product rounded to x's dtype, as torch's ops round).
+    x may be any view with unit stride inside a head; returns a contiguous (B, H, S, d) tensor."""
+    lib = _library()
+    assert lib is not None, "rope needs the compiled kernels (check available())"
+    B, H, S, d = x_BHSd.shape
+    R = cos_SR.shape[-1]
+    if x_BHSd.stride(-1) != 1 or cos_SR.shape != (S, R) or 2 * R > d:
+        raise ValueError("rope needs x with unit stride inside a head and (S, R) tables, 2R <= d")
+    cos, sin = cos_SR.to(x_BHSd.dtype).contiguous(), sin_SR.to(x_BHSd.dtype).contiguous()
+    y = torch.empty(B, H, S, d, dtype=x_BHSd.dtype)
+    lib.mk_rope(x_BHSd.data_ptr(), B, H, S, d, _addresses(list(x_BHSd.stride()[:3])), cos.data_ptr(),
+                sin.data_ptr(), R, int(interleaved), y.data_ptr(), _WTYPE[x_BHSd.dtype])
+    return y
+
+
+def attend_one(q_BH1d: Tensor, k_BKTd: Tensor, v_BKTe: Tensor, mask_B11T: Tensor, scale: float) -> Tensor:
+    """`moekit.model.attention.attend_one` for B = 1, reading the cache rows in place (fp32 maths,
+    the output rounded once to q's dtype). Returns (1, H, 1, e)."""
+    lib = _library()
+    assert lib is not None, "attend_one needs the compiled kernels (check available())"
+    B, H, _, d = q_BH1d.shape
+    _, K, T, e = v_BKTe.shape
+    if B != 1 or k_BKTd.stride(-1) != 1 or v_BKTe.stride(-1) != 1 or mask_B11T.shape[-1] != T:
+        raise ValueError("attend_one needs one sequence, K/V with unit stride inside a head and a (.., T) mask")
+    q = q_BH1d.contiguous()
+    mask = mask_B11T.reshape(-1).float().contiguous()
+    out = torch.empty(1, H, 1, e, dtype=q.dtype)
+    lib.mk_attend_one(q.data_ptr(), H, K, T, d, e, k_BKTd.data_ptr(), k_BKTd.stride(1), k_BKTd.stride(2),
+                      v_BKTe.data_ptr(), v_BKTe.stride(1), v_BKTe.stride(2), mask.data_ptr(), scale,
+                      out.data_ptr(), _WTYPE[q.dtype], torch.get_num_threads())
+    return out
