@@ -91,7 +91,7 @@ def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 # Rows up to which, without autograd, a product with an (out, in) row-major weight runs the CPU
 # kernel that streams the weight once (`moekit.kernels.cpu.linear_rows`; benchmarks/decode.py).
-KERNEL_MAX_ROWS = 8
+KERNEL_MAX_ROWS = 16
 
 
 def _kernel_takes(x: Tensor, rows: int, weights: list[tuple[Tensor, Tensor | None]]) -> bool:

@@ -12,6 +12,7 @@ Entry points (no autograd; inference only; CPU tensors):
     rmsnorm(x, weight, eps)           RMSNorm of a few rows (statistics in fp32)
     rope(x_BHSd, cos_SR, sin_SR, interleaved)   rotary embedding of a few positions
     attend_one(q_BH1d, k_BKTd, v_BKTe, mask_B11T, scale)   one query over the KV cache (B = 1)
+    topk_route(x_TD, gate_weight, gate_bias, ...)   token-choice top-k routing of a few tokens
     expert_rows(x_TD, ids_TK, experts)  every routed slot's expert output, o_TKD (experts: ExpertPointers)
 """
 
@@ -93,6 +94,8 @@ def _library() -> ctypes.CDLL | None:
                                    _int, _int, _ptr, _int]
     lib.mk_rmsnorm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, _int]
     lib.mk_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _int, _ptr, _int]
+    lib.mk_topk_route.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int, _int, _int, ctypes.c_float,
+                                  _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
     lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr,
                                   ctypes.c_float, _ptr, _int, _int]
     return lib
@@ -276,3 +279,28 @@ def attend_one(q_BH1d: Tensor, k_BKTd: Tensor, v_BKTe: Tensor, mask_B11T: Tensor
                       v_BKTe.data_ptr(), v_BKTe.stride(1), v_BKTe.stride(2), mask.data_ptr(), scale,
                       out.data_ptr(), _WTYPE[q.dtype], torch.get_num_threads())
     return out
+
+
+def topk_route(x_TD: Tensor, gate_weight: Tensor, gate_bias: Tensor | None, *, top_k: int, score_func: str,
+               softmax_after_topk: bool, normalize_topk: bool, routed_scaling_factor: float,
+               selection_bias_E: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`moekit.routing.topk.topk_route` of a linear gate without expert groups, in one call.
+    Returns (ids_TK long, weights_TK fp32, logits_TE fp32, probs_TE fp32, counts_E long).
+    Call only where `supports(x_TD, gate_weight)`."""
+    lib = _library()
+    assert lib is not None, "topk_route needs the compiled kernels (check available())"
+    T, D = x_TD.shape
+    E = gate_weight.shape[0]
+    if gate_weight.shape != (E, D) or not gate_weight.is_contiguous() or not 0 < top_k <= E:
+        raise ValueError(f"topk_route needs a contiguous ({E}, {D}) gate and 0 < top_k <= {E}")
+    x = x_TD.contiguous()
+    bias = None if gate_bias is None else gate_bias.to(x.dtype).contiguous()
+    sel = None if selection_bias_E is None else selection_bias_E.float().contiguous()
+    logits, probs = torch.empty(T, E), torch.empty(T, E)
+    ids, weights = torch.empty(T, top_k, dtype=torch.int64), torch.empty(T, top_k)
+    counts = torch.empty(E, dtype=torch.int64)
+    lib.mk_topk_route(x.data_ptr(), T, D, E, top_k, gate_weight.data_ptr(), _ptr_of(bias),
+                      int(score_func == "sigmoid"), int(softmax_after_topk), int(normalize_topk),
+                      routed_scaling_factor, _ptr_of(sel), logits.data_ptr(), probs.data_ptr(), ids.data_ptr(),
+                      weights.data_ptr(), counts.data_ptr(), _WTYPE[x.dtype])
+    return ids, weights, logits, probs, counts

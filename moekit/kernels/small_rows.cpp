@@ -14,6 +14,7 @@
 //   mk_rmsnorm      RMSNorm of a few rows (moekit.model.norm.RMSNorm, cast_to="input")
 //   mk_rope         rotary embedding of a few positions (moekit.model.rope.apply_rope)
 //   mk_attend_one   one query per head over the KV cache (moekit.model.attention.attend_one)
+//   mk_topk_route   token-choice top-k routing of a few tokens (moekit.routing.topk.topk_route)
 //
 // Compiled at first use by moekit/kernels/cpu.py (g++ -O3 -march=native -fopenmp -ffp-contract=off:
 // no fused multiply-add beyond the explicit ones, so the combine rounds as torch's does); every entry
@@ -346,6 +347,66 @@ void attend_one(const WT* q, int64_t H, int64_t KV, int64_t T, int64_t d, int64_
     }
 }
 
+// Token-choice top-k routing of a few tokens (moekit.routing.topk.topk_route without expert
+// groups): logits = x . gate^T + b in fp32; scores softmax or sigmoid; the top k of scores (+ the
+// selection bias) with ties to the lower index; weights the chosen scores (renormalised) or a
+// softmax over the chosen logits, times the scaling; probs the softmax, or the sigmoid scores
+// normalised per token; counts the tokens per expert.
+template <typename WT>
+void topk_route(const WT* x, int64_t T, int64_t D, int64_t E, int64_t K, const WT* gate, const WT* gate_bias,
+                int sigmoid_scores, int softmax_after_topk, int normalize, float scaling, const float* sel_bias,
+                float* logits, float* probs, int64_t* ids, float* weights, int64_t* counts) {
+    std::vector<float> xf(D), scores(E), select(E);
+    std::vector<char> taken(E);
+    for (int64_t e = 0; e < E; ++e) counts[e] = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t d = 0; d < D; ++d) xf[d] = load1<WT>(x, t * D + d);
+        float* lt = logits + t * E;
+        for (int64_t e = 0; e < E; ++e) {
+            dots<1, WT>(gate + e * D, xf.data(), 0, D, &lt[e]);
+            if (gate_bias) lt[e] += load1<WT>(gate_bias, e);
+        }
+        if (sigmoid_scores) {
+            for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-lt[e]));
+        } else {
+            float mx = -INFINITY, sum = 0.0f;
+            for (int64_t e = 0; e < E; ++e) mx = lt[e] > mx ? lt[e] : mx;
+            for (int64_t e = 0; e < E; ++e) sum += scores[e] = std::exp(lt[e] - mx);
+            for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+        }
+        for (int64_t e = 0; e < E; ++e) {
+            select[e] = scores[e] + (sel_bias ? sel_bias[e] : 0.0f);
+            taken[e] = 0;
+        }
+        int64_t* it = ids + t * K;
+        float* wt = weights + t * K;
+        for (int64_t k = 0; k < K; ++k) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)
+                if (!taken[e] && (best < 0 || select[e] > select[best])) best = e;
+            taken[best] = 1;
+            it[k] = best;
+            ++counts[best];
+        }
+        if (softmax_after_topk) {
+            float mx = -INFINITY, sum = 0.0f;
+            for (int64_t k = 0; k < K; ++k) mx = lt[it[k]] > mx ? lt[it[k]] : mx;
+            for (int64_t k = 0; k < K; ++k) sum += wt[k] = std::exp(lt[it[k]] - mx);
+            for (int64_t k = 0; k < K; ++k) wt[k] /= sum;
+        } else {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < K; ++k) sum += wt[k] = scores[it[k]];
+            if (normalize)
+                for (int64_t k = 0; k < K; ++k) wt[k] /= (sum > 1e-20f ? sum : 1e-20f);
+        }
+        for (int64_t k = 0; k < K; ++k) wt[k] *= scaling;
+        float total = 0.0f;
+        if (sigmoid_scores)
+            for (int64_t e = 0; e < E; ++e) total += scores[e];
+        for (int64_t e = 0; e < E; ++e) probs[t * E + e] = sigmoid_scores ? scores[e] / total : scores[e];
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -417,6 +478,20 @@ void mk_attend_one(const void* q, int64_t H, int64_t KV, int64_t T, int64_t d, i
     else
         attend_one<float>(static_cast<const float*>(q), H, KV, T, d, e, static_cast<const float*>(k), skh, skt,
                           static_cast<const float*>(v), svh, svt, mask, scale, static_cast<float*>(out), nthreads);
+}
+
+void mk_topk_route(const void* x, int64_t T, int64_t D, int64_t E, int64_t K, const void* gate,
+                   const void* gate_bias, int sigmoid_scores, int softmax_after_topk, int normalize, float scaling,
+                   const float* sel_bias, float* logits, float* probs, int64_t* ids, float* weights,
+                   int64_t* counts, int wtype) {
+    if (wtype == W_BF16)
+        topk_route<uint16_t>(static_cast<const uint16_t*>(x), T, D, E, K, static_cast<const uint16_t*>(gate),
+                             static_cast<const uint16_t*>(gate_bias), sigmoid_scores, softmax_after_topk, normalize,
+                             scaling, sel_bias, logits, probs, ids, weights, counts);
+    else
+        topk_route<float>(static_cast<const float*>(x), T, D, E, K, static_cast<const float*>(gate),
+                          static_cast<const float*>(gate_bias), sigmoid_scores, softmax_after_topk, normalize,
+                          scaling, sel_bias, logits, probs, ids, weights, counts);
 }
 
 }  // extern "C"

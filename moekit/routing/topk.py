@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.kernels import cpu as cpu_kernels
 from moekit.losses import expert_bias_update
 from moekit.routing.base import LinearGateRouter, counts_from_ids, gate_logits
 from moekit.types import RoutingDecision
@@ -141,6 +142,10 @@ def topk_route(
     return ids_TK, weights_TK, balance_probs(scores_TE, score_func)
 
 
+# Tokens up to which, without autograd and out of training, routing runs as one CPU kernel call.
+KERNEL_MAX_TOKENS = 16
+
+
 class TopKRouter(LinearGateRouter):
     """Linear gate + `topk_route`. Holds the gate, the optional noise gate and selection bias."""
 
@@ -172,6 +177,15 @@ class TopKRouter(LinearGateRouter):
         self, x_TD: Tensor, *, token_ids_T: Tensor | None = None, mask_T: Tensor | None = None
     ) -> RoutingDecision:
         cfg = self.config
+        if (not self.training and x_TD.shape[0] <= KERNEL_MAX_TOKENS and x_TD.dim() == 2
+                and (cfg.num_groups is None or cfg.topk_groups is None or cfg.topk_groups >= cfg.num_groups)
+                and self.gate.weight.is_contiguous() and cpu_kernels.supports(x_TD, self.gate.weight)):
+            # a decode step's few tokens: the whole of `topk_route` in one kernel call
+            ids_TK, weights_TK, logits_TE, probs_TE, counts_E = cpu_kernels.topk_route(
+                x_TD, self.gate.weight, self.gate.bias, top_k=cfg.top_k, score_func=cfg.score_func,
+                softmax_after_topk=cfg.softmax_after_topk, normalize_topk=cfg.normalize_topk,
+                routed_scaling_factor=cfg.routed_scaling_factor, selection_bias_E=self.expert_bias)
+            return RoutingDecision(ids_TK, weights_TK, logits_TE, probs_TE, counts_E)
         logits_TE = self.logits(x_TD)
         ids_TK, weights_TK, probs_TE = topk_route(
             logits_TE,

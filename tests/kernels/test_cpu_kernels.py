@@ -220,3 +220,32 @@ def test_attend_one_kernel_equals_reference(dtype, heads, kv_heads):
     assert got.dtype == dtype and got.shape == (1, heads, 1, d)
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", [
+    pytest.param({}, id="softmax-renormalised"),
+    pytest.param({"softmax_after_topk": True}, id="mixtral"),
+    pytest.param({"normalize_topk": False, "router_bias": True}, id="no-renorm-bias"),
+    pytest.param({"score_func": "sigmoid", "expert_bias": True, "routed_scaling_factor": 2.5}, id="deepseek-v3"),
+])
+def test_topk_route_kernel_equals_torch_router(dtype, variant):
+    from moekit.routing.topk import TopKRouter
+
+    cfg = MoEConfig(d_model=24, d_ff=8, num_experts=10, top_k=3, **variant)
+    torch.manual_seed(0)
+    router = TopKRouter(cfg).to(dtype).eval()
+    if router.expert_bias is not None:
+        router.expert_bias.copy_(torch.randn(10, generator=_gen(12)) * 0.1)
+    x = torch.randn(5, 24, generator=_gen(13)).to(dtype)
+    x[4] = 0  # every logit equal (the gate's bias aside): ties go to the lower expert index
+    with torch.no_grad():
+        fast = router(x)
+    with torch.enable_grad():
+        slow = router(x)
+    assert torch.equal(fast.expert_ids_TK, slow.expert_ids_TK)
+    assert torch.equal(fast.counts_E, slow.counts_E)
+    for name in ("weights_TK", "logits_TE", "probs_TE"):
+        got, want = getattr(fast, name), getattr(slow, name).detach()
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
