@@ -93,7 +93,7 @@ def _library() -> ctypes.CDLL | None:
     lib.mk_expert_rows.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int,
                                    _int, _int, _ptr, _int]
     lib.mk_rmsnorm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, _int]
-    lib.mk_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _int, _ptr, _int]
+    lib.mk_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _int]
     lib.mk_topk_route.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int, _int, _int, ctypes.c_float,
                                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
     lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr,
@@ -248,18 +248,20 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: bool) -> Tensor:
-    """`moekit.model.rope.apply_rope` (each product rounded to x's dtype, as torch's ops round).
-    x may be any view with unit stride inside a head; returns a contiguous (B, H, S, d) tensor."""
+    """`moekit.model.rope.apply_rope` (each product rounded to x's dtype, as torch's ops round);
+    cos/sin (S, R), or (B, 1, S, R) with each row at its own positions (`row_cos_sin`). x may be any view with unit
+    stride inside a head; returns a contiguous (B, H, S, d) tensor."""
     lib = _library()
     assert lib is not None, "rope needs the compiled kernels (check available())"
     B, H, S, d = x_BHSd.shape
     R = cos_SR.shape[-1]
-    if x_BHSd.stride(-1) != 1 or cos_SR.shape != (S, R) or 2 * R > d:
-        raise ValueError("rope needs x with unit stride inside a head and (S, R) tables, 2R <= d")
+    per_row = cos_SR.dim() == 4
+    if x_BHSd.stride(-1) != 1 or cos_SR.shape != ((B, 1, S, R) if per_row else (S, R)) or 2 * R > d:
+        raise ValueError("rope needs x with unit stride inside a head and (S, R) or (B, 1, S, R) tables, 2R <= d")
     cos, sin = cos_SR.to(x_BHSd.dtype).contiguous(), sin_SR.to(x_BHSd.dtype).contiguous()
     y = torch.empty(B, H, S, d, dtype=x_BHSd.dtype)
     lib.mk_rope(x_BHSd.data_ptr(), B, H, S, d, _addresses(list(x_BHSd.stride()[:3])), cos.data_ptr(),
-                sin.data_ptr(), R, int(interleaved), y.data_ptr(), _WTYPE[x_BHSd.dtype])
+                sin.data_ptr(), S * R if per_row else 0, R, int(interleaved), y.data_ptr(), _WTYPE[x_BHSd.dtype])
     return y
 
 

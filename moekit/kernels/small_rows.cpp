@@ -280,13 +280,14 @@ void rmsnorm(const WT* x, int64_t R, int64_t D, const WT* w, float eps, WT* y) {
     }
 }
 
-// RoPE on x[b, h, s, :] (strides sb, sh, ss; unit stride inside a head), cos/sin (S, R): the first
-// 2R dims rotate, the rest pass through;
+// RoPE on x[b, h, s, :] (strides sb, sh, ss; unit stride inside a head), cos/sin (S, R), or
+// (B, S, R) when each row has its own positions (cb = S * R, else 0): the first 2R dims rotate,
+// the rest pass through;
 // half layout pairs j with j + R, interleaved pairs 2j with 2j + 1 and writes the rotated evens
 // then odds (moekit.model.rope.apply_rope). y is contiguous (B, H, S, d).
 template <typename WT>
 void rope(const WT* x, int64_t B, int64_t H, int64_t S, int64_t d, int64_t sb, int64_t sh, int64_t ss,
-          const WT* cos, const WT* sin, int64_t R, int interleaved, WT* y) {
+          const WT* cos, const WT* sin, int64_t cb, int64_t R, int interleaved, WT* y) {
     auto store = [](WT* out, float v) {
         if constexpr (sizeof(WT) == 2) *out = f32_to_bf16(v);
         else *out = v;
@@ -302,7 +303,8 @@ void rope(const WT* x, int64_t B, int64_t H, int64_t S, int64_t d, int64_t sb, i
             for (int64_t j = 0; j < R; ++j) {
                 const float x1 = load1<WT>(xr, interleaved ? 2 * j : j);
                 const float x2 = load1<WT>(xr, interleaved ? 2 * j + 1 : j + R);
-                const float c = load1<WT>(cos, s * R + j), sn_ = load1<WT>(sin, s * R + j);
+                const int64_t at = (n / H) * cb + s * R + j;
+                const float c = load1<WT>(cos, at), sn_ = load1<WT>(sin, at);
                 store(yr + j, round(x1 * c) - round(x2 * sn_));
                 store(yr + j + R, round(x2 * c) + round(x1 * sn_));
             }
@@ -458,14 +460,14 @@ void mk_rmsnorm(const void* x, int64_t R, int64_t D, const void* w, float eps, v
 }
 
 void mk_rope(const void* x, int64_t B, int64_t H, int64_t S, int64_t d, const int64_t* strides, const void* cos,
-             const void* sin, int64_t R, int interleaved, void* y, int wtype) {
+             const void* sin, int64_t cb, int64_t R, int interleaved, void* y, int wtype) {
     const int64_t sb = strides[0], sh = strides[1], ss = strides[2];
     if (wtype == W_BF16)
         rope<uint16_t>(static_cast<const uint16_t*>(x), B, H, S, d, sb, sh, ss, static_cast<const uint16_t*>(cos),
-                       static_cast<const uint16_t*>(sin), R, interleaved, static_cast<uint16_t*>(y));
+                       static_cast<const uint16_t*>(sin), cb, R, interleaved, static_cast<uint16_t*>(y));
     else
         rope<float>(static_cast<const float*>(x), B, H, S, d, sb, sh, ss, static_cast<const float*>(cos),
-                    static_cast<const float*>(sin), R, interleaved, static_cast<float*>(y));
+                    static_cast<const float*>(sin), cb, R, interleaved, static_cast<float*>(y));
 }
 
 void mk_attend_one(const void* q, int64_t H, int64_t KV, int64_t T, int64_t d, int64_t e, const void* k,

@@ -142,7 +142,8 @@ def apply_rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: b
     DeepSeek-V3 does. q and k are permuted alike, so every q.k product is unchanged.
     """
     R = cos_SR.shape[-1]
-    if (x_BHSd.shape[2] <= KERNEL_MAX_POSITIONS and cos_SR.dim() == 2 and x_BHSd.stride(-1) == 1
+    tables_ok = cos_SR.dim() == 2 or (cos_SR.dim() == 4 and cos_SR.shape[1] == 1)  # (S, R) or (B, 1, S, R)
+    if (x_BHSd.shape[2] <= KERNEL_MAX_POSITIONS and tables_ok and x_BHSd.stride(-1) == 1
             and cpu_kernels.supports(x_BHSd)):
         return cpu_kernels.rope(x_BHSd, cos_SR, sin_SR, interleaved=interleaved)  # a decode step
     rot, rest = x_BHSd[..., : 2 * R], x_BHSd[..., 2 * R:]

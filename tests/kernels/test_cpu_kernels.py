@@ -200,6 +200,15 @@ def test_rope_kernel_equals_torch_rope(dtype, interleaved, partial):
         want = apply_rope(x, cos, sin, interleaved=interleaved)  # the torch ops
     # the same products and sums, each rounded to the dtype as torch rounds them: equal bits
     assert torch.equal(got, want.detach()) and torch.equal(routed, got)
+    # per-row positions (the batching engine's rows): (B, 1, S, R) tables
+    xb = torch.randn(2, S, H, d, generator=_gen(14)).to(dtype).transpose(1, 2)
+    angles_b = torch.rand(2, 1, S, R, generator=_gen(15)) * 6
+    cos_b, sin_b = angles_b.cos().to(dtype), angles_b.sin().to(dtype)
+    with torch.no_grad():
+        got_b = apply_rope(xb, cos_b, sin_b, interleaved=interleaved)
+    with torch.enable_grad():
+        want_b = apply_rope(xb, cos_b, sin_b, interleaved=interleaved)
+    assert torch.equal(got_b, want_b.detach())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
