@@ -136,3 +136,51 @@ def test_flags_set_the_shape_and_the_training_run():
     config = compare_config(args)
     assert config == CompareConfig(top_k=2, train=replace(DEFAULT_TRAIN, steps=7, seq_len=32, lr=0.01))
     assert model_config("dense", config).max_seq_len == 32
+
+
+def test_recipe_knobs_reach_each_variants_moe_config():
+    config = replace(SMALL, z_loss_coef=1e-3, load_balance_granularity="sequence", aux_free_balance_coef=1e-4)
+    topk = model_config("topk_lb", config).moe
+    assert (topk.z_loss_coef, topk.load_balance_granularity, topk.load_balance_coef) == (1e-3, "sequence", 1e-2)
+    free = model_config("aux_free", config).moe
+    # aux-free keeps only DeepSeek-V3's complementary sequence-wise loss, at its own coefficient
+    assert (free.load_balance_coef, free.load_balance_granularity, free.expert_bias) == (1e-4, "sequence", True)
+    assert model_config("aux_free", SMALL).moe.load_balance_coef == 0.0
+    assert model_config("expert_choice", config).moe.load_balance_coef == 0.0
+
+
+@pytest.mark.parametrize("changes, field", [
+    pytest.param({"variant_lr": (("bogus", 1e-3),)}, "variant_lr", id="unknown-variant"),
+    pytest.param({"variant_lr": (("dense", 0.0),)}, "variant_lr", id="zero-lr"),
+    pytest.param({"variant_lr": (("dense", 1e-3), ("dense", 2e-3))}, "variant_lr", id="repeated"),
+    pytest.param({"load_balance_granularity": "token"}, "load_balance_granularity", id="granularity"),
+    pytest.param({"z_loss_coef": -1.0}, "z_loss_coef", id="negative-z-loss"),
+])
+def test_bad_recipe_settings_are_named(changes, field):
+    with pytest.raises(ValueError, match=field):
+        replace(SMALL, **changes)
+
+
+def test_variant_lr_flag_and_each_run_trains_at_its_own_lr(tmp_path):
+    from moekit.cli import build_parser
+    from moekit.commands.compare import compare_config
+
+    args = build_parser(only="compare").parse_args(["compare", "--variant-lr", "dense=0.006", "aux_free=1e-2",
+                                                    "--z-loss-coef", "0.001"])
+    config = compare_config(args)
+    assert config.variant_lr == (("dense", 0.006), ("aux_free", 0.01)) and config.z_loss_coef == 0.001
+    assert config.lr("dense") == 0.006 and config.lr("topk_lb") == DEFAULT_TRAIN.lr
+    bad = build_parser(only="compare").parse_args(["compare", "--variant-lr", "dense"])
+    with pytest.raises(ValueError, match="--variant-lr 'dense' is invalid: write NAME=LR"):
+        compare_config(bad)
+    small = replace(SMALL, variant_lr=(("dense", 4e-3),), train=replace(SMALL.train, lr=1e-3))
+    run_compare(small, variants=["dense", "topk_lb"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
+    import json
+
+    peak = {}  # the schedule's peak is the step right after warmup
+    for name in ("dense", "topk_lb"):
+        rows = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        peak[name] = max(r["lr"] for r in rows)
+    assert peak == {"dense": pytest.approx(4e-3), "topk_lb": pytest.approx(1e-3)}
+    text = (tmp_path / "report" / "summary.md").read_text()
+    assert "variant_lr=dense=0.004" in text and "- dense: dense MLP" in text and "peak lr 0.004" in text
