@@ -220,7 +220,8 @@ def validation_text(data: PreparedData, train: TrainConfig) -> str:
     used = len(eval_indices(n, train.eval_sequences))
     tokens = used * train.seq_len
     what = (f"the whole held-out set ({n} sequences)" if used == n else
-            f"a fixed sample of {used} of the {n} held-out sequences, evenly spaced over it")
+            f"a fixed sample of {used} of the {n} held-out sequences, evenly spaced over it; the final "
+            f"step is also evaluated on all {n} ({n * train.seq_len:,} tokens)")
     return f"{used} sequences x {train.seq_len} tokens = {tokens:,} tokens: {what}"
 
 

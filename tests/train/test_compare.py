@@ -94,7 +94,7 @@ def test_report_arithmetic_and_verdicts():
     assert "aux_free: reaches the dense final val loss at 0.50x the dense steps (target <= 0.5x): **met**" in text
     assert "topk_lb: reaches the dense final val loss at 1.00x the dense steps (target <= 0.5x): **missed**" in text
     assert "aux_free final MaxVio (train batch) 0.050 (target < 0.2): **met**" in text
-    assert "aux_free final MaxVio (validation set) 0.200 (target < 0.2): **missed**" in text
+    assert "aux_free final MaxVio (held-out) 0.200 (target < 0.2): **missed**" in text
 
 
 def test_report_over_seeds_gives_spreads_and_says_never_plainly():
@@ -184,3 +184,37 @@ def test_variant_lr_flag_and_each_run_trains_at_its_own_lr(tmp_path):
     assert peak == {"dense": pytest.approx(4e-3), "topk_lb": pytest.approx(1e-3)}
     text = (tmp_path / "report" / "summary.md").read_text()
     assert "variant_lr=dense=0.004" in text and "- dense: dense MLP" in text and "peak lr 0.004" in text
+
+
+def test_last_step_is_also_evaluated_on_the_whole_held_out_set(tmp_path):
+    import json
+
+    from moekit.train.run import prepare_data
+    from moekit.train.trainer import Trainer
+
+    # a sample of 3 validation sequences during training; the whole set once more at the last step
+    small = replace(SMALL, train=replace(SMALL.train, eval_sequences=3))
+    report = run_compare(small, variants=["dense", "topk_lb"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "topk_lb" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "full_val_loss" in r] == [small.train.steps]
+    # the recorded whole-set figures are those of evaluating the final model on every sequence
+    from moekit.model.config import ModelConfig
+    from moekit.train import checkpoint as ckpt
+    from moekit.train.run import build_model
+
+    data = prepare_data(FIXTURE, seq_len=16, vocab_size=300, out_dir=tmp_path)
+    path, _ = ckpt.latest_checkpoint(tmp_path / "runs" / "topk_lb" / "checkpoints")
+    tensors, state = ckpt.read_checkpoint(path)
+    model = build_model(ModelConfig.from_dict(state["run_info"]["model"]), seed=0)
+    ckpt.load_model_tensors(model, tensors["model"])
+    whole = Trainer(model, config=replace(small.train, eval_sequences=0), train=data.train, val=data.val,
+                    out_dir=tmp_path / "scratch", progress=False).evaluate()
+    assert data.val.num_sequences > 3
+    assert rows[-1]["full_val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    assert rows[-1]["full_val_moe"][0]["tokens_per_expert"] == whole["val_moe"][0]["tokens_per_expert"]
+    assert rows[-1]["val_loss"] != pytest.approx(whole["val_loss"], rel=1e-9)  # the sample is another figure
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["topk_lb"]["full_val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    text = (report / "summary.md").read_text()
+    assert "final val loss (whole held-out set)" in text
+    assert f"the final step is also evaluated on all {data.val.num_sequences}" in text
