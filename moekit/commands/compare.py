@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the balance loss per micro-batch, per sequence (DeepSeek-V3) or over the global "
                         f"batch (default {defaults.load_balance_granularity})")
     p.add_argument("--variant-lr", nargs="+", default=None, metavar="NAME=LR",
-                   help="peak learning rate of these variants (the others train at --lr), e.g. "
-                        "--variant-lr dense=0.006 topk_lb=0.006" + (
+                   help="peak learning rate of these variants (the others train at --lr; a variant's "
+                        "default here is kept unless named), e.g. --variant-lr dense=0.006 topk_lb=0.006" + (
                             "; default " + " ".join(f"{n}={lr:g}" for n, lr in defaults.variant_lr)
                             if defaults.variant_lr else ""))
     for name in TRAIN_FLAGS:
@@ -70,12 +70,11 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
 
     shape = {f.name: getattr(args, f.name) for f in fields(CompareConfig)
              if f.name not in ("train", "variant_lr") and getattr(args, f.name) is not None}
-    if args.variant_lr is not None:
-        shape["variant_lr"] = parse_variant_lr(args.variant_lr)
     defaults = CompareConfig()
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     train = replace(defaults.train, **given)
-    return replace(defaults, **shape, train=train)
+    config = replace(defaults, **shape, train=train)
+    return config.with_variant_lr(parse_variant_lr(args.variant_lr)) if args.variant_lr is not None else config
 
 
 def parse_variant_lr(items: list[str]) -> tuple[tuple[str, float], ...]:

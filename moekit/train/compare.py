@@ -29,8 +29,12 @@ from moekit.train.trainer import TrainConfig
 # Shakespeare's two held-out plays are 651 sequences, whose whole-set evaluation every 50 steps
 # took ~19% of the run's CPU time).
 EVAL_SEQUENCES = 256
-DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
+# Peak learning rates: each default variant at its best of 3e-3, 6e-3, 1.2e-2 (and 2.4e-2 for dense)
+# in 300-step screening runs on Shakespeare (README, "Compare"): 6e-3 for the MoEs (`--lr`), 1.2e-2
+# for the dense model (DEFAULT_VARIANT_LR), so that the baseline is tuned as carefully as the MoEs.
+DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=6e-3, warmup_steps=30, eval_every=50,
                             eval_sequences=EVAL_SEQUENCES, checkpoint_every=0, keep_last=1, seed=0)
+DEFAULT_VARIANT_LR: tuple[tuple[str, float], ...] = (("dense", 1.2e-2),)
 # TrainConfig fields `moekit compare` takes as flags (the rest keep DEFAULT_TRAIN's values)
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed")
 
@@ -54,7 +58,7 @@ class CompareConfig:
             (DeepSeek-V3's alpha, 1e-4 there; 0 turns it off).
         z_loss_coef: ST-MoE router z-loss on every MoE variant (0 turns it off).
         variant_lr: (variant, peak learning rate) pairs overriding `train.lr` for those variants,
-            so that each can train at its own best learning rate.
+            so that each can train at its own best learning rate (default: the dense model at 1.2e-2).
         train: the training run every variant gets (steps, batch, sequence length, schedule, seed).
     """
 
@@ -72,7 +76,7 @@ class CompareConfig:
     load_balance_granularity: str = "micro_batch"
     aux_free_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
-    variant_lr: tuple[tuple[str, float], ...] = ()
+    variant_lr: tuple[tuple[str, float], ...] = DEFAULT_VARIANT_LR
     train: TrainConfig = DEFAULT_TRAIN
 
     def __post_init__(self) -> None:
@@ -98,6 +102,12 @@ class CompareConfig:
                   "variant_lr", pair, f"each pair is (variant, lr > 0) with a variant from {sorted(VARIANTS)}")
         names = [name for name, _ in self.variant_lr]
         check(len(set(names)) == len(names), "variant_lr", self.variant_lr, "names each variant once")
+
+    def with_variant_lr(self, pairs: tuple[tuple[str, float], ...]) -> CompareConfig:
+        """This config with `pairs` setting those variants' learning rates (the other pairs kept)."""
+        given = dict(pairs)
+        kept = tuple((n, lr) for n, lr in self.variant_lr if n not in given)
+        return replace(self, variant_lr=kept + tuple(pairs))
 
     def lr(self, variant: str) -> float:
         """The peak learning rate `variant` trains with: its own from `variant_lr`, else `train.lr`."""

@@ -173,6 +173,10 @@ def test_variant_lr_flag_and_each_run_trains_at_its_own_lr(tmp_path):
     bad = build_parser(only="compare").parse_args(["compare", "--variant-lr", "dense"])
     with pytest.raises(ValueError, match="--variant-lr 'dense' is invalid: write NAME=LR"):
         compare_config(bad)
+    # the defaults: the dense model at its own tuned rate, every other variant at --lr
+    assert CompareConfig().lr("dense") == 1.2e-2 and CompareConfig().lr("aux_free") == DEFAULT_TRAIN.lr
+    only = compare_config(build_parser(only="compare").parse_args(["compare", "--variant-lr", "topk_lb=0.001"]))
+    assert only.variant_lr == (("dense", 1.2e-2), ("topk_lb", 0.001))  # named ones set, the default kept
     small = replace(SMALL, variant_lr=(("dense", 4e-3),), train=replace(SMALL.train, lr=1e-3))
     run_compare(small, variants=["dense", "topk_lb"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
     import json
