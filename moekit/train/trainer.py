@@ -39,6 +39,8 @@ class NonFiniteLossError(RuntimeError):
 # tokens each step sees, so the resume is refused; every other field (optimiser, schedule, steps,
 # bf16, evaluation and checkpoint cadence) is applied from the resumed step on, and said so.
 DATA_SETTINGS = ("batch_size", "seq_len", "grad_accum", "seed")
+# Metrics only the last step of a run records (its whole-held-out-set evaluation).
+FINAL_KEYS = ("full_val_loss", "full_val_moe")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,7 +288,9 @@ class Trainer:
             print(f"warning: {note}")
         if path is not None:
             self.load_checkpoint(path)
-        self.parallel.on_writer(lambda: self._write(lambda: self.metrics.truncate_after(self.step),
+        # a finished run extended to more steps: its old last step is no longer the last one
+        drop = FINAL_KEYS if self.step < self.config.steps else ()
+        self.parallel.on_writer(lambda: self._write(lambda: self.metrics.truncate_after(self.step, drop_at_step=drop),
                                                     f"rewrite {self.metrics.path}"))
         return path
 
@@ -410,7 +414,7 @@ class Trainer:
         n = self.val.num_sequences
         whole = (record if len(eval_indices(n, self.config.eval_sequences)) == n
                  else self.evaluate(sequences=0))
-        return {"full_val_loss": whole["val_loss"], "full_val_moe": whole["val_moe"]}
+        return dict(zip(FINAL_KEYS, (whole["val_loss"], whole["val_moe"])))
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> FitResult:
