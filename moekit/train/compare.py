@@ -129,8 +129,11 @@ def _topk(c: CompareConfig, width_k: int, **changes) -> MoEConfig:
 
 
 def _aux_free_loss(c: CompareConfig) -> dict:
-    """An aux-loss-free variant's balance loss: only DeepSeek-V3's complementary sequence-wise one."""
-    return dict(load_balance_coef=c.aux_free_balance_coef, load_balance_granularity="sequence")
+    """An aux-loss-free variant's balance loss: only DeepSeek-V3's complementary sequence-wise one
+    (none by default; the MoEConfig then keeps its default granularity)."""
+    if c.aux_free_balance_coef == 0:
+        return {"load_balance_coef": 0.0}
+    return {"load_balance_coef": c.aux_free_balance_coef, "load_balance_granularity": "sequence"}
 
 
 @dataclass(frozen=True)
