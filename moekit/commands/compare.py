@@ -35,16 +35,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(data over all ranks)")
     defaults = CompareConfig()
     for f in fields(CompareConfig):
-        if f.name != "train":
+        if f.name not in ("train", "variant_lr", "load_balance_granularity"):
             _flag(p, f.name, getattr(defaults, f.name))
+    p.add_argument("--load-balance-granularity", choices=("micro_batch", "sequence", "global"), default=None,
+                   help="the balance loss per micro-batch, per sequence (DeepSeek-V3) or over the global "
+                        f"batch (default {defaults.load_balance_granularity})")
+    p.add_argument("--variant-lr", nargs="+", default=None, metavar="NAME=LR",
+                   help="peak learning rate of these variants (the others train at --lr; a variant's "
+                        "default here is kept unless named), e.g. --variant-lr dense=0.006 topk_lb=0.006" + (
+                            "; default " + " ".join(f"{n}={lr:g}" for n, lr in defaults.variant_lr)
+                            if defaults.variant_lr else ""))
     for name in TRAIN_FLAGS:
         _flag(p, name, getattr(defaults.train, name))
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_task_arguments(p, "compare")
 
 
+HELP = {"eval_sequences": "validation sequences, a fixed sample evenly spaced over the held-out set; "
+                         "0: the whole held-out set",
+        "aux_free_balance_coef": "aux-loss-free variants' complementary sequence-wise balance loss "
+                                 "(DeepSeek-V3's alpha, 1e-4 there; 0: none)",
+        "z_loss_coef": "ST-MoE router z-loss on every MoE variant",
+        "load_balance_coef": "the load-balancing loss of the variants that use one"}
+
+
 def _flag(p: argparse.ArgumentParser, name: str, default: object) -> None:
-    p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=f"default {default}")
+    what = f"{HELP[name]} " if name in HELP else ""
+    p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=f"{what}(default {default})")
 
 
 def compare_config(args: argparse.Namespace) -> CompareConfig:
@@ -52,11 +69,27 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
     from moekit.train.compare import TRAIN_FLAGS, CompareConfig
 
     shape = {f.name: getattr(args, f.name) for f in fields(CompareConfig)
-             if f.name != "train" and getattr(args, f.name) is not None}
+             if f.name not in ("train", "variant_lr") and getattr(args, f.name) is not None}
     defaults = CompareConfig()
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     train = replace(defaults.train, **given)
-    return replace(defaults, **shape, train=train)
+    config = replace(defaults, **shape, train=train)
+    return config.with_variant_lr(parse_variant_lr(args.variant_lr)) if args.variant_lr is not None else config
+
+
+def parse_variant_lr(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """`NAME=LR` items as (name, lr) pairs; a ValueError names an item that is not of that form."""
+    pairs = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = None
+        if not sep or lr is None:
+            raise ValueError(f"--variant-lr {item!r} is invalid: write NAME=LR, e.g. dense=0.006")
+        pairs.append((name, lr))
+    return tuple(pairs)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,8 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+HELP = {"eval_sequences": "validation sequences, a fixed sample evenly spaced over the held-out set; "
+                         "0: the whole held-out set"}
+
+
 def _flag(p: argparse.ArgumentParser, name: str, default: object) -> None:
-    p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=f"default {default}")
+    what = f"{HELP[name]} " if name in HELP else ""
+    p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=f"{what}(default {default})")
 
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:

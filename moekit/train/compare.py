@@ -7,13 +7,14 @@ of the dense MLP of width `active_d_ff` (and a shared expert takes its share of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moekit.config import MoEConfig, check
+from moekit.config import MoEConfig, check, check_choice
 from moekit.model.config import ModelConfig
 from moekit.train.batches import eval_indices
 from moekit.train.run import PreparedData, prepare_data
@@ -22,12 +23,18 @@ from moekit.train.series import RunSpec, check_seeds, train_series
 from moekit.train.tokenizer import save_tokenizer
 from moekit.train.trainer import TrainConfig
 
-# The training budget of a comparison: every variant runs exactly this. Chosen so the default run
-# (3 variants) takes about 10 minutes on 2 CPU cores. No intermediate checkpoints (a finished
-# variant is resumed from its last one), one kept. Validation covers the whole held-out set
-# (eval_sequences 0): Shakespeare's two held-out plays are ~500 sequences, ~20% of the run's time.
-DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
-                            eval_sequences=0, checkpoint_every=0, keep_last=1, seed=0)
+# The training budget of a comparison: every variant runs exactly this. No intermediate checkpoints
+# (a finished variant is resumed from its last one), one kept. Validation: a fixed sample of
+# EVAL_SEQUENCES sequences evenly spaced over the held-out set (eval_sequences 0: all of them;
+# Shakespeare's two held-out plays are 651 sequences, whose whole-set evaluation every 50 steps
+# took ~19% of the run's CPU time).
+EVAL_SEQUENCES = 256
+# Peak learning rates: each default variant at its best of 3e-3, 6e-3, 1.2e-2 (and 2.4e-2 for dense)
+# in 300-step screening runs on Shakespeare (README, "Compare"): 6e-3 for the MoEs (`--lr`), 1.2e-2
+# for the dense model (DEFAULT_VARIANT_LR), so that the baseline is tuned as carefully as the MoEs.
+DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=6e-3, warmup_steps=30, eval_every=50,
+                            eval_sequences=EVAL_SEQUENCES, checkpoint_every=0, keep_last=1, seed=0)
+DEFAULT_VARIANT_LR: tuple[tuple[str, float], ...] = (("dense", 1.2e-2),)
 # TrainConfig fields `moekit compare` takes as flags (the rest keep DEFAULT_TRAIN's values)
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed")
 
@@ -46,6 +53,12 @@ class CompareConfig:
             (fine-grained experts when > 2, as in DeepSeekMoE).
         bias_update_rate: step of the aux-loss-free bias update (DeepSeek-V3's gamma).
         load_balance_coef: coefficient of the load-balancing loss where a variant uses it.
+        load_balance_granularity: that loss per micro-batch, per sequence or over the global batch.
+        aux_free_balance_coef: aux-loss-free variants' complementary sequence-wise balance loss
+            (DeepSeek-V3's alpha, 1e-4 there; 0 turns it off).
+        z_loss_coef: ST-MoE router z-loss on every MoE variant (0 turns it off).
+        variant_lr: (variant, peak learning rate) pairs overriding `train.lr` for those variants,
+            so that each can train at its own best learning rate (default: the dense model at 1.2e-2).
         train: the training run every variant gets (steps, batch, sequence length, schedule, seed).
     """
 
@@ -60,6 +73,10 @@ class CompareConfig:
     top_k: int = 4
     bias_update_rate: float = 3e-3
     load_balance_coef: float = 1e-2
+    load_balance_granularity: str = "micro_batch"
+    aux_free_balance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    variant_lr: tuple[tuple[str, float], ...] = DEFAULT_VARIANT_LR
     train: TrainConfig = DEFAULT_TRAIN
 
     def __post_init__(self) -> None:
@@ -71,18 +88,52 @@ class CompareConfig:
               f"must be in [2, num_experts={self.num_experts}]")
         check(self.active_d_ff % self.top_k == 0, "active_d_ff", self.active_d_ff,
               f"must be divisible by top_k={self.top_k} (the experts share it)")
+        check_choice(self.load_balance_granularity, "load_balance_granularity",
+                     ("micro_batch", "sequence", "global"))
+        for name in ("load_balance_coef", "aux_free_balance_coef", "z_loss_coef", "bias_update_rate"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value,
+                  "must be a finite number >= 0")
+        check(isinstance(self.variant_lr, tuple), "variant_lr", self.variant_lr,
+              "must be a tuple of (variant, lr) pairs")
+        for pair in self.variant_lr:
+            check(isinstance(pair, tuple) and len(pair) == 2 and pair[0] in VARIANTS
+                  and isinstance(pair[1], (int, float)) and math.isfinite(pair[1]) and pair[1] > 0,
+                  "variant_lr", pair, f"each pair is (variant, lr > 0) with a variant from {sorted(VARIANTS)}")
+        names = [name for name, _ in self.variant_lr]
+        check(len(set(names)) == len(names), "variant_lr", self.variant_lr, "names each variant once")
+
+    def with_variant_lr(self, pairs: tuple[tuple[str, float], ...]) -> CompareConfig:
+        """This config with `pairs` setting those variants' learning rates (the other pairs kept)."""
+        given = dict(pairs)
+        kept = tuple((n, lr) for n, lr in self.variant_lr if n not in given)
+        return replace(self, variant_lr=kept + tuple(pairs))
+
+    def lr(self, variant: str) -> float:
+        """The peak learning rate `variant` trains with: its own from `variant_lr`, else `train.lr`."""
+        return dict(self.variant_lr).get(variant, self.train.lr)
 
     def settings(self) -> dict:
         """Every setting as one flat dict (the shape, then the training run), for the report."""
-        shape = {k: v for k, v in asdict(self).items() if k != "train"}
-        return {**shape, **asdict(self.train)}
+        shape = {k: v for k, v in asdict(self).items() if k not in ("train", "variant_lr")}
+        lrs = {"variant_lr": " ".join(f"{n}={lr:g}" for n, lr in self.variant_lr) or "-"}
+        return {**shape, **lrs, **asdict(self.train)}
 
 
 def _topk(c: CompareConfig, width_k: int, **changes) -> MoEConfig:
     """MoEConfig of experts active_d_ff / width_k wide, top-width_k unless `changes` says otherwise."""
     base = dict(d_model=c.d_model, d_ff=c.active_d_ff // width_k, num_experts=c.num_experts, top_k=width_k,
-                load_balance_coef=c.load_balance_coef)
+                load_balance_coef=c.load_balance_coef, load_balance_granularity=c.load_balance_granularity,
+                z_loss_coef=c.z_loss_coef)
     return MoEConfig(**{**base, **changes})
+
+
+def _aux_free_loss(c: CompareConfig) -> dict:
+    """An aux-loss-free variant's balance loss: only DeepSeek-V3's complementary sequence-wise one
+    (none by default; the MoEConfig then keeps its default granularity)."""
+    if c.aux_free_balance_coef == 0:
+        return {"load_balance_coef": 0.0}
+    return {"load_balance_coef": c.aux_free_balance_coef, "load_balance_granularity": "sequence"}
 
 
 @dataclass(frozen=True)
@@ -97,11 +148,11 @@ VARIANTS: dict[str, Variant] = {
     "topk_lb": Variant("top-k softmax + load-balancing loss (GShard, Mixtral)", lambda c: _topk(c, c.top_k)),
     "aux_free": Variant(
         "top-k sigmoid scores + aux-loss-free expert bias (DeepSeek-V3)",
-        lambda c: _topk(c, c.top_k, score_func="sigmoid", expert_bias=True, load_balance_coef=0.0,
+        lambda c: _topk(c, c.top_k, score_func="sigmoid", expert_bias=True, **_aux_free_loss(c),
                         bias_update_rate=c.bias_update_rate)),
     "aux_free_softmax": Variant(
         "top-k softmax + aux-loss-free expert bias",
-        lambda c: _topk(c, c.top_k, expert_bias=True, load_balance_coef=0.0,
+        lambda c: _topk(c, c.top_k, expert_bias=True, **_aux_free_loss(c),
                         bias_update_rate=c.bias_update_rate)),
     "switch": Variant("top-1 (Switch), capacity factor 1.25, load-balancing loss; experts top_k x wide",
                       lambda c: _topk(c, 1, capacity_factor=1.25)),
@@ -182,7 +233,8 @@ def validation_text(data: PreparedData, train: TrainConfig) -> str:
     used = len(eval_indices(n, train.eval_sequences))
     tokens = used * train.seq_len
     what = (f"the whole held-out set ({n} sequences)" if used == n else
-            f"a fixed sample of {used} of the {n} held-out sequences, evenly spaced over it")
+            f"a fixed sample of {used} of the {n} held-out sequences, evenly spaced over it; the final "
+            f"step is also evaluated on all {n} ({n * train.seq_len:,} tokens)")
     return f"{used} sequences x {train.seq_len} tokens = {tokens:,} tokens: {what}"
 
 
@@ -199,7 +251,8 @@ def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, c
     if progress:
         print(data.corpus.describe())
         print(f"validation: {validation}")
-    specs = [RunSpec(name, seed, model_config(name, config), VARIANTS[name].description)
+    specs = [RunSpec(name, seed, model_config(name, config),
+                     f"{VARIANTS[name].description}; peak lr {config.lr(name):g}", lr=config.lr(name))
              for seed in seeds for name in variants]
     runs = train_series(specs, train=config.train, data=data, out_dir=out_dir, progress=progress,
                         parallel=parallel)

@@ -37,9 +37,17 @@ def layer_mean(metrics: list[dict], key: str) -> list[float]:
 
 
 def final_val_max_vio_layers(metrics: list[dict]) -> list[float] | None:
-    """Per MoE layer, MaxVio over the validation set at the last evaluation (None without one)."""
-    evals = [r["val_moe"] for r in metrics if r.get("val_moe")]
+    """Per MoE layer, MaxVio over the held-out set at the end: the final whole-set evaluation
+    (`full_val_moe`) when the run has one, else the last evaluation's (None without one)."""
+    whole = [r["full_val_moe"] for r in metrics if r.get("full_val_moe")]
+    evals = whole or [r["val_moe"] for r in metrics if r.get("val_moe")]
     return [x["max_vio"] for x in evals[-1]] if evals else None
+
+
+def final_full_val_loss(metrics: list[dict]) -> float | None:
+    """The final validation loss on the whole held-out set (None if the run has no such evaluation)."""
+    whole = [r["full_val_loss"] for r in metrics if "full_val_loss" in r]
+    return whole[-1] if whole else None
 
 
 @dataclass(frozen=True)

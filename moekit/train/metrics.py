@@ -67,8 +67,10 @@ class MetricsLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only records with step <= `step` (a resumed run rewrites what came after).
+    def truncate_after(self, step: int, *, drop_at_step: tuple[str, ...] = ()) -> None:
+        """Keep only records with step <= `step` (a resumed run rewrites what came after), and
+        remove the keys `drop_at_step` from the record of `step` itself (a finished run's
+        last-step-only figures, when it is extended).
 
         A torn last line is dropped with a warning; the file is replaced atomically, so a kill
         during the rewrite leaves the old file.
@@ -80,7 +82,13 @@ class MetricsLog:
         rows, warning = _parse(self.path)
         if warning is not None:
             print(warning)
-        kept = "".join(line + "\n" for line, record in rows if record.get("step", 0) <= step)
+
+        def line_of(line: str, record: dict) -> str:
+            if record.get("step") != step or not any(k in record for k in drop_at_step):
+                return line
+            return json.dumps({k: v for k, v in record.items() if k not in drop_at_step})
+
+        kept = "".join(line_of(line, record) + "\n" for line, record in rows if record.get("step", 0) <= step)
         if kept != self.path.read_text():
             atomic_write(self.path, kept.encode())
 

@@ -3,7 +3,8 @@
 Every figure is per variant over its seeds (mean, and the spread when there are several): the
 final validation loss, the step at which it reaches the dense model's final validation loss
 (interpolated between evaluations, against the dense run of the same seed), MaxVio on training
-batches and on the validation set (with the worst layer where it stands out), and throughput.
+batches and on held-out text (with the worst layer where it stands out), and throughput; the
+final validation loss on the whole held-out set too where the run evaluated its last step on it.
 Plots: validation loss against steps and against training FLOPs, MaxVio over time (training
 batches and validation set), and for each MoE variant a heatmap of every layer's expert load.
 """
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot, no global bac
 
 from moekit.train.curves import (
     Spread,
+    final_full_val_loss,
     final_val_max_vio_layers,
     layer_mean,
     spread,
@@ -43,6 +45,7 @@ def _seed_summary(m: list[dict], *, dense_final: float | None, dense_steps: int 
     cpu = [r["tokens_per_cpu_s"] for r in m if "tokens_per_cpu_s" in r]
     return {
         "final_val_loss": vals[-1] if vals else None,
+        "full_val_loss": final_full_val_loss(m),
         "steps": m[-1]["step"],
         "steps_to_dense": reach,
         "reach_ratio": reach / dense_steps if reach is not None and dense_steps else None,
@@ -73,7 +76,7 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict]:
             per_seed[seed] = _seed_summary(
                 m, dense_final=dense_final.get(seed, fallback) if baseline else None,
                 dense_steps=dense_steps.get(seed, m[-1]["step"]) if baseline else None)
-        keys = ("final_val_loss", "steps_to_dense", "reach_ratio", "max_vio", "val_max_vio",
+        keys = ("final_val_loss", "full_val_loss", "steps_to_dense", "reach_ratio", "max_vio", "val_max_vio",
                 "dropped_fraction")
         spreads = {k: _spread_of(per_seed, k) for k in keys}
         layer_lists = [s["val_max_vio_layers"] for s in per_seed.values() if s["val_max_vio_layers"]]
@@ -150,23 +153,30 @@ def markdown(summary: dict[str, dict], *, config: dict, corpus: str, validation:
     lines = ["# moekit compare", "", f"Corpus: {corpus}", ""]
     if validation:
         lines += [f"Validation loss and validation MaxVio: {validation}.", ""]
+    # the whole held-out set's final loss, where every variant has one (runs since it was recorded)
+    whole = all(s["spread"].get("full_val_loss") for s in summary.values())
     lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in config.items()), "",
-              "| variant | final val loss | steps to dense final val loss | MaxVio (val set) "
+              "| variant | final val loss | " + ("final val loss (whole held-out set) | " if whole else "")
+              + "steps to dense final val loss | MaxVio (held-out) "
               "| MaxVio (train batch) | dropped | tokens per CPU-s | tokens/s (wall, load-dependent) "
               "| total params | active params |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if whole else "")]
     for name, s in summary.items():
-        lines.append(f"| {name} | {_text(s, 'final_val_loss', '.4f')} | {_reach_text(name, s, dense)} "
+        full = f"{_text(s, 'full_val_loss', '.4f')} | " if whole else ""
+        lines.append(f"| {name} | {_text(s, 'final_val_loss', '.4f')} | {full}{_reach_text(name, s, dense)} "
                      f"| {_val_max_vio_text(s)} | {_text(s, 'max_vio', '.3f')} "
                      f"| {_fmt(s['dropped_fraction'], '.1%')} | {_throughput(s, dense)} "
                      f"| {s['tokens_per_s']:,.0f} | {s['total_params']:,} | {s['active_params']:,} |")
     lines += ["", "With several seeds each figure is the mean ± the sample standard deviation over seeds; "
               "each seed's crossing is measured against the dense run of the same seed, interpolated "
-              "linearly between the two evaluations around it.",
+              "linearly between the two evaluations around it. Final val loss and the crossings are "
+              "measured on the validation sequences every evaluation uses"
+              + ("; the final step is also evaluated on the whole held-out set." if whole else "."),
               "", "MaxVio = max expert load / mean load - 1 (Wang et al. 2024; 0 is perfect balance), averaged "
               "over MoE layers (a layer at least "
-              f"{WORST_LAYER_MARGIN} above that average is named beside it): on the validation set at the "
-              "last evaluation (MaxVio_global), and on each "
+              f"{WORST_LAYER_MARGIN} above that average is named beside it): on held-out text at the end "
+              "(the whole held-out set where the final step was evaluated on it, else the last "
+              "evaluation's sequences; MaxVio_global), and on each "
               f"training batch averaged over the last {TAIL} steps (MaxVio_batch, which includes the "
               f"sampling noise of one batch). Dropped fraction: also over the last {TAIL} steps.", "",
               "Throughput: tokens per second of the training process's CPU time (median over steps), "
@@ -179,7 +189,7 @@ def markdown(summary: dict[str, dict], *, config: dict, corpus: str, validation:
         lines += [_target_line(name, s, dense) for name, s in summary.items()
                   if name != "dense" and s["balanced"]]
     if "aux_free" in summary and summary["aux_free"]["max_vio"] is not None:
-        for label, key in (("validation set", "val_max_vio"), ("train batch", "max_vio")):
+        for label, key in (("held-out", "val_max_vio"), ("train batch", "max_vio")):
             v = summary["aux_free"][key]
             if v is not None:
                 lines.append(f"- aux_free final MaxVio ({label}) {_text(summary['aux_free'], key, '.3f')} "
@@ -194,7 +204,10 @@ def markdown(summary: dict[str, dict], *, config: dict, corpus: str, validation:
 def _target_line(name: str, s: dict, dense: dict) -> str:
     fast = (s["reach_ratio"] is not None and s["reached_seeds"] == s["seeds"]
             and s["reach_ratio"] <= REACH_TARGET)
-    lower = s["final_val_loss"] is not None and s["final_val_loss"] < dense["final_val_loss"]
+    # "ends lower" on the whole held-out set where both have its figure, else on the evaluation sample
+    key = "full_val_loss" if s.get("full_val_loss") is not None and dense.get("full_val_loss") is not None \
+        else "final_val_loss"
+    lower = s[key] is not None and s[key] < dense[key]
     if s["reached_seeds"] == 0:
         reach = f"does not reach the dense final val loss within its {s['steps']} steps"
     else:
@@ -202,8 +215,9 @@ def _target_line(name: str, s: dict, dense: dict) -> str:
         if s["reached_seeds"] < s["seeds"]:
             reach += f" (only {s['reached_seeds']} of {s['seeds']} seeds)"
     return (f"- {name}: {reach} (target <= {REACH_TARGET}x): **{'met' if fast else 'missed'}**; ends "
-            f"{'lower' if lower else 'not lower'} than dense ({_text(s, 'final_val_loss', '.4f')} vs "
-            f"{dense['final_val_loss']:.4f}): **{'met' if lower else 'missed'}**")
+            f"{'lower' if lower else 'not lower'} than dense ({_text(s, key, '.4f')} vs "
+            f"{dense[key]:.4f}{', whole held-out set' if key == 'full_val_loss' else ''}): "
+            f"**{'met' if lower else 'missed'}**")
 
 
 def plot_val_loss(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> None:

@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a series: `group` names the model (a variant, a sweep point), `seed` the repeat."""
+    """One run of a series: `group` names the model (a variant, a sweep point), `seed` the repeat,
+    `lr` its peak learning rate (None: the series' TrainConfig's)."""
 
     group: str
     seed: int
     model: ModelConfig
     description: str
+    lr: float | None = None
 
     def folder_name(self, base_seed: int) -> str:
         """`<group>` for the base seed (so a one-seed run keeps its folder), else `<group>.seed<N>`."""
@@ -64,7 +66,7 @@ def train_series(specs: list[RunSpec], *, train: TrainConfig, data: PreparedData
     for spec in specs:
         mc = spec.model
         run_dir = out_dir / "runs" / spec.folder_name(train.seed)
-        config = replace(train, seed=spec.seed)
+        config = replace(train, seed=spec.seed, lr=spec.lr if spec.lr is not None else train.lr)
         model = parallel.prepare(build_model(mc, seed=spec.seed))
         trainer = Trainer(model, config=config, train=data.train, val=data.val, out_dir=run_dir,
                           run_info={"variant": spec.group, "model": config_json(mc)}, progress=progress,

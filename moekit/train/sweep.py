@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from moekit.config import MoEConfig, check
 from moekit.model.config import ModelConfig
+from moekit.train.compare import EVAL_SEQUENCES
 from moekit.train.runfolder import RunLock
 from moekit.train.series import RunSpec, check_seeds, train_series
 from moekit.train.trainer import TrainConfig
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
     from moekit.parallel.context import SingleProcess
 
 # A short run per point: 4 points x 3 seeds x 300 steps is about the default `moekit compare`'s
-# 3 x 1000 steps. Whole held-out set for validation, as in compare.
+# 3 x 1000 steps. Validation on compare's fixed evenly spaced sample (eval_sequences 0: all).
 SWEEP_TRAIN = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
-                          eval_sequences=0, checkpoint_every=0, keep_last=1, seed=0)
+                          eval_sequences=EVAL_SEQUENCES, checkpoint_every=0, keep_last=1, seed=0)
 SWEEP_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences")
 Balance = Literal["topk_lb", "aux_free"]
 

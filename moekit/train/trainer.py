@@ -39,6 +39,8 @@ class NonFiniteLossError(RuntimeError):
 # tokens each step sees, so the resume is refused; every other field (optimiser, schedule, steps,
 # bf16, evaluation and checkpoint cadence) is applied from the resumed step on, and said so.
 DATA_SETTINGS = ("batch_size", "seq_len", "grad_accum", "seed")
+# Metrics only the last step of a run records (its whole-held-out-set evaluation).
+FINAL_KEYS = ("full_val_loss", "full_val_moe")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +55,7 @@ class TrainConfig:
         grad_clip: max global gradient norm (0 disables clipping).
         eval_every / eval_sequences: validation loss every N steps on M validation sequences spread
             evenly over the held-out set (0: the whole held-out set; see `batches.eval_indices`).
+            The last step is also evaluated on the whole held-out set (`full_val_loss`, `full_val_moe`).
         checkpoint_every / keep_last: checkpoint every N steps (and at the end), keep the newest K.
         bf16: run forward in bfloat16 autocast.
     """
@@ -285,7 +288,9 @@ class Trainer:
             print(f"warning: {note}")
         if path is not None:
             self.load_checkpoint(path)
-        self.parallel.on_writer(lambda: self._write(lambda: self.metrics.truncate_after(self.step),
+        # a finished run extended to more steps: its old last step is no longer the last one
+        drop = FINAL_KEYS if self.step < self.config.steps else ()
+        self.parallel.on_writer(lambda: self._write(lambda: self.metrics.truncate_after(self.step, drop_at_step=drop),
                                                     f"rewrite {self.metrics.path}"))
         return path
 
@@ -376,16 +381,17 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Validation metrics on the fixed validation sequences.
+    def evaluate(self, sequences: int | None = None) -> dict:
+        """Validation metrics on the fixed validation sequences (`sequences` of them, evenly spaced;
+        default `config.eval_sequences`; 0: the whole held-out set).
 
         Returns {"val_loss": mean next-token loss, "val_moe": per MoE layer the tokens per expert and
-        MaxVio over the whole validation set (MaxVio_global of Wang et al. 2024, less noisy than
-        one training batch)}.
+        MaxVio over those sequences (MaxVio_global of Wang et al. 2024, less noisy than one
+        training batch)}.
         """
         assert self.val is not None
         self.model.eval()
-        idx = eval_indices(self.val.num_sequences, self.config.eval_sequences)
+        idx = eval_indices(self.val.num_sequences, self.config.eval_sequences if sequences is None else sequences)
         total, count = 0.0, 0
         counts: list[Tensor] = []
         for chunk in idx.split(self.config.batch_size):
@@ -400,6 +406,15 @@ class Trainer:
         val_moe = [{"tokens_per_expert": c.tolist(),
                     "max_vio": float(c.max() / c.float().mean().clamp_min(1e-9) - 1)} for c in counts]
         return {"val_loss": total / count, "val_moe": val_moe}
+
+    def _evaluate_whole(self, record: dict) -> dict:
+        """The final step's validation on the whole held-out set (the sample's figures if the sample
+        already is the whole set): `full_val_loss`, `full_val_moe`."""
+        assert self.val is not None
+        n = self.val.num_sequences
+        whole = (record if len(eval_indices(n, self.config.eval_sequences)) == n
+                 else self.evaluate(sequences=0))
+        return dict(zip(FINAL_KEYS, (whole["val_loss"], whole["val_moe"])))
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> FitResult:
@@ -435,6 +450,8 @@ class Trainer:
                                                  or self.step == cfg.steps):
                         record.update(self.evaluate())
                         val_loss = record["val_loss"]
+                    if self.val is not None and self.step == cfg.steps:
+                        record.update(self._evaluate_whole(record))
                     self.parallel.on_writer(lambda: self._write(
                         lambda: self.metrics.write(record),
                         f"append step {self.step}'s metrics to {self.metrics.path}"))

@@ -94,7 +94,7 @@ def test_report_arithmetic_and_verdicts():
     assert "aux_free: reaches the dense final val loss at 0.50x the dense steps (target <= 0.5x): **met**" in text
     assert "topk_lb: reaches the dense final val loss at 1.00x the dense steps (target <= 0.5x): **missed**" in text
     assert "aux_free final MaxVio (train batch) 0.050 (target < 0.2): **met**" in text
-    assert "aux_free final MaxVio (validation set) 0.200 (target < 0.2): **missed**" in text
+    assert "aux_free final MaxVio (held-out) 0.200 (target < 0.2): **missed**" in text
 
 
 def test_report_over_seeds_gives_spreads_and_says_never_plainly():
@@ -136,3 +136,89 @@ def test_flags_set_the_shape_and_the_training_run():
     config = compare_config(args)
     assert config == CompareConfig(top_k=2, train=replace(DEFAULT_TRAIN, steps=7, seq_len=32, lr=0.01))
     assert model_config("dense", config).max_seq_len == 32
+
+
+def test_recipe_knobs_reach_each_variants_moe_config():
+    config = replace(SMALL, z_loss_coef=1e-3, load_balance_granularity="sequence", aux_free_balance_coef=1e-4)
+    topk = model_config("topk_lb", config).moe
+    assert (topk.z_loss_coef, topk.load_balance_granularity, topk.load_balance_coef) == (1e-3, "sequence", 1e-2)
+    free = model_config("aux_free", config).moe
+    # aux-free keeps only DeepSeek-V3's complementary sequence-wise loss, at its own coefficient
+    assert (free.load_balance_coef, free.load_balance_granularity, free.expert_bias) == (1e-4, "sequence", True)
+    assert model_config("aux_free", SMALL).moe.load_balance_coef == 0.0
+    assert model_config("expert_choice", config).moe.load_balance_coef == 0.0
+
+
+@pytest.mark.parametrize("changes, field", [
+    pytest.param({"variant_lr": (("bogus", 1e-3),)}, "variant_lr", id="unknown-variant"),
+    pytest.param({"variant_lr": (("dense", 0.0),)}, "variant_lr", id="zero-lr"),
+    pytest.param({"variant_lr": (("dense", 1e-3), ("dense", 2e-3))}, "variant_lr", id="repeated"),
+    pytest.param({"load_balance_granularity": "token"}, "load_balance_granularity", id="granularity"),
+    pytest.param({"z_loss_coef": -1.0}, "z_loss_coef", id="negative-z-loss"),
+])
+def test_bad_recipe_settings_are_named(changes, field):
+    with pytest.raises(ValueError, match=field):
+        replace(SMALL, **changes)
+
+
+def test_variant_lr_flag_and_each_run_trains_at_its_own_lr(tmp_path):
+    from moekit.cli import build_parser
+    from moekit.commands.compare import compare_config
+
+    args = build_parser(only="compare").parse_args(["compare", "--variant-lr", "dense=0.006", "aux_free=1e-2",
+                                                    "--z-loss-coef", "0.001"])
+    config = compare_config(args)
+    assert config.variant_lr == (("dense", 0.006), ("aux_free", 0.01)) and config.z_loss_coef == 0.001
+    assert config.lr("dense") == 0.006 and config.lr("topk_lb") == DEFAULT_TRAIN.lr
+    bad = build_parser(only="compare").parse_args(["compare", "--variant-lr", "dense"])
+    with pytest.raises(ValueError, match="--variant-lr 'dense' is invalid: write NAME=LR"):
+        compare_config(bad)
+    # the defaults: the dense model at its own tuned rate, every other variant at --lr
+    assert CompareConfig().lr("dense") == 1.2e-2 and CompareConfig().lr("aux_free") == DEFAULT_TRAIN.lr
+    only = compare_config(build_parser(only="compare").parse_args(["compare", "--variant-lr", "topk_lb=0.001"]))
+    assert only.variant_lr == (("dense", 1.2e-2), ("topk_lb", 0.001))  # named ones set, the default kept
+    small = replace(SMALL, variant_lr=(("dense", 4e-3),), train=replace(SMALL.train, lr=1e-3))
+    run_compare(small, variants=["dense", "topk_lb"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
+    import json
+
+    peak = {}  # the schedule's peak is the step right after warmup
+    for name in ("dense", "topk_lb"):
+        rows = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        peak[name] = max(r["lr"] for r in rows)
+    assert peak == {"dense": pytest.approx(4e-3), "topk_lb": pytest.approx(1e-3)}
+    text = (tmp_path / "report" / "summary.md").read_text()
+    assert "variant_lr=dense=0.004" in text and "- dense: dense MLP" in text and "peak lr 0.004" in text
+
+
+def test_last_step_is_also_evaluated_on_the_whole_held_out_set(tmp_path):
+    import json
+
+    from moekit.train.run import prepare_data
+    from moekit.train.trainer import Trainer
+
+    # a sample of 3 validation sequences during training; the whole set once more at the last step
+    small = replace(SMALL, train=replace(SMALL.train, eval_sequences=3))
+    report = run_compare(small, variants=["dense", "topk_lb"], out_dir=tmp_path, corpus=FIXTURE, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "topk_lb" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "full_val_loss" in r] == [small.train.steps]
+    # the recorded whole-set figures are those of evaluating the final model on every sequence
+    from moekit.model.config import ModelConfig
+    from moekit.train import checkpoint as ckpt
+    from moekit.train.run import build_model
+
+    data = prepare_data(FIXTURE, seq_len=16, vocab_size=300, out_dir=tmp_path)
+    path, _ = ckpt.latest_checkpoint(tmp_path / "runs" / "topk_lb" / "checkpoints")
+    tensors, state = ckpt.read_checkpoint(path)
+    model = build_model(ModelConfig.from_dict(state["run_info"]["model"]), seed=0)
+    ckpt.load_model_tensors(model, tensors["model"])
+    whole = Trainer(model, config=replace(small.train, eval_sequences=0), train=data.train, val=data.val,
+                    out_dir=tmp_path / "scratch", progress=False).evaluate()
+    assert data.val.num_sequences > 3
+    assert rows[-1]["full_val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    assert rows[-1]["full_val_moe"][0]["tokens_per_expert"] == whole["val_moe"][0]["tokens_per_expert"]
+    assert rows[-1]["val_loss"] != pytest.approx(whole["val_loss"], rel=1e-9)  # the sample is another figure
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["topk_lb"]["full_val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    text = (report / "summary.md").read_text()
+    assert "final val loss (whole held-out set)" in text
+    assert f"the final step is also evaluated on all {data.val.num_sequences}" in text
