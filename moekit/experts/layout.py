@@ -94,17 +94,23 @@ def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 KERNEL_MAX_ROWS = 16
 
 
+def _rows(x: Tensor) -> int:
+    """Rows of x for a product over its last dim."""
+    return x.numel() // x.shape[-1] if x.dim() else 1
+
+
 def _kernel_takes(x: Tensor, rows: int, weights: list[tuple[Tensor, Tensor | None]]) -> bool:
     """True where `linear` runs the CPU kernel: few rows, no autograd, (out, in) row-major weights."""
     return (0 < rows <= KERNEL_MAX_ROWS and x.dim() >= 1
-            and all(w.dim() == 2 and w.stride(-1) == 1 and (b is None or b.is_contiguous()) for w, b in weights)
+            and all(w.dim() == 2 and w.stride(-1) == 1 and (b is None or b.is_contiguous())
+                    for w, b in weights)
             and cpu_kernels.supports(x, *(t for pair in weights for t in pair if t is not None)))
 
 
 def linear_many(x: Tensor, weights: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
     """[linear(x, w, b) for w, b in weights]: one kernel call for all of them where the kernel runs
     (a decode step's q/k/v projections, an MLP's gate and up)."""
-    if _kernel_takes(x, x.numel() // x.shape[-1] if x.dim() else 1, weights):
+    if _kernel_takes(x, _rows(x), weights):
         return cpu_kernels.linear_rows_many(x, weights)
     return [linear(x, w, b) for w, b in weights]
 
@@ -114,7 +120,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     backward). Up to `KERNEL_MAX_ROWS` rows without autograd on a row-major weight: the CPU
     kernel, accumulating in fp32. One bf16 row without gradients, on a weight stored column-major
     (`moekit.model.linear.lm_head_layout`), is a matrix-vector product: it streams the weight once."""
-    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    rows = _rows(x)
     if _kernel_takes(x, rows, [(weight, bias)]):
         return cpu_kernels.linear_rows(x, weight, bias)
     if (rows == 1 and x.dim() >= 1 and weight.stride(0) == 1 and not torch.is_grad_enabled()

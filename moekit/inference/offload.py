@@ -163,7 +163,8 @@ class OffloadedExperts(nn.Module):
         """`Experts.slot_outputs` on the cached experts: the same kernel, one expert at a time as
         the cache hands them over, so the outputs equal the in-memory model's bit for bit. None
         (dispatch as usual) where the kernel cannot run or the experts are quantized."""
-        if not isinstance(self.fmt, FloatFormat) or x_TD.dtype != self.fmt.dtype or not cpu_kernels.supports(x_TD):
+        if (not isinstance(self.fmt, FloatFormat) or x_TD.dtype != self.fmt.dtype
+                or not cpu_kernels.supports(x_TD)):
             return None
         T, K = ids_TK.shape
         o_TKD = torch.zeros(T, K, self.config.d_model, dtype=torch.float32)

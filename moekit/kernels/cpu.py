@@ -96,8 +96,17 @@ def _library() -> ctypes.CDLL | None:
     lib.mk_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _int]
     lib.mk_topk_route.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int, _int, _int, ctypes.c_float,
                                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
-    lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr,
+    lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64,
+                                  _ptr,
                                   ctypes.c_float, _ptr, _int, _int]
+    return lib
+
+
+def _loaded(entry: str) -> ctypes.CDLL:
+    """The loaded library, for an entry point that callers reach only where `supports` said yes."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"moekit.kernels.cpu.{entry} needs the compiled kernels; check available() first")
     return lib
 
 
@@ -110,7 +119,8 @@ def supports(x: Tensor, *weights: Tensor) -> bool:
     """True when the kernels can run these tensors: CPU, fp32/bf16, no autograd, library loaded."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in _WTYPE or not available():
         return False
-    return all(w.dtype == x.dtype and w.device.type == "cpu" for w in weights) and not torch.compiler.is_compiling()
+    same = all(w.dtype == x.dtype and w.device.type == "cpu" for w in weights)
+    return same and not torch.compiler.is_compiling()
 
 
 def _ptr_of(t: Tensor | None) -> int | None:
@@ -125,8 +135,7 @@ def linear_rows_many(x: Tensor, weights: list[tuple[Tensor, Tensor | None]]) -> 
     """[F.linear(x, w, b) for w, b in weights] for a few rows, in one call: every weight (out, in)
     with unit stride along in, weights and biases in x's dtype. Accumulates in fp32 and rounds
     once to x's dtype. Call only where `supports(x, *weights)`."""
-    lib = _library()
-    assert lib is not None, "linear_rows needs the compiled kernels (check available())"
+    lib = _loaded("linear_rows")
     K = x.shape[-1]
     for w, b in weights:
         if w.dim() != 2 or w.shape[1] != K or w.stride(-1) != 1:
@@ -214,8 +223,7 @@ def expert_rows(x_TD: Tensor, ids_TK: Tensor, experts: ExpertPointers, *, only: 
 
     Call only where `supports(x_TD, ...)`; the routing weights are applied by the caller.
     """
-    lib = _library()
-    assert lib is not None, "expert_rows needs the compiled kernels (check available())"
+    lib = _loaded("expert_rows")
     T, D = x_TD.shape
     K = ids_TK.shape[1]
     E = experts.ptrs_3E.shape[1]
@@ -236,8 +244,7 @@ def expert_rows(x_TD: Tensor, ids_TK: Tensor, experts: ExpertPointers, *, only: 
 def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`moekit.model.norm.RMSNorm` (cast_to="input") of x (…, D): fp32 statistics, the normalised
     row rounded to x's dtype, then times the weight (x's dtype). Call only where `supports(x, weight)`."""
-    lib = _library()
-    assert lib is not None, "rmsnorm needs the compiled kernels (check available())"
+    lib = _loaded("rmsnorm")
     D = x.shape[-1]
     if weight.shape != (D,) or not weight.is_contiguous():
         raise ValueError(f"rmsnorm needs a contiguous ({D},) weight; got {tuple(weight.shape)}")
@@ -249,31 +256,32 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: bool) -> Tensor:
     """`moekit.model.rope.apply_rope` (each product rounded to x's dtype, as torch's ops round);
-    cos/sin (S, R), or (B, 1, S, R) with each row at its own positions (`row_cos_sin`). x may be any view with unit
-    stride inside a head; returns a contiguous (B, H, S, d) tensor."""
-    lib = _library()
-    assert lib is not None, "rope needs the compiled kernels (check available())"
+    cos/sin (S, R), or (B, 1, S, R) with each row at its own positions (`row_cos_sin`). x may be
+    any view with unit stride inside a head; returns a contiguous (B, H, S, d) tensor."""
+    lib = _loaded("rope")
     B, H, S, d = x_BHSd.shape
     R = cos_SR.shape[-1]
     per_row = cos_SR.dim() == 4
     if x_BHSd.stride(-1) != 1 or cos_SR.shape != ((B, 1, S, R) if per_row else (S, R)) or 2 * R > d:
-        raise ValueError("rope needs x with unit stride inside a head and (S, R) or (B, 1, S, R) tables, 2R <= d")
+        raise ValueError("rope needs x with unit stride inside a head and (S, R) or (B, 1, S, R) "
+                         "tables, 2R <= d")
     cos, sin = cos_SR.to(x_BHSd.dtype).contiguous(), sin_SR.to(x_BHSd.dtype).contiguous()
     y = torch.empty(B, H, S, d, dtype=x_BHSd.dtype)
     lib.mk_rope(x_BHSd.data_ptr(), B, H, S, d, _addresses(list(x_BHSd.stride()[:3])), cos.data_ptr(),
-                sin.data_ptr(), S * R if per_row else 0, R, int(interleaved), y.data_ptr(), _WTYPE[x_BHSd.dtype])
+                sin.data_ptr(), S * R if per_row else 0, R, int(interleaved), y.data_ptr(),
+                _WTYPE[x_BHSd.dtype])
     return y
 
 
 def attend_one(q_BH1d: Tensor, k_BKTd: Tensor, v_BKTe: Tensor, mask_B11T: Tensor, scale: float) -> Tensor:
     """`moekit.model.attention.attend_one` for B = 1, reading the cache rows in place (fp32 maths,
     the output rounded once to q's dtype). Returns (1, H, 1, e)."""
-    lib = _library()
-    assert lib is not None, "attend_one needs the compiled kernels (check available())"
+    lib = _loaded("attend_one")
     B, H, _, d = q_BH1d.shape
     _, K, T, e = v_BKTe.shape
     if B != 1 or k_BKTd.stride(-1) != 1 or v_BKTe.stride(-1) != 1 or mask_B11T.shape[-1] != T:
-        raise ValueError("attend_one needs one sequence, K/V with unit stride inside a head and a (.., T) mask")
+        raise ValueError("attend_one needs one sequence, K/V with unit stride inside a head and a "
+                         "(.., T) mask")
     q = q_BH1d.contiguous()
     mask = mask_B11T.reshape(-1).float().contiguous()
     out = torch.empty(1, H, 1, e, dtype=q.dtype)
@@ -289,8 +297,7 @@ def topk_route(x_TD: Tensor, gate_weight: Tensor, gate_bias: Tensor | None, *, t
     """`moekit.routing.topk.topk_route` of a linear gate without expert groups, in one call.
     Returns (ids_TK long, weights_TK fp32, logits_TE fp32, probs_TE fp32, counts_E long).
     Call only where `supports(x_TD, gate_weight)`."""
-    lib = _library()
-    assert lib is not None, "topk_route needs the compiled kernels (check available())"
+    lib = _loaded("topk_route")
     T, D = x_TD.shape
     E = gate_weight.shape[0]
     if gate_weight.shape != (E, D) or not gate_weight.is_contiguous() or not 0 < top_k <= E:
@@ -303,6 +310,6 @@ def topk_route(x_TD: Tensor, gate_weight: Tensor, gate_bias: Tensor | None, *, t
     counts = torch.empty(E, dtype=torch.int64)
     lib.mk_topk_route(x.data_ptr(), T, D, E, top_k, gate_weight.data_ptr(), _ptr_of(bias),
                       int(score_func == "sigmoid"), int(softmax_after_topk), int(normalize_topk),
-                      routed_scaling_factor, _ptr_of(sel), logits.data_ptr(), probs.data_ptr(), ids.data_ptr(),
-                      weights.data_ptr(), counts.data_ptr(), _WTYPE[x.dtype])
+                      routed_scaling_factor, _ptr_of(sel), logits.data_ptr(), probs.data_ptr(),
+                      ids.data_ptr(), weights.data_ptr(), counts.data_ptr(), _WTYPE[x.dtype])
     return ids, weights, logits, probs, counts

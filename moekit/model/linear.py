@@ -31,7 +31,8 @@ def lm_head_layout(model: nn.Module) -> bool:
     a small model at about twice the speed (fp32 through F.linear, bf16 through `linear`'s
     matrix-vector product: 4.5 vs 10 ms and 3.6 vs 6.5 ms for (32000, 512) on the 2-core AVX2 VM).
     Not needed where moekit's CPU kernels are built (`moekit.kernels.cpu`): they stream the (V, D)
-    row-major weight at memory speed. A tied head (shared with the embedding, which reads rows) is left alone. Returns whether it
+    row-major weight at memory speed. A tied head (shared with the embedding, which reads rows) is
+    left alone. Returns whether it
     changed anything. Anything that saves the weight must make it contiguous first.
     """
     head = getattr(model, "lm_head", None)

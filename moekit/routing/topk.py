@@ -105,6 +105,11 @@ def group_limited_mask(
     return keep_TG.repeat_interleave(E // num_groups, dim=1)
 
 
+def group_limited(num_groups: int | None, topk_groups: int | None) -> bool:
+    """True when selection is limited to each token's best `topk_groups` of `num_groups` groups."""
+    return num_groups is not None and topk_groups is not None and topk_groups < num_groups
+
+
 def topk_route(
     logits_TE: Tensor,
     *,
@@ -131,7 +136,7 @@ def topk_route(
     logits_TE = logits_TE.float()
     scores_TE = expert_scores(logits_TE, score_func)
     select_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E.float()
-    if num_groups is not None and topk_groups is not None and topk_groups < num_groups:
+    if group_limited(num_groups, topk_groups):
         keep_TE = group_limited_mask(
             select_TE, num_groups=num_groups, topk_groups=topk_groups, group_score=group_score
         )
@@ -178,7 +183,7 @@ class TopKRouter(LinearGateRouter):
     ) -> RoutingDecision:
         cfg = self.config
         if (not self.training and x_TD.shape[0] <= KERNEL_MAX_TOKENS and x_TD.dim() == 2
-                and (cfg.num_groups is None or cfg.topk_groups is None or cfg.topk_groups >= cfg.num_groups)
+                and not group_limited(cfg.num_groups, cfg.topk_groups)
                 and self.gate.weight.is_contiguous() and cpu_kernels.supports(x_TD, self.gate.weight)):
             # a decode step's few tokens: the whole of `topk_route` in one kernel call
             ids_TK, weights_TK, logits_TE, probs_TE, counts_E = cpu_kernels.topk_route(
