@@ -12,7 +12,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from moekit.config import MoEConfig, check, check_choice
 from moekit.model.config import ModelConfig
@@ -40,6 +40,7 @@ TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_eve
 
 if TYPE_CHECKING:
     from moekit.parallel.context import SingleProcess
+    from moekit.train.sweep import SweepConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,19 +239,31 @@ def validation_text(data: PreparedData, train: TrainConfig) -> str:
     return f"{used} sequences x {train.seq_len} tokens = {tokens:,} tokens: {what}"
 
 
+_Series = TypeVar("_Series", "CompareConfig", "SweepConfig")
+
+
+def open_series(config: _Series, corpus: str | Path | None, *, out_dir: Path, cache_dir: Path | None,
+                parallel: SingleProcess, progress: bool) -> tuple[PreparedData, _Series, str]:
+    """What a comparison or a sweep trains on: the prepared data, the config with the tokenizer's
+    actual vocabulary size (a tiny corpus gives fewer merges than asked for), and the validation
+    text, printed with the corpus description when `progress`."""
+    data = prepare_series_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size,
+                               out_dir=out_dir, cache_dir=cache_dir, parallel=parallel)
+    vocab = data.tokenizer.get_vocab_size()
+    if vocab != config.vocab_size:
+        config = replace(config, vocab_size=vocab)
+    validation = validation_text(data, config.train)
+    if progress:
+        print(f"{data.corpus.describe()}\nvalidation: {validation}")
+    return data, config, validation
+
+
 def _run_compare(config: CompareConfig, *, variants: list[str], out_dir: Path, corpus: str | Path | None,
                  cache_dir: Path | None, progress: bool, parallel: SingleProcess, seeds: list[int]) -> Path:
     from moekit.train.report import write_report
 
-    data = prepare_series_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size,
-                               out_dir=out_dir, cache_dir=cache_dir, parallel=parallel)
-    vocab = data.tokenizer.get_vocab_size()
-    if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
-        config = replace(config, vocab_size=vocab)
-    validation = validation_text(data, config.train)
-    if progress:
-        print(data.corpus.describe())
-        print(f"validation: {validation}")
+    data, config, validation = open_series(config, corpus, out_dir=out_dir, cache_dir=cache_dir,
+                                           parallel=parallel, progress=progress)
     specs = [RunSpec(name, seed, model_config(name, config),
                      f"{VARIANTS[name].description}; peak lr {config.lr(name):g}", lr=config.lr(name))
              for seed in seeds for name in variants]

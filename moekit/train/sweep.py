@@ -132,21 +132,15 @@ def run_sweep(config: SweepConfig, *, out_dir: str | Path, corpus: str | Path | 
     """Train every point at every seed into `out_dir/runs/` (resuming what it finds) and write the
     report into `out_dir/report`; returns that folder. Holds a RunLock on `out_dir`."""
     from moekit.parallel import SingleProcess
-    from moekit.train.compare import prepare_series_data, validation_text
+    from moekit.train.compare import open_series
     from moekit.train.sweep_report import write_sweep_report
 
     parallel = parallel if parallel is not None else SingleProcess()
     out_dir = Path(out_dir)
     with RunLock(out_dir) if parallel.is_writer else nullcontext():
         progress = progress and parallel.is_writer
-        data = prepare_series_data(corpus, seq_len=config.train.seq_len, vocab_size=config.vocab_size,
-                                   out_dir=out_dir, cache_dir=cache_dir, parallel=parallel)
-        vocab = data.tokenizer.get_vocab_size()
-        if vocab != config.vocab_size:  # a tiny corpus gives fewer merges than asked for
-            config = replace(config, vocab_size=vocab)
-        validation = validation_text(data, config.train)
-        if progress:
-            print(f"{data.corpus.describe()}\nvalidation: {validation}")
+        data, config, validation = open_series(config, corpus, out_dir=out_dir, cache_dir=cache_dir,
+                                               parallel=parallel, progress=progress)
         # the base seed first for every point, so a stopped sweep already has one curve per point
         specs = [RunSpec(p.name, seed, p.model(config), p.describe(config))
                  for seed in config.seeds for p in config.points()]
