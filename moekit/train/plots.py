@@ -6,6 +6,8 @@ seeds with its seed range shaded, and the dense model's final loss as a labelled
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from matplotlib.axes import Axes
 
@@ -36,6 +38,32 @@ def plot_curve(ax: Axes, x: np.ndarray, mean: np.ndarray, lo: np.ndarray, hi: np
     ax.plot(x, mean, color=colour, lw=2.2 if dense else 1.6, ls="--" if dense else "-", label=label)
     if (hi > lo).any():
         ax.fill_between(x, lo, hi, color=colour, alpha=0.18, lw=0)
+
+
+def loss_panels(ax_steps: Axes, ax_flops: Axes, runs: dict[str, dict], colour: dict[str, str],
+                label: Callable[[str, dict], str]) -> dict[str, tuple[float, float]]:
+    """Each run's mean validation curve (seed range shaded) against steps and against training
+    FLOPs (its `flops_per_token`); returns each plotted run's (lowest, highest) value by name
+    (runs without a validation point yet are left out)."""
+    ranges = {}
+    for name, run in runs.items():
+        steps, mean, lo, hi = mean_curve(run["metrics"])
+        if not len(steps):
+            continue
+        first = next(iter(run["metrics"].values()))
+        tokens_per_step = first[0]["tokens"] / first[0]["step"]
+        for ax, x in ((ax_steps, steps), (ax_flops, steps * tokens_per_step * run["flops_per_token"])):
+            plot_curve(ax, x, mean, lo, hi, colour=colour[name], label=label(name, run), dense=name == "dense")
+        ranges[name] = (float(lo.min()), float(hi.max()))
+    return ranges
+
+
+def clip_loss_axes(axes: tuple[Axes, ...], ranges: dict[str, tuple[float, float]]) -> None:
+    """Loss axes from just below the lowest curve to at most 2 nats above it."""
+    if ranges:
+        low, high = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
+        for ax in axes:
+            ax.set_ylim(low - 0.05, min(high, low + 2.0) + 0.05)
 
 
 def dense_line(ax: Axes, final: float) -> None:

@@ -28,7 +28,7 @@ from moekit.train.curves import (
     steps_to_reach,
     val_curve,
 )
-from moekit.train.plots import colours, dense_line, mean_curve, plot_curve, smooth
+from moekit.train.plots import clip_loss_axes, colours, dense_line, loss_panels, smooth
 
 REACH_TARGET = 0.5  # an MoE should reach the dense final validation loss within 0.5x the dense steps
 MAXVIO_TARGET = 0.2
@@ -223,19 +223,11 @@ def _target_line(name: str, s: dict, dense: dict) -> str:
 def plot_val_loss(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> None:
     fig = Figure(figsize=(12, 4.5))
     ax_s, ax_f = fig.subplots(1, 2)
-    lows, highs = [], []
-    for name, run in runs.items():
-        steps, mean, lo, hi = mean_curve(run["metrics"])
-        if not len(steps):
-            continue
-        first = next(iter(run["metrics"].values()))
-        tokens_per_step = first[0]["tokens"] / first[0]["step"]
+    def label(name: str, run: dict) -> str:
         seeds = len(run["metrics"])
-        label = name if seeds == 1 else f"{name} (mean of {seeds} seeds)"
-        for ax, x in ((ax_s, steps), (ax_f, steps * tokens_per_step * run["flops_per_token"])):
-            plot_curve(ax, x, mean, lo, hi, colour=colour[name], label=label, dense=name == "dense")
-        lows.append(lo.min())
-        highs.append(hi.max())
+        return name if seeds == 1 else f"{name} (mean of {seeds} seeds)"
+
+    ranges = loss_panels(ax_s, ax_f, runs, colour, label)
     if "dense" in runs:
         final = statistics.fmean(val_curve(m)[1][-1] for m in runs["dense"]["metrics"].values())
         for ax in (ax_s, ax_f):
@@ -246,8 +238,7 @@ def plot_val_loss(runs: dict[str, dict], path: Path, colour: dict[str, str]) -> 
     for ax in (ax_s, ax_f):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        if lows:
-            ax.set_ylim(min(lows) - 0.05, min(max(highs), min(lows) + 2.0) + 0.05)
+    clip_loss_axes((ax_s, ax_f), ranges)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

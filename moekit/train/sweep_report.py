@@ -11,7 +11,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from moekit.train.curves import Spread, separated, spread, val_curve
-from moekit.train.plots import colours, dense_line, mean_curve, plot_curve
+from moekit.train.plots import clip_loss_axes, colours, dense_line, loss_panels
 
 
 def summarize_sweep(runs: dict[str, dict]) -> dict[str, dict]:
@@ -78,17 +78,9 @@ def plot_sweep(runs: dict[str, dict], summary: dict[str, dict], path: Path) -> N
     fig = Figure(figsize=(16, 4.6))
     ax_s, ax_f, ax_p = fig.subplots(1, 3)
     colour = colours(list(runs))
-    lows, highs = [], []
-    for name, run in runs.items():
-        steps, mean, lo, hi = mean_curve(run["metrics"])
-        if not len(steps):
-            continue
-        first = next(iter(run["metrics"].values()))
-        tokens_per_step = first[0]["tokens"] / first[0]["step"]
-        for ax, x in ((ax_s, steps), (ax_f, steps * tokens_per_step * run["flops_per_token"])):
-            plot_curve(ax, x, mean, lo, hi, colour=colour[name], label=name, dense=name == "dense")
-        lows.append(lo.min())
-        highs.append(hi.max())
+    ranges = loss_panels(ax_s, ax_f, runs, colour, lambda name, run: name)
+    for name in ranges:  # the points with a validation curve
+        run = runs[name]
         s = Spread(**summary[name]["final_val_loss"])
         ax_p.errorbar([run["total_params"]], [s.mean], yerr=[[s.mean - s.lo], [s.hi - s.mean]], fmt="o",
                       color=colour[name], capsize=3, label=name)
@@ -112,9 +104,7 @@ def plot_sweep(runs: dict[str, dict], summary: dict[str, dict], path: Path) -> N
     for ax in (ax_s, ax_f, ax_p):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if lows:
-        for ax in (ax_s, ax_f):
-            ax.set_ylim(min(lows) - 0.05, min(max(highs), min(lows) + 2.0) + 0.05)
+    clip_loss_axes((ax_s, ax_f), ranges)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
