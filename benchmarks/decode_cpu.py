@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode import engine_throughput  # benchmarks/decode.py, beside this script
 
 
 def step_cpu(model, hf, prompt: int, steps: int) -> tuple[float, float, float, float]:
@@ -45,22 +46,6 @@ def step_cpu(model, hf, prompt: int, steps: int) -> tuple[float, float, float, f
     return mk_pre, hf_pre, statistics.median(mk_t), statistics.median(hf_t)
 
 
-def engine_cpu(loaded, concurrent: int, new: int) -> float:
-    """Generated tokens per CPU second with `concurrent` requests at once."""
-    from moekit.inference import Engine, Request, SamplingParams
-
-    engine = Engine(loaded, max_batch_size=concurrent, max_len=32 + new, prefill_chunk=256)
-    gen = torch.Generator().manual_seed(concurrent)
-    requests = [Request(prompt_ids=torch.randint(0, loaded.model.config.vocab_size, (32,), generator=gen).tolist(),
-                        params=SamplingParams(max_new_tokens=new, temperature=0)) for _ in range(concurrent)]
-    t = time.thread_time()
-    for r in requests:
-        engine.submit(r)
-    while not all(r.done for r in requests):
-        engine.step()
-    return sum(len(r.output_ids) for r in requests) / (time.thread_time() - t)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True, help="a checkpoint from benchmarks/decode.py --dir")
@@ -82,7 +67,7 @@ def main() -> None:
           f"transformers {hf_pre * 1e3:.0f} ({hf_pre / mk_pre:.2f}x); decode step, median of {args.steps}: "
           f"moekit {mk * 1e3:.1f} vs transformers {hf_step * 1e3:.1f} ({hf_step / mk:.2f}x)", flush=True)
     if not args.skip_engine:
-        one, sixteen = engine_cpu(loaded, 1, args.new), engine_cpu(loaded, 16, args.new)
+        one, sixteen = (engine_throughput(loaded, c, 32, args.new, clock=time.thread_time) for c in (1, 16))
         print(f"engine tokens per CPU second, {args.new} new each: 1 concurrent {one:.1f}, 16 concurrent "
               f"{sixteen:.1f} ({sixteen / one:.2f}x of one)", flush=True)
 
