@@ -62,7 +62,8 @@ class Request:
     """One completion. Set `prompt_ids` and `params`; the engine fills the rest.
 
     `on_event(request, text_delta)` is called from the engine's thread after every token (and
-    once more, with `finish_reason` set, when the request ends). With `routing`, `routing_counts`
+    once more, with `finish_reason` set, when the request ends: after its slot is freed, so a
+    client that has its answer sees the engine without it). With `routing`, `routing_counts`
     maps each MoE layer index to a long (E,) count of this request's tokens per expert.
     """
 
@@ -84,6 +85,7 @@ class Request:
     t_done: float | None = None
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
+    _last_delta: str = ""  # the text of the finishing event, sent once the slot is freed
 
     @property
     def done(self) -> bool:
@@ -228,6 +230,7 @@ class Engine:
                     self.free.append(request.slot)
                     self.free.sort()  # lowest slots first keeps the running rows contiguous more often
                 request.slot = None
+                self._announce(request)
 
     def _forward(self, tokens_BS: torch.Tensor, requests: list[Request], starts: list[int],
                  logits_to_keep: int) -> torch.Tensor:
@@ -299,5 +302,11 @@ class Engine:
             request.text = request._stream.text
         request.finish_reason = reason
         request.t_done = time.perf_counter()
+        request._last_delta = delta
+        if request.slot is None:  # never admitted: nothing to free first
+            self._announce(request)
+
+    @staticmethod
+    def _announce(request: Request) -> None:
         if request.on_event is not None:
-            request.on_event(request, delta)
+            request.on_event(request, request._last_delta)
