@@ -247,11 +247,17 @@ class Experts(nn.Module):
         projections = [*self.input_projections(), self.output_projection()]
         if not cpu_kernels.supports(x_TD, *(w for w, _ in projections)):
             return None
-        key = tuple((t.data_ptr(), t.dtype) for pair in projections for t in pair if t is not None)
-        if self._pointers is None or self._pointers[0] != key:  # rebuilt after a move or a cast
-            self._pointers = (key, cpu_kernels.expert_pointers(projections, self.config.activation))
-        pointers = self._pointers[1]
+        pointers = self.kernel_pointers()
         return None if pointers is None else cpu_kernels.expert_rows(x_TD, ids_TK, pointers)
+
+    def kernel_pointers(self) -> cpu_kernels.ExpertPointers | None:
+        """Where the experts' weights are, for `cpu_kernels.expert_rows` (None where their layout or
+        dtype has no kernel); rebuilt after a move or a cast."""
+        projections = [*self.input_projections(), self.output_projection()]
+        key = tuple((t.data_ptr(), t.dtype) for pair in projections for t in pair if t is not None)
+        if self._pointers is None or self._pointers[0] != key:
+            self._pointers = (key, cpu_kernels.expert_pointers(projections, self.config.activation))
+        return self._pointers[1]
 
     def forward_selected(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Decode path: plain matmuls on the weights of the experts that have rows, and no others.

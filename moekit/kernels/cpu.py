@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,17 @@ def available() -> bool:
     return _library() is not None
 
 
+def entry(name: str) -> Callable:
+    """The raw ctypes function `mk_<name>` (its arguments: small_rows.cpp), for a caller that binds
+    its arguments once and calls it many times (`moekit.model.one_token`). Needs `available()`."""
+    return getattr(_loaded(name), f"mk_{name}")
+
+
+def wtype(dtype: torch.dtype) -> int:
+    """The kernels' code for a weight dtype (fp32 0, bf16 1)."""
+    return _WTYPE[dtype]
+
+
 def supports(x: Tensor, *weights: Tensor) -> bool:
     """True when the kernels can run these tensors: CPU, fp32/bf16, no autograd, library loaded."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in _WTYPE or not available():
@@ -127,7 +139,8 @@ def _ptr_of(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _addresses(values: list[int]) -> ctypes.Array:
+def addresses(values: list[int]) -> ctypes.Array:
+    """An int64 array of addresses or sizes, as the kernels' pointer-table arguments take."""
     return (ctypes.c_int64 * len(values))(*values)
 
 
@@ -146,11 +159,11 @@ def linear_rows_many(x: Tensor, weights: list[tuple[Tensor, Tensor | None]]) -> 
     x2 = x.reshape(-1, K).contiguous()
     ys = [torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype) for w, _ in weights]
     lib.mk_linear_rows(x2.data_ptr(), x2.shape[0], K, len(weights),
-                       _addresses([w.data_ptr() for w, _ in weights]),
-                       _addresses([w.shape[0] for w, _ in weights]),
-                       _addresses([w.stride(0) for w, _ in weights]),
-                       _addresses([0 if b is None else b.data_ptr() for _, b in weights]),
-                       _addresses([y.data_ptr() for y in ys]), _WTYPE[x.dtype], torch.get_num_threads())
+                       addresses([w.data_ptr() for w, _ in weights]),
+                       addresses([w.shape[0] for w, _ in weights]),
+                       addresses([w.stride(0) for w, _ in weights]),
+                       addresses([0 if b is None else b.data_ptr() for _, b in weights]),
+                       addresses([y.data_ptr() for y in ys]), _WTYPE[x.dtype], torch.get_num_threads())
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
@@ -267,7 +280,7 @@ def rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: bool) -
                          "tables, 2R <= d")
     cos, sin = cos_SR.to(x_BHSd.dtype).contiguous(), sin_SR.to(x_BHSd.dtype).contiguous()
     y = torch.empty(B, H, S, d, dtype=x_BHSd.dtype)
-    lib.mk_rope(x_BHSd.data_ptr(), B, H, S, d, _addresses(list(x_BHSd.stride()[:3])), cos.data_ptr(),
+    lib.mk_rope(x_BHSd.data_ptr(), B, H, S, d, addresses(list(x_BHSd.stride()[:3])), cos.data_ptr(),
                 sin.data_ptr(), S * R if per_row else 0, R, int(interleaved), y.data_ptr(),
                 _WTYPE[x_BHSd.dtype])
     return y

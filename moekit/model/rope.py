@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from moekit.kernels import cpu as cpu_kernels
-from moekit.model.config import RopeConfig
+from moekit.model.config import ModelConfig, RopeConfig
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:
@@ -153,3 +153,19 @@ def apply_rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: b
         x1, x2 = rot[..., :R], rot[..., R:]
     out = torch.cat((x1 * cos_SR - x2 * sin_SR, x2 * cos_SR + x1 * sin_SR), dim=-1)
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def row_cos_sin(cfg: ModelConfig, pos_BS: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, 1, S, R) for per-row positions: each row as if it were alone (the
+    length-dependent RoPE kinds, dynamic NTK and longrope, see only that row's length)."""
+    assert cfg.rope is not None
+    B, S = pos_BS.shape
+    if cfg.rope.scaling in ("dynamic", "longrope"):
+        rows = [rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS[b], max_seq_len=cfg.max_seq_len, dtype=dtype)
+                for b in range(B)]
+        cos_BSR, sin_BSR = torch.stack([c for c, _ in rows]), torch.stack([s for _, s in rows])
+    else:
+        cos_TR, sin_TR = rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS.reshape(-1),
+                                      max_seq_len=cfg.max_seq_len, dtype=dtype)
+        cos_BSR, sin_BSR = cos_TR.view(B, S, -1), sin_TR.view(B, S, -1)
+    return cos_BSR[:, None], sin_BSR[:, None]

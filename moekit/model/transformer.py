@@ -22,7 +22,8 @@ from moekit.model.config import ModelConfig
 from moekit.model.init import INIT_STD, init_decoder
 from moekit.model.linear import project
 from moekit.model.norm import make_norm
-from moekit.model.rope import rope_cos_sin
+from moekit.model.one_token import step_for
+from moekit.model.rope import rope_cos_sin, row_cos_sin
 from moekit.traits import ROUTER_TRAITS, batch_ranked_warning, generation_error
 from moekit.types import ModelOutput, RoutingDecision
 
@@ -115,6 +116,11 @@ class MoETransformer(nn.Module):
             raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid: must be an integer >= 0 (0 "
                              "keeps all positions), and 0 when targets are given")
         B, S = tokens_BS.shape
+        if (isinstance(cache, RowCache) and B == S == 1 and targets_BS is None and mask_BS is None
+                and not torch.is_grad_enabled() and tokens_BS.device.type == "cpu"):
+            step = step_for(self)  # one sequence's decode token: a fixed list of kernel calls
+            if step is not None:
+                return step(tokens_BS, cache)
         device = tokens_BS.device
         start = cache.position if cache is not None else 0
         x_BSD = self.model.embed_tokens(tokens_BS)
@@ -213,22 +219,6 @@ class MoETransformer(nn.Module):
         if cache is not None and cache.batch_size not in (None, tokens_BS.shape[0]):
             raise ValueError(f"cache holds {cache.batch_size} sequences but tokens_BS has "
                              f"{tokens_BS.shape[0]}; start a new one with model.new_cache()")
-
-
-def row_cos_sin(cfg: ModelConfig, pos_BS: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin (B, 1, S, R) for per-row positions: each row as if it were alone (the
-    length-dependent RoPE kinds, dynamic NTK and longrope, see only that row's length)."""
-    assert cfg.rope is not None
-    B, S = pos_BS.shape
-    if cfg.rope.scaling in ("dynamic", "longrope"):
-        rows = [rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS[b], max_seq_len=cfg.max_seq_len, dtype=dtype)
-                for b in range(B)]
-        cos_BSR, sin_BSR = torch.stack([c for c, _ in rows]), torch.stack([s for _, s in rows])
-    else:
-        cos_TR, sin_TR = rope_cos_sin(cfg.rope, cfg.rotary_dim, pos_BS.reshape(-1),
-                                      max_seq_len=cfg.max_seq_len, dtype=dtype)
-        cos_BSR, sin_BSR = cos_TR.view(B, S, -1), sin_TR.view(B, S, -1)
-    return cos_BSR[:, None], sin_BSR[:, None]
 
 
 def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
