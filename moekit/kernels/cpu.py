@@ -11,7 +11,7 @@ Entry points (no autograd; inference only; CPU tensors):
     linear_rows_many(x, [(w, b), ...])   several of them sharing x, in one call
     rmsnorm(x, weight, eps)           RMSNorm of a few rows (statistics in fp32)
     rope(x_BHSd, cos_SR, sin_SR, interleaved)   rotary embedding of a few positions
-    attend_one(q_BH1d, k_BKTd, v_BKTe, mask_B11T, scale)   one query over the KV cache (B = 1)
+    attend_one(q_BH1d, k_BKTd, v_BKTe, mask_B11T, scale)   one query per sequence over its KV cache
     topk_route(x_TD, gate_weight, gate_bias, ...)   token-choice top-k routing of a few tokens
     expert_rows(x_TD, ids_TK, experts)  every routed slot's expert output, o_TKD (experts: ExpertPointers)
 """
@@ -97,9 +97,8 @@ def _library() -> ctypes.CDLL | None:
     lib.mk_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _int]
     lib.mk_topk_route.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int, _int, _int, ctypes.c_float,
                                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
-    lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64,
-                                  _ptr,
-                                  ctypes.c_float, _ptr, _int, _int]
+    lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64,
+                                  _i64, _i64, _ptr, _i64, ctypes.c_float, _ptr, _int, _int]
     return lib
 
 
@@ -287,20 +286,23 @@ def rope(x_BHSd: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, interleaved: bool) -
 
 
 def attend_one(q_BH1d: Tensor, k_BKTd: Tensor, v_BKTe: Tensor, mask_B11T: Tensor, scale: float) -> Tensor:
-    """`moekit.model.attention.attend_one` for B = 1, reading the cache rows in place (fp32 maths,
-    the output rounded once to q's dtype). Returns (1, H, 1, e)."""
+    """`moekit.model.attention.attend_one`: one query per sequence over its keys, read in place
+    (strided cache rows, no copies; fp32 maths, the output rounded once to q's dtype). The mask is
+    (B or 1, 1, 1, T). Returns (B, H, 1, e)."""
     lib = _loaded("attend_one")
     B, H, _, d = q_BH1d.shape
     _, K, T, e = v_BKTe.shape
-    if B != 1 or k_BKTd.stride(-1) != 1 or v_BKTe.stride(-1) != 1 or mask_B11T.shape[-1] != T:
-        raise ValueError("attend_one needs one sequence, K/V with unit stride inside a head and a "
-                         "(.., T) mask")
+    if (k_BKTd.shape[0] != B or v_BKTe.shape[0] != B or k_BKTd.stride(-1) != 1 or v_BKTe.stride(-1) != 1
+            or mask_B11T.shape[-1] != T or mask_B11T.shape[0] not in (1, B)):
+        raise ValueError("attend_one needs K/V of the queries' sequences with unit stride inside a head and "
+                         "a (B or 1, 1, 1, T) mask")
     q = q_BH1d.contiguous()
-    mask = mask_B11T.reshape(-1).float().contiguous()
-    out = torch.empty(1, H, 1, e, dtype=q.dtype)
-    lib.mk_attend_one(q.data_ptr(), H, K, T, d, e, k_BKTd.data_ptr(), k_BKTd.stride(1), k_BKTd.stride(2),
-                      v_BKTe.data_ptr(), v_BKTe.stride(1), v_BKTe.stride(2), mask.data_ptr(), scale,
-                      out.data_ptr(), _WTYPE[q.dtype], torch.get_num_threads())
+    mask = mask_B11T.reshape(mask_B11T.shape[0], T).float().contiguous()
+    out = torch.empty(B, H, 1, e, dtype=q.dtype)
+    lib.mk_attend_one(q.data_ptr(), B, H, K, T, d, e, k_BKTd.data_ptr(), k_BKTd.stride(0), k_BKTd.stride(1),
+                      k_BKTd.stride(2), v_BKTe.data_ptr(), v_BKTe.stride(0), v_BKTe.stride(1), v_BKTe.stride(2),
+                      mask.data_ptr(), T if mask.shape[0] > 1 else 0, scale, out.data_ptr(), _WTYPE[q.dtype],
+                      torch.get_num_threads())
     return out
 
 

@@ -316,20 +316,23 @@ void rope(const WT* x, int64_t B, int64_t H, int64_t S, int64_t d, int64_t sb, i
 // out[h] = softmax(q[h] . k[kv, t] * scale + mask[t]) . v[kv, t] (moekit.model.attention.attend_one).
 // k/v: kv head at + kv * skh, position t at + t * skt (unit stride inside a head).
 template <typename WT>
-void attend_one(const WT* q, int64_t H, int64_t KV, int64_t T, int64_t d, int64_t e, const WT* k, int64_t skh,
-                int64_t skt, const WT* v, int64_t svh, int64_t svt, const float* mask, float scale, WT* out,
-                int nthreads) {
+void attend_one(const WT* q, int64_t B, int64_t H, int64_t KV, int64_t T, int64_t d, int64_t e, const WT* k,
+                int64_t skb, int64_t skh, int64_t skt, const WT* v, int64_t svb, int64_t svh, int64_t svt,
+                const float* mask, int64_t smb, float scale, WT* out, int nthreads) {
     const int64_t G = H / KV;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t h = 0; h < H; ++h) {
-        const int64_t kv = h / G;
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H, kv = h / G;
+        const WT* kb = k + b * skb + kv * skh;
+        const WT* vb = v + b * svb + kv * svh;
+        const float* mb = mask + b * smb;
         std::vector<float> qf(d), p(T), acc(e, 0.0f);
-        for (int64_t i = 0; i < d; ++i) qf[i] = load1<WT>(q, h * d + i);
+        for (int64_t i = 0; i < d; ++i) qf[i] = load1<WT>(q, bh * d + i);
         float mx = -INFINITY;
         for (int64_t t = 0; t < T; ++t) {
             float dot;
-            dots<1, WT>(k + kv * skh + t * skt, qf.data(), 0, d, &dot);
-            p[t] = dot * scale + mask[t];
+            dots<1, WT>(kb + t * skt, qf.data(), 0, d, &dot);
+            p[t] = dot * scale + mb[t];
             mx = p[t] > mx ? p[t] : mx;
         }
         float sum = 0.0f;
@@ -338,13 +341,13 @@ void attend_one(const WT* q, int64_t H, int64_t KV, int64_t T, int64_t d, int64_
             sum += p[t];
         }
         for (int64_t t = 0; t < T; ++t) {
-            const WT* vt = v + kv * svh + t * svt;
+            const WT* vt = vb + t * svt;
             const float w = p[t] / sum;
             for (int64_t i = 0; i < e; ++i) acc[i] += w * load1<WT>(vt, i);
         }
         for (int64_t i = 0; i < e; ++i) {
-            if constexpr (sizeof(WT) == 2) out[h * e + i] = f32_to_bf16(acc[i]);
-            else out[h * e + i] = acc[i];
+            if constexpr (sizeof(WT) == 2) out[bh * e + i] = f32_to_bf16(acc[i]);
+            else out[bh * e + i] = acc[i];
         }
     }
 }
@@ -470,16 +473,20 @@ void mk_rope(const void* x, int64_t B, int64_t H, int64_t S, int64_t d, const in
                     static_cast<const float*>(sin), cb, R, interleaved, static_cast<float*>(y));
 }
 
-void mk_attend_one(const void* q, int64_t H, int64_t KV, int64_t T, int64_t d, int64_t e, const void* k,
-                   int64_t skh, int64_t skt, const void* v, int64_t svh, int64_t svt, const float* mask,
-                   float scale, void* out, int wtype, int nthreads) {
+// One query per sequence: q (B, H, d) and out (B, H, e) contiguous; sequence b's keys at k + b * skb
+// (heads skh, positions skt apart), its values likewise, its additive fp32 mask at mask + b * smb
+// (smb 0: one mask for every sequence).
+void mk_attend_one(const void* q, int64_t B, int64_t H, int64_t KV, int64_t T, int64_t d, int64_t e,
+                   const void* k, int64_t skb, int64_t skh, int64_t skt, const void* v, int64_t svb, int64_t svh,
+                   int64_t svt, const float* mask, int64_t smb, float scale, void* out, int wtype, int nthreads) {
     if (wtype == W_BF16)
-        attend_one<uint16_t>(static_cast<const uint16_t*>(q), H, KV, T, d, e, static_cast<const uint16_t*>(k), skh,
-                             skt, static_cast<const uint16_t*>(v), svh, svt, mask, scale,
+        attend_one<uint16_t>(static_cast<const uint16_t*>(q), B, H, KV, T, d, e, static_cast<const uint16_t*>(k),
+                             skb, skh, skt, static_cast<const uint16_t*>(v), svb, svh, svt, mask, smb, scale,
                              static_cast<uint16_t*>(out), nthreads);
     else
-        attend_one<float>(static_cast<const float*>(q), H, KV, T, d, e, static_cast<const float*>(k), skh, skt,
-                          static_cast<const float*>(v), svh, svt, mask, scale, static_cast<float*>(out), nthreads);
+        attend_one<float>(static_cast<const float*>(q), B, H, KV, T, d, e, static_cast<const float*>(k), skb, skh,
+                          skt, static_cast<const float*>(v), svb, svh, svt, mask, smb, scale,
+                          static_cast<float*>(out), nthreads);
 }
 
 void mk_topk_route(const void* x, int64_t T, int64_t D, int64_t E, int64_t K, const void* gate,

@@ -70,7 +70,8 @@ def attend(
     The softmax runs in fp32 (transformers' eager attention).
     """
     H, K = q_BHSd.shape[1], k_BKTd.shape[1]
-    if q_BHSd.shape[:3] == (1, H, 1) and softcap is None and sinks_H is None and not torch.is_grad_enabled():
+    if (q_BHSd.shape[2] == 1 and softcap is None and sinks_H is None and not torch.is_grad_enabled()
+            and (q_BHSd.shape[0] == 1 or _kernel_attends(q_BHSd, k_BKTd, v_BKTe, mask_B1ST))):
         return attend_one(q_BHSd, k_BKTd, v_BKTe, mask_B1ST, scale=scale)
     if K != H:
         k_BKTd = k_BKTd.repeat_interleave(H // K, dim=1)
@@ -92,17 +93,23 @@ def attend(
     return probs_BHST.to(v_BKTe.dtype) @ v_BKTe
 
 
+def _kernel_attends(q_BH1d: Tensor, k_BKTd: Tensor, v_BKTe: Tensor, mask_B11T: Tensor) -> bool:
+    return (k_BKTd.stride(-1) == 1 and v_BKTe.stride(-1) == 1 and mask_B11T.shape[0] in (1, q_BH1d.shape[0])
+            and cpu_kernels.supports(q_BH1d, k_BKTd, v_BKTe))
+
+
 def attend_one(q_BH1d: Tensor, k_BKTd: Tensor, v_BKTe: Tensor, mask_B11T: Tensor, *, scale: float) -> Tensor:
-    """`attend` for one query (a batch-1 decode step), without gradients: small batched products
-    in fp32 instead of the fused CPU kernel, whose fixed cost dominates at one query (and in place
-    of bf16 products, slow on CPUs without native bf16); measured ~10% of a batch-1 step on the
-    benchmark model. Batches keep the fused kernel: it reads the strided cache rows in place, where
-    these products would copy them. The query heads of a group share their K/V head through a
-    reshape, not a copy. Returns (B, H, 1, e) in q's dtype."""
+    """`attend` for one query per sequence (a decode step), without gradients. The CPU kernel where
+    it runs: one call for every sequence and head, reading the strided cache rows in place (a batch
+    of 16 on the benchmark model: 0.6 ms per layer in the fused SDPA kernel, a few tens of us here).
+    Otherwise small batched products in fp32 (instead of the fused kernel, whose fixed cost
+    dominates at one query, and of bf16 products, slow on CPUs without native bf16); `attend`
+    sends a batch there only with the kernel, since these products would copy strided rows. The
+    query heads of a group share their K/V head through a reshape, not a copy. Returns (B, H, 1, e)
+    in q's dtype."""
     B, H, _, d = q_BH1d.shape
     K = k_BKTd.shape[1]
-    if (B == 1 and k_BKTd.stride(-1) == 1 and v_BKTe.stride(-1) == 1 and mask_B11T.shape[0] == 1
-            and cpu_kernels.supports(q_BH1d, k_BKTd, v_BKTe)):
+    if _kernel_attends(q_BH1d, k_BKTd, v_BKTe, mask_B11T):
         return cpu_kernels.attend_one(q_BH1d, k_BKTd, v_BKTe, mask_B11T, scale)  # one call, no copies
     dtype = q_BH1d.dtype
     q_BKGd = q_BH1d.float().view(B, K, H // K, d)  # G = H / K query heads per K/V head

@@ -121,7 +121,7 @@ class _Layer:
         else:
             self.qr, self.kr = q, k
         # attention: the keys' arguments (slot, length) are filled in each step
-        self.attend = [self.qr.data_ptr(), H, K, 0, hd, hd, 0, 0, hd, 0, 0, hd, step.mask.data_ptr(),
+        self.attend = [self.qr.data_ptr(), 1, H, K, 0, hd, hd, 0, 0, 0, hd, 0, 0, 0, hd, step.mask.data_ptr(), 0,
                        attn.scale, self.a.data_ptr(), step.wt, step.threads]
         self.after_attention = [step.linear(self.a, [(attn.o_proj, self.o)]),
                                 step.rmsnorm(step.x, layer.post_attention_layernorm, self.h2)]
@@ -215,7 +215,7 @@ class OneTokenStep:
         if T > self.mask.numel():
             self.mask = torch.zeros(max(T, 2 * self.mask.numel()), dtype=torch.float32)
             for layer in self.layers:
-                layer.attend[12] = self.mask.data_ptr()
+                layer.attend[15] = self.mask.data_ptr()
         x = self.x
         x.copy_(model.model.embed_tokens.weight[int(tokens_BS[0, 0])])
         if cfg.embedding_multiplier != 1.0:
@@ -234,10 +234,10 @@ class OneTokenStep:
             v_buf = cache.store.buffer(layer.index, 1, layer.like_kv, 2)
             k_buf[slot, :, pos].copy_(layer.kr.view(cfg.kv_heads, -1))
             v_buf[slot, :, pos].copy_(layer.v.view(cfg.kv_heads, -1))
-            a = layer.attend
-            a[3] = T
-            a[6], a[7], a[8] = k_buf.data_ptr() + slot * k_buf.stride(0) * size, k_buf.stride(1), k_buf.stride(2)
-            a[9], a[10], a[11] = v_buf.data_ptr() + slot * v_buf.stride(0) * size, v_buf.stride(1), v_buf.stride(2)
+            a = layer.attend  # (q, B, H, KV, T, d, e, k, skb, skh, skt, v, svb, svh, svt, mask, ...)
+            a[4] = T
+            a[7], a[9], a[10] = k_buf.data_ptr() + slot * k_buf.stride(0) * size, k_buf.stride(1), k_buf.stride(2)
+            a[11], a[13], a[14] = v_buf.data_ptr() + slot * v_buf.stride(0) * size, v_buf.stride(1), v_buf.stride(2)
             attend(*a)
             fn, args = layer.after_attention[0]
             fn(*args)

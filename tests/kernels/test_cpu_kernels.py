@@ -232,6 +232,30 @@ def test_attend_one_kernel_equals_reference(dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared_mask", [pytest.param(False, id="mask-per-row"), pytest.param(True, id="one-mask")])
+def test_attend_one_kernel_takes_a_batch_of_sequences_at_their_own_positions(dtype, shared_mask):
+    from moekit.model.attention import additive_mask
+    from tests.reference.attention import reference_attention
+
+    B, H, K, T, d = 3, 4, 2, 9, 8
+    q = torch.randn(B, H, 1, d, generator=_gen(12)).to(dtype)
+    # every second slot of a larger cache buffer: a batch stride that is not B-contiguous
+    k = torch.randn(2 * B, K, T + 4, d, generator=_gen(13)).to(dtype)[::2, :, :T]
+    v = torch.randn(2 * B, K, T + 4, d, generator=_gen(14)).to(dtype)[::2, :, :T]
+    positions = [8, 8, 8] if shared_mask else [8, 3, 5]  # rows behind the batch see fewer keys
+    q_pos = torch.tensor([positions[0]]) if shared_mask else torch.tensor(positions)[:, None]
+    mask = additive_mask(q_pos, torch.arange(T), window=None, key_mask_BT=None, dtype=dtype)
+    assert mask.shape[0] == (1 if shared_mask else B)
+    with torch.no_grad():
+        got = cpu.attend_one(q, k, v, mask, 0.3)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for b, pos in enumerate(positions):
+        want = reference_attention(q[b:b + 1].double(), k[b:b + 1].double(), v[b:b + 1].double(),
+                                   q_positions=[pos], scale=0.3, window=None)
+        torch.testing.assert_close(got[b:b + 1].double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", [
     pytest.param({}, id="softmax-renormalised"),
     pytest.param({"softmax_after_topk": True}, id="mixtral"),
