@@ -59,8 +59,9 @@ def unsupported(model: nn.Module) -> str | None:
     if cfg.rope is not None and cfg.rope.interleaved:
         return "interleaved RoPE"
     for i, layer in enumerate(model.model.layers):
-        if type(getattr(layer, "self_attn", None)) is not Attention:
-            return f"layer {i} mixes tokens with {type(getattr(layer, 'self_attn', layer)).__name__}"
+        mixer = getattr(layer, "self_attn", None) or getattr(layer, "mamba", None)
+        if type(mixer) is not Attention:
+            return f"layer {i} mixes tokens with {type(mixer).__name__}, not plain attention"
         if cfg.layer_window(i) is not None or cfg.layer_chunk(i) is not None:
             return f"layer {i} attends in a window or chunk"
         if cfg.rope is not None and not cfg.uses_rope(i):

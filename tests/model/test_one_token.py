@@ -165,3 +165,15 @@ def test_a_copied_model_gets_its_own_step(monkeypatch):
 def test_without_kernels_there_is_no_step(monkeypatch):
     monkeypatch.setattr(cpu, "available", lambda: False)
     assert "not built" in one_token.unsupported(_model())
+
+
+def test_a_replaced_module_rebuilds_the_step(monkeypatch):
+    from moekit.experts.dense import DenseMLP
+
+    model = _model()
+    first = one_token.step_for(model)
+    assert first is not None
+    model.model.layers[2].mlp = DenseMLP(D, 40, "swiglu")  # a child replaced: the bound layer is stale
+    second = one_token.step_for(model)
+    assert second is not None and second is not first
+    _assert_same(model, monkeypatch, steps=2)
