@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from moekit.dispatch.sort import SortDispatcher, combine_slots
 from moekit.experts.dense import DenseMLP
 from moekit.experts.grouped import Experts
-from moekit.experts.layout import KERNEL_MAX_ROWS
 from moekit.kernels import cpu
 from moekit.layer import MoELayer
 from moekit.model.attention import Attention
@@ -82,8 +81,8 @@ def unsupported(model: nn.Module) -> str | None:
                 return f"layer {i}'s MoE is not a top-k router over in-memory experts"
             if moe.capacity_factor is not None or moe.expert_capacity is not None:
                 return f"layer {i}'s MoE drops tokens for capacity"
-            if group_limited(moe.num_groups, moe.topk_groups) or moe.top_k * 1 > KERNEL_MAX_ROWS:
-                return f"layer {i}'s router selects within expert groups or top_k > {KERNEL_MAX_ROWS}"
+            if group_limited(moe.num_groups, moe.topk_groups):
+                return f"layer {i}'s router selects within expert groups"
             if not mlp.router.gate.weight.is_contiguous() or mlp.experts.kernel_pointers() is None:
                 return f"layer {i}'s router or experts are not stored as the kernels read them"
         elif type(mlp) is not DenseMLP:

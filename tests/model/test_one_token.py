@@ -87,6 +87,8 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
                       lm_head_bias=False, attn_scale=0.2), id="multipliers-tied"),
     pytest.param(dict(rope=None), id="no-rope"),
     pytest.param(dict(rope=RopeConfig(scaling="dynamic", factor=2.0)), id="dynamic-rope"),
+    pytest.param(dict(rope=RopeConfig(scaling="yarn", factor=4.0, original_max_position=16, partial_rotary=0.5)),
+                 id="yarn-partial-rotary"),
     pytest.param(dict(n_kv_heads=4, lm_head_bias=True), id="mha-head-bias"),
 ])
 def test_one_token_step_equals_the_module_path(dtype, options, monkeypatch):
