@@ -127,7 +127,7 @@ def convert(folder: Path, outtype: str, converter: Path) -> Path:
     subprocess) unless a cached one is newer than the checkpoint. Written under a temporary name
     and renamed, so a failed conversion leaves no half file."""
     out = gguf_path(folder, outtype)
-    sources = [folder / n for n in ("model.safetensors", "config.json", "tokenizer.model")]
+    sources = [*folder.glob("*.safetensors"), folder / "config.json", folder / "tokenizer.model"]
     if not needs_conversion(out, sources):
         return out
     tmp = out.with_name(out.name + ".part")
