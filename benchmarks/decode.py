@@ -4,10 +4,13 @@ width 1024, vocab 32000; 139M parameters), batch 1, fp32 and bf16; the batching 
 throughput at 1/4/16 concurrent requests; and the memory-bandwidth limit of a decode step.
 
     nice -n 10 python benchmarks/decode.py [--prompt 512] [--new 128] [--threads 2] [--repeats 1]
+        [--llama-cpp-src llama_cpp_python-0.3.36]
 
-llama.cpp runs only where `llama-cpp-python` is installed; it is not (building it takes 10-20
-minutes of both cores here), so the benchmark prints how to set it up and the llama.cpp figures the
-issue measured on a same-shaped model, labelled as such. Figures are medians of --repeats runs.
+With llama-cpp-python, sentencepiece and protobuf installed and `--llama-cpp-src` (or
+$LLAMA_CPP_SRC) naming the unpacked llama-cpp-python sdist, the same checkpoint is converted to GGUF
+(f32, bf16, q8_0; benchmarks/llamacpp.py) and llama.cpp is timed on the same prompt ids, interleaved
+with the others; without them the benchmark prints how to set it up. Figures are medians of
+--repeats runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ import time
 from pathlib import Path
 
 import torch
+from llamacpp import (  # benchmarks/llamacpp.py, beside this script
+    ISSUE_LLAMA_CPP,
+    SAME_PRECISION,
+    leading_agreement,
+    llama_speed,
+    load_gguf,
+    prepare,
+)
 
 
 def build_checkpoint(path: Path, *, vocab: int = 32000) -> None:
@@ -79,12 +90,36 @@ def hf_speed(hf_model, ids: list[int], new: int) -> tuple[float, float]:
     return len(ids) / prefill, (new - 1) / max(full - prefill, 1e-9)
 
 
-def moekit_speed(loaded, ids: list[int], new: int) -> tuple[float, float]:
+def moekit_speed(loaded, ids: list[int], new: int) -> tuple[float, float, list[int]]:
+    """(prompt tokens/s, decode tokens/s, tokens) of moekit's greedy generate."""
     from moekit.inference import generate
 
     out = generate(loaded, ids, max_new_tokens=new, temperature=0)
     assert len(out.token_ids) == new
-    return out.prompt_tokens_per_s, out.generated_tokens_per_s
+    return out.prompt_tokens_per_s, out.generated_tokens_per_s, out.token_ids
+
+
+def medians(runs: list[tuple]) -> list[float]:
+    """Per-field medians of (prefill tok/s, decode tok/s, ...) runs: the first two fields."""
+    return [statistics.median(r[i] for r in runs) for i in (0, 1)]
+
+
+def llama_cpp_row(runs: list[tuple[float, float, list[int]]], moekit: list[float] | None,
+                  limit: float | None, label: str) -> dict:
+    """Print and return llama.cpp's medians at one GGUF type, with moekit / llama.cpp ratios at the
+    same precision and the share of the bandwidth limit where there is one."""
+    ll = medians(runs)
+    row = {"prefill": ll[0], "decode": ll[1]}
+    line = f"llama.cpp {label}: prefill tok/s {ll[0]:.0f}, decode tok/s {ll[1]:.1f}"
+    if moekit is not None:
+        row |= {"moekit_vs_llama_cpp_prefill": moekit[0] / ll[0], "moekit_vs_llama_cpp_decode": moekit[1] / ll[1]}
+        line += (f"; moekit / llama.cpp: prefill {row['moekit_vs_llama_cpp_prefill']:.2f}x, "
+                 f"decode {row['moekit_vs_llama_cpp_decode']:.2f}x")
+    if limit is not None:
+        row["bandwidth_share"] = ll[1] / limit
+        line += f"; llama.cpp at {ll[1] / limit:.0%} of the bandwidth limit"
+    print(line)
+    return row
 
 
 def step_times(hf_model, loaded, ids: list[int], steps: int) -> tuple[float, float]:
@@ -130,39 +165,6 @@ def engine_throughput(loaded, concurrent: int, prompt: int, new: int, clock=time
     return sum(len(r.output_ids) for r in requests) / (clock() - t)
 
 
-# Decode tokens/s measured in issue 11 (not by this benchmark): a random Mixtral-shaped model as
-# built here, 32-token prompt then 128 greedy tokens, batch 1, 2 threads, median of 3.
-ISSUE_LLAMA_CPP = {"f32": 140, "bf16": 337, "q8_0": 464}
-ISSUE_OTHERS = {"transformers fp32": 34, "transformers bf16": 61}
-
-LLAMA_CPP_SETUP = """\
-llama.cpp is not installed (llama-cpp-python; not a moekit dependency). To compare against it:
-  pip install llama-cpp-python==0.3.36        # builds llama.cpp: 10-20 minutes on 2 cores
-  pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36   # the sdist holds the converter
-  tar xzf llama_cpp_python-0.3.36.tar.gz
-  python llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py DIR --outtype f32|bf16|q8_0 \\
-      --outfile model-f32.gguf
-The converter needs a SentencePiece tokenizer.model in DIR (it rejects a freshly trained byte-level
-BPE: "BPE pre-tokenizer was not recognized"); this benchmark writes a word-level tokenizer.json only,
-so add a SentencePiece model with the same 32000 ids before converting. Then time
-llama_cpp.Llama(model_path=..., n_threads=THREADS, n_ctx=PROMPT+NEW) generating NEW tokens."""
-
-
-def llama_cpp_report() -> dict:
-    """Whether llama.cpp is importable; without it, the setup steps and the issue's own figures."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print(LLAMA_CPP_SETUP)
-        print("llama.cpp decode tok/s as measured in issue 11 (its text, not this run): " + ", ".join(
-            f"{k} {v}" for k, v in ISSUE_LLAMA_CPP.items()) + "; same measurement: " + ", ".join(
-            f"{k} {v}" for k, v in ISSUE_OTHERS.items()))
-        return {"installed": False, "issue_11_decode_tok_s": ISSUE_LLAMA_CPP}
-    print("llama-cpp-python is installed, but this benchmark does not yet convert and time a GGUF "
-          "(see the steps above in its source, LLAMA_CPP_SETUP)")
-    return {"installed": True, "issue_11_decode_tok_s": ISSUE_LLAMA_CPP}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=512)
@@ -173,6 +175,8 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true", help="leave out the concurrency throughput")
     parser.add_argument("--dir", type=Path, default=None, help="reuse / keep the checkpoint here")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--llama-cpp-src", type=Path, default=None,
+                        help="the unpacked llama-cpp-python sdist (holds convert_hf_to_gguf.py); or $LLAMA_CPP_SRC")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -182,6 +186,8 @@ def main() -> None:
     folder = args.dir or Path(tempfile.mkdtemp(prefix="moekit-decode-"))
     if not (folder / "config.json").is_file():
         build_checkpoint(folder)
+    gguf = prepare(folder, args.llama_cpp_src, vocab=32000)  # None: llama.cpp not set up here
+    llama: dict = {"installed": gguf is not None}
     ids = torch.randint(0, 32000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     results: dict = {"prompt": args.prompt, "new": args.new, "threads": args.threads}
     bandwidth = copy_bandwidth()
@@ -192,12 +198,15 @@ def main() -> None:
         hf_model = hf_model.eval()
         loaded = load(folder, dtype=dtype)
         loaded = dataclasses.replace(loaded, eos_ids=frozenset())  # always `new` tokens, like min_new_tokens
-        hf_runs, mk_runs = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        llm = load_gguf(gguf[SAME_PRECISION[dtype]], threads=args.threads,
+                        n_ctx=args.prompt + args.new) if gguf else None
+        hf_runs, mk_runs, ll_runs = [], [], []
+        for _ in range(args.repeats):  # interleaved, so all see the same machine load
             hf_runs.append(hf_speed(hf_model, ids, args.new))
             mk_runs.append(moekit_speed(loaded, ids, args.new))
-        hf = [statistics.median(r[i] for r in hf_runs) for i in (0, 1)]
-        mk = [statistics.median(r[i] for r in mk_runs) for i in (0, 1)]
+            if llm is not None:
+                ll_runs.append(llama_speed(llm, ids, args.new))
+        hf, mk = medians(hf_runs), medians(mk_runs)
         limit = bandwidth / active_bytes(loaded.model)
         hf_step, mk_step = step_times(hf_model, loaded, ids, args.steps)
         row = {"hf_prefill": hf[0], "hf_decode": hf[1], "moekit_prefill": mk[0], "moekit_decode": mk[1],
@@ -215,9 +224,22 @@ def main() -> None:
             row["engine_throughput"] = tput
             print("engine aggregate tok/s (32-token prompts, 64 new each): " + ", ".join(
                 f"{c} concurrent {v:.0f} ({v / tput[1]:.1f}x)" for c, v in tput.items()))
+        if llm is not None:
+            llama[SAME_PRECISION[dtype]] = llama_cpp_row(ll_runs, mk, limit, SAME_PRECISION[dtype])
+            if dtype == "float32":  # the same model? random weights can tie, so a count, not an assert
+                agree = leading_agreement(mk_runs[0][2], ll_runs[0][2])
+                llama["greedy_agreement_f32"] = {"leading_tokens_equal": agree, "of": args.new}
+                print(f"greedy tokens: llama.cpp f32 equals moekit fp32 for the first {agree} of {args.new}")
         results[dtype] = row
-        del hf_model, loaded
-    results["llama_cpp"] = llama_cpp_report()
+        del hf_model, loaded, llm
+    if gguf is not None:  # q8_0 has no moekit twin: alone, after the others
+        llm = load_gguf(gguf["q8_0"], threads=args.threads, n_ctx=args.prompt + args.new)
+        llama["q8_0"] = llama_cpp_row([llama_speed(llm, ids, args.new) for _ in range(args.repeats)],
+                                      None, None, "q8_0")
+        llama["gguf_MB"] = {t: path.stat().st_size / 1e6 for t, path in gguf.items()}
+    else:
+        llama["issue_11_decode_tok_s"] = ISSUE_LLAMA_CPP
+    results["llama_cpp"] = llama
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
