@@ -49,16 +49,20 @@ def build_checkpoint(path: Path, *, vocab: int = 32000) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def active_bytes(model) -> int:
-    """Bytes a batch-1 decode step reads: every weight except the embedding table (one row) and the
-    unselected experts (top_k of num_experts per MoE layer)."""
-    total = 0
+def active_bytes(model, rows: int = 1) -> float:
+    """Bytes a decode step of `rows` sequences reads: every weight except the embedding table (one
+    row per sequence) and the experts no sequence selected. With one row, exactly top_k of
+    num_experts per MoE layer; with more, the expected number of distinct experts when each row
+    picks top_k of them uniformly, E (1 - (1 - k / E)^rows) (a random model routes about so)."""
+    moe = model.config.moe
+    total = 0.0
     for name, p in model.named_parameters():
         if name == "model.embed_tokens.weight" and not model.config.tie_embeddings:
-            total += p.shape[1] * p.element_size()
+            total += rows * p.shape[1] * p.element_size()
         elif ".experts." in name and p.dim() == 3:
-            moe = model.config.moe
-            total += p.numel() * p.element_size() * moe.top_k // moe.num_experts
+            E, k = moe.num_experts, moe.top_k
+            used = k if rows == 1 else E * (1 - (1 - k / E) ** rows)
+            total += p.numel() * p.element_size() * used / E
         else:
             total += p.numel() * p.element_size()
     return total
@@ -222,8 +226,12 @@ def main() -> None:
         if dtype == "float32" and not args.skip_engine:
             tput = {c: engine_throughput(loaded, c, 32, 64) for c in (1, 4, 16)}
             row["engine_throughput"] = tput
+            ceiling = {c: c * active_bytes(loaded.model) / active_bytes(loaded.model, c) for c in tput}
+            row["engine_bandwidth_ceiling"] = ceiling
             print("engine aggregate tok/s (32-token prompts, 64 new each): " + ", ".join(
                 f"{c} concurrent {v:.0f} ({v / tput[1]:.1f}x)" for c, v in tput.items()))
+            print("  a step of c sequences reads more experts: at the bandwidth limit c concurrent would "
+                  "reach at most " + ", ".join(f"{x:.1f}x" for x in ceiling.values()) + " of one")
         if llm is not None:
             llama[SAME_PRECISION[dtype]] = llama_cpp_row(ll_runs, mk, limit, SAME_PRECISION[dtype])
             if dtype == "float32":  # the same model? random weights can tie, so a count, not an assert
