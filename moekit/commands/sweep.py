@@ -47,7 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 HELP = {"eval_sequences": "validation sequences, a fixed sample evenly spaced over the held-out set; "
-                         "0: the whole held-out set"}
+                         "0: the whole held-out set",
+        "router_lr_mult": "the MoE routers' weight matrices train at the peak lr x this",
+        "lr": "peak learning rate of every MoE point (compare's tuned MoE rate)",
+        "dense_lr": "peak learning rate of the dense point, E = 1 (compare's tuned dense rate)"}
 
 
 def _flag(p: argparse.ArgumentParser, name: str, default: object) -> None:

@@ -22,7 +22,7 @@ from moekit.tasks import add_task_arguments, run_task
 TRAIN_FLAGS = {
     "steps": int, "batch_size": int, "seq_len": int, "grad_accum": int, "lr": float,
     "warmup_steps": int, "weight_decay": float, "grad_clip": float, "eval_every": int,
-    "eval_sequences": int, "checkpoint_every": int, "keep_last": int, "seed": int,
+    "eval_sequences": int, "checkpoint_every": int, "keep_last": int, "seed": int, "router_lr_mult": float,
 }
 
 

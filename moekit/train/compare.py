@@ -36,7 +36,8 @@ DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=6e-3, war
                             eval_sequences=EVAL_SEQUENCES, checkpoint_every=0, keep_last=1, seed=0)
 DEFAULT_VARIANT_LR: tuple[tuple[str, float], ...] = (("dense", 1.2e-2),)
 # TrainConfig fields `moekit compare` takes as flags (the rest keep DEFAULT_TRAIN's values)
-TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed")
+TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed",
+               "router_lr_mult")
 
 if TYPE_CHECKING:
     from moekit.parallel.context import SingleProcess

@@ -24,6 +24,7 @@ from moekit.train.curves import (
     final_full_val_loss,
     final_val_max_vio_layers,
     layer_mean,
+    separated,
     spread,
     steps_to_reach,
     val_curve,
@@ -97,7 +98,44 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict]:
             "balanced": run["balanced"],
             "per_seed": {str(seed): s for seed, s in per_seed.items()},
         }
+    if dense is not None:
+        for name, s in out.items():
+            if name != "dense":
+                s["vs_dense"] = {key: _versus(s, out["dense"], key) for key in VERSUS_KEYS}
     return out
+
+
+# the figures an MoE variant is compared with the dense model on, over seeds
+VERSUS_KEYS = ("final_val_loss", "full_val_loss")
+
+
+def _versus(s: dict, dense: dict, key: str) -> dict | None:
+    """`key` of variant `s` minus the dense model's: the difference of the means, the spread of the
+    per-seed differences (each seed against the dense run of the same seed, where both have it),
+    and whether the two seed ranges are separated (None with fewer than two seeds each)."""
+    ours, base = _sp(s, key), _sp(dense, key)
+    if ours is None or base is None:
+        return None
+    paired = spread([v[key] - dense["per_seed"][seed][key] for seed, v in s["per_seed"].items()
+                     if v[key] is not None and seed in dense["per_seed"]
+                     and dense["per_seed"][seed][key] is not None])
+    return {"difference": ours.mean - base.mean, "per_seed": asdict(paired) if paired is not None else None,
+            "beyond_spread": separated(ours, base)}
+
+
+def _versus_line(name: str, s: dict) -> str:
+    parts = []
+    for key, what in zip(VERSUS_KEYS, ("final val loss", "on the whole held-out set")):
+        v = s["vs_dense"].get(key)
+        if v is None:
+            continue
+        verdict = {True: "beyond the seed spread", False: "within the seed spread",
+                   None: "spread unknown (one seed)"}[v["beyond_spread"]]
+        per_seed = Spread(**v["per_seed"]) if v["per_seed"] else None
+        paired = (f", per seed {per_seed.mean:+.4f} ± {per_seed.std:.4f}"
+                  if per_seed is not None and per_seed.n > 1 else "")
+        parts.append(f"{what} {v['difference']:+.4f}{paired}: {verdict}")
+    return f"- {name} - dense: " + "; ".join(parts) if parts else f"- {name} - dense: -"
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
@@ -181,8 +219,13 @@ def markdown(summary: dict[str, dict], *, config: dict, corpus: str, validation:
               f"sampling noise of one batch). Dropped fraction: also over the last {TAIL} steps.", "",
               "Throughput: tokens per second of the training process's CPU time (median over steps), "
               "which other processes' load changes much less than wall time, so variants trained at "
-              "different times compare; wall-clock tokens/s follows the machine's load.", "",
-              "## Targets", ""]
+              "different times compare; wall-clock tokens/s follows the machine's load.", ""]
+    versus = [_versus_line(n, s) for n, s in summary.items() if "vs_dense" in s]
+    if versus:
+        lines += ["## Against dense", "", "Difference of the means from the dense model; per seed: mean ± std "
+                  "of each seed's difference from the dense run of the same seed; beyond the seed spread "
+                  "when the two seed ranges do not overlap.", "", *versus, ""]
+    lines += ["## Targets", ""]
     if dense is None:
         lines.append("No dense baseline in this comparison: add `dense` to --variants for the targets.")
     else:

@@ -10,6 +10,7 @@ uses is a dense MLP). FLOPs per token count the router (`series.flops_per_token`
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from moekit.config import MoEConfig, check
 from moekit.model.config import ModelConfig
-from moekit.train.compare import EVAL_SEQUENCES
+from moekit.train.compare import DEFAULT_TRAIN, DEFAULT_VARIANT_LR, EVAL_SEQUENCES
 from moekit.train.runfolder import RunLock
 from moekit.train.series import RunSpec, check_seeds, train_series
 from moekit.train.trainer import TrainConfig
@@ -27,9 +28,14 @@ if TYPE_CHECKING:
 
 # A short run per point: 4 points x 3 seeds x 300 steps is about the default `moekit compare`'s
 # 3 x 1000 steps. Validation on compare's fixed evenly spaced sample (eval_sequences 0: all).
-SWEEP_TRAIN = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=50,
-                          eval_sequences=EVAL_SEQUENCES, checkpoint_every=0, keep_last=1, seed=0)
-SWEEP_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences")
+# Peak learning rates: compare's tuned recipe (README, "Compare"): the MoE points at compare's `lr`
+# (6e-3, the MoEs' best of 3e-3, 6e-3, 1.2e-2), the dense point (E = 1, the same model as compare's
+# dense variant) at compare's dense rate (1.2e-2, its best of those and 2.4e-2).
+SWEEP_TRAIN = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=DEFAULT_TRAIN.lr, warmup_steps=30,
+                          eval_every=50, eval_sequences=EVAL_SEQUENCES, checkpoint_every=0, keep_last=1, seed=0)
+SWEEP_DENSE_LR = dict(DEFAULT_VARIANT_LR)["dense"]
+SWEEP_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences",
+                     "router_lr_mult")
 Balance = Literal["topk_lb", "aux_free"]
 
 
@@ -43,6 +49,7 @@ class SweepConfig:
         balance: topk_lb (softmax top-k + load-balancing loss) or aux_free (sigmoid scores +
             aux-loss-free expert bias, DeepSeek-V3).
         seeds: every point trains once per seed.
+        dense_lr: peak learning rate of the dense point (E = 1); the MoE points train at `train.lr`.
     """
 
     vocab_size: int = 2048
@@ -57,6 +64,7 @@ class SweepConfig:
     load_balance_coef: float = 1e-2
     bias_update_rate: float = 3e-3
     seeds: tuple[int, ...] = (0, 1, 2)
+    dense_lr: float = SWEEP_DENSE_LR
     train: TrainConfig = SWEEP_TRAIN
 
     def __post_init__(self) -> None:
@@ -70,6 +78,8 @@ class SweepConfig:
                   "must be one or more different positive integers")
         check(self.balance in ("topk_lb", "aux_free"), "balance", self.balance, "must be topk_lb or aux_free")
         check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")
+        check(isinstance(self.dense_lr, (int, float)) and math.isfinite(self.dense_lr) and self.dense_lr > 0,
+              "dense_lr", self.dense_lr, "must be a finite number > 0 (the dense point's peak learning rate)")
         check_seeds(list(self.seeds))
         for k in self.top_k:
             for g in self.granularity:
@@ -85,6 +95,10 @@ class SweepConfig:
         out += [SweepPoint(e, k, g) for e in sorted(self.experts) if e > 1
                 for k in sorted(self.top_k) if k < e for g in sorted(self.granularity)]
         return out
+
+    def lr(self, point: SweepPoint) -> float:
+        """The peak learning rate `point` trains with: `dense_lr` for E = 1, else `train.lr`."""
+        return self.dense_lr if point.experts == 1 else self.train.lr
 
     def settings(self) -> dict:
         shape = {k: v for k, v in asdict(self).items() if k not in ("train", "experts", "top_k", "granularity")}
@@ -103,10 +117,11 @@ class SweepPoint:
 
     def describe(self, c: SweepConfig) -> str:
         if self.experts == 1:
-            return f"dense MLP of width {c.active_d_ff} (E = 1)"
+            return f"dense MLP of width {c.active_d_ff} (E = 1); peak lr {c.lr(self):g}"
         e, k = self.experts * self.granularity, self.top_k * self.granularity
         return (f"{e} experts of width {c.active_d_ff // k}, top-{k} ({self.experts} x granularity "
-                f"{self.granularity}), {'load-balancing loss' if c.balance == 'topk_lb' else 'aux-loss-free bias'}")
+                f"{self.granularity}), {'load-balancing loss' if c.balance == 'topk_lb' else 'aux-loss-free bias'}"
+                f"; peak lr {c.lr(self):g}")
 
     def moe(self, c: SweepConfig) -> MoEConfig | None:
         if self.experts == 1:
@@ -142,7 +157,7 @@ def run_sweep(config: SweepConfig, *, out_dir: str | Path, corpus: str | Path | 
         data, config, validation = open_series(config, corpus, out_dir=out_dir, cache_dir=cache_dir,
                                                parallel=parallel, progress=progress)
         # the base seed first for every point, so a stopped sweep already has one curve per point
-        specs = [RunSpec(p.name, seed, p.model(config), p.describe(config))
+        specs = [RunSpec(p.name, seed, p.model(config), p.describe(config), lr=config.lr(p))
                  for seed in config.seeds for p in config.points()]
         train = replace(config.train, seed=config.seeds[0])
         runs = train_series(specs, train=train, data=data, out_dir=out_dir, progress=progress,

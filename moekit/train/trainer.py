@@ -58,6 +58,8 @@ class TrainConfig:
             The last step is also evaluated on the whole held-out set (`full_val_loss`, `full_val_moe`).
         checkpoint_every / keep_last: checkpoint every N steps (and at the end), keep the newest K.
         bf16: run forward in bfloat16 autocast.
+        router_lr_mult: the MoE routers' weight matrices train at lr x this (their own AdamW group;
+            1: no group of their own, the optimizer then has the same two groups as without it).
     """
 
     steps: int
@@ -78,6 +80,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     bf16: bool = False
+    router_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_last"):
@@ -92,6 +95,9 @@ class TrainConfig:
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", (self.beta1, self.beta2),
               "must be in [0, 1)")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        check(isinstance(self.router_lr_mult, (int, float)) and math.isfinite(self.router_lr_mult)
+              and self.router_lr_mult > 0, "router_lr_mult", self.router_lr_mult,
+              "must be a finite number > 0 (1: routers at the common learning rate)")
 
     @property
     def tokens_per_step(self) -> int:
@@ -114,24 +120,35 @@ def no_decay(name: str, param: Tensor) -> bool:
     return param.dim() < 2 or leaf == "bias" or leaf.startswith("b_") or "norm" in name.lower()
 
 
+def is_router(name: str) -> bool:
+    """A parameter of an MoE layer's router (its gate, a noise gate), by the module path."""
+    return ".router." in f".{name}"
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    decay, skip = [], []
+    """AdamW over groups: decayed matrices, the no-decay rest, and, when `router_lr_mult` != 1 and
+    the model has routers, the routers' decayed matrices (trained at lr x router_lr_mult)."""
+    decay, skip, router = [], [], []
+    split = config.router_lr_mult != 1
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (skip if no_decay(name, p) else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": skip}], lr=config.lr)
+            (skip if no_decay(name, p) else router if split and is_router(name) else decay).append(p)
+    groups = [{"params": decay}, {"params": skip}] + ([{"params": router}] if router else [])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     set_hyperparameters(optimizer, config)
     return optimizer
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
-    """AdamW's settings from `config` on both groups (decayed matrices, then the no-decay rest).
+    """AdamW's settings from `config` on every group (decayed matrices, the no-decay rest, the
+    routers' matrices if they have a group) and each group's `lr_mult` (1, or router_lr_mult).
 
-    The learning rate is set every step from the schedule (`lr_at`), so it is not set here.
+    The learning rate is set every step from the schedule (`lr_at`) times `lr_mult`, so not here.
     """
-    decay, skip = optimizer.param_groups
-    for group, weight_decay in ((decay, config.weight_decay), (skip, 0.0)):
-        group.update(weight_decay=weight_decay, betas=(config.beta1, config.beta2), eps=config.eps)
+    decays = (config.weight_decay, 0.0, config.weight_decay)
+    mults = (1.0, 1.0, config.router_lr_mult)
+    for group, weight_decay, mult in zip(optimizer.param_groups, decays, mults, strict=False):
+        group.update(weight_decay=weight_decay, betas=(config.beta1, config.beta2), eps=config.eps, lr_mult=mult)
 
 
 def ensure_fresh(checkpoint_dir: Path) -> None:
@@ -260,6 +277,12 @@ class Trainer:
         saved = state.get("train_config") or {}
         changed = {k: [saved[k], v] for k, v in ours.items()
                    if k in saved and k not in DATA_SETTINGS and saved[k] != v}
+        if len(state["optimizer"]["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"checkpoint {path} was trained with router_lr_mult="
+                             f"{saved.get('router_lr_mult', 1.0)}, this run has {self.config.router_lr_mult}: "
+                             f"the routers have their own optimizer group only when it is not 1, so a run "
+                             f"cannot switch between 1 and another value; resume with the checkpoint's "
+                             f"value or use a new --out")
         ckpt.load_model_tensors(self.model, tensors["model"], source=f"checkpoint {path}")
         ckpt.load_optimizer_tensors(self.optimizer, tensors["optimizer"], state["optimizer"])
         set_hyperparameters(self.optimizer, self.config)  # the saved groups hold the old values
@@ -327,7 +350,7 @@ class Trainer:
         self.model.train()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, aux_sum, aux_named = 0.0, 0.0, {}
         decisions: dict[str, list[list]] = {"moe": [], "moa": []}

@@ -111,6 +111,14 @@ def test_report_over_seeds_gives_spreads_and_says_never_plainly():
     assert "aux_free: does not reach the dense final val loss within its 10 steps (target <= 0.5x): " \
            "**missed**" in text
     assert "never" not in text
+    # against dense: finals dense 2.0 / 2.2, topk_lb 2.0 / 2.0 (overlapping ranges), aux_free 2.5 / 2.6
+    vs = summary["topk_lb"]["vs_dense"]["final_val_loss"]
+    assert vs["difference"] == pytest.approx(-0.1) and vs["beyond_spread"] is False
+    assert vs["per_seed"]["mean"] == pytest.approx(-0.1) and vs["per_seed"]["std"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert summary["aux_free"]["vs_dense"]["final_val_loss"]["beyond_spread"] is True
+    assert summary["aux_free"]["vs_dense"]["full_val_loss"] is None  # no whole-set evaluation here
+    assert "- topk_lb - dense: final val loss -0.1000, per seed -0.1000 ± 0.1414: within the seed spread" in text
+    assert "- aux_free - dense: final val loss +0.4500, per seed +0.4500 ± 0.0707: beyond the seed spread" in text
 
 
 def test_tiny_compare_end_to_end_writes_the_report(tmp_path):

@@ -42,6 +42,8 @@ def test_points_share_the_active_width_and_differ_only_in_experts():
     pytest.param({"top_k": (3,)}, "divisible by top_k x granularity", id="width-not-divisible"),
     pytest.param({"experts": (4, 4)}, "different positive integers", id="repeated"),
     pytest.param({"seeds": (0, 0)}, "--seeds", id="repeated-seeds"),
+    pytest.param({"dense_lr": 0.0}, "dense_lr", id="dense-lr-zero"),
+    pytest.param({"dense_lr": float("nan")}, "dense_lr", id="dense-lr-nan"),
 ])
 def test_bad_axes_are_clear_errors(changes, match):
     if match is None:
@@ -49,6 +51,17 @@ def test_bad_axes_are_clear_errors(changes, match):
         return
     with pytest.raises(ValueError, match=match):
         replace(SMALL, **changes)
+
+
+def test_dense_point_trains_at_dense_lr_and_moe_points_at_lr():
+    from moekit.train.compare import CompareConfig
+
+    # the defaults are compare's tuned recipe: dense 1.2e-2, MoEs 6e-3
+    assert SweepConfig().dense_lr == CompareConfig().lr("dense") == 1.2e-2
+    assert SweepConfig().train.lr == CompareConfig().lr("topk_lb") == 6e-3
+    config = replace(SMALL, dense_lr=0.05, train=replace(SMALL.train, lr=0.02))
+    assert {p.name: config.lr(p) for p in config.points()[:3]} == {"dense": 0.05, "E2_k1_g1": 0.02,
+                                                                    "E2_k1_g2": 0.02}
 
 
 def test_separated_means_non_overlapping_seed_ranges():
@@ -63,13 +76,17 @@ def test_sweep_end_to_end_on_the_fixture_and_resumes(tmp_path, capsys):
     argv = ["sweep", "--corpus", str(FIXTURE), "--out", str(out), "--vocab-size", "300", "--d-model", "32",
             "--n-layers", "1", "--n-heads", "2", "--active-d-ff", "32", "--experts", "1", "2", "4",
             "--seeds", "0", "1", "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "3",
-            "--eval-sequences", "8", "--warmup-steps", "1", "--quiet"]
+            "--eval-sequences", "8", "--warmup-steps", "1", "--lr", "0.004", "--dense-lr", "0.008", "--quiet"]
     assert main(argv) == 0
     report = out / "report"
     assert {"summary.md", "summary.json", "sweep.png"} <= {p.name for p in report.iterdir()}
     summary = json.loads((report / "summary.json").read_text())
     assert list(summary) == ["dense", "E2_k1_g1", "E4_k1_g1"]
     assert [summary[n]["final_val_loss"]["n"] for n in summary] == [2, 2, 2]
+    # each point trained at its own peak learning rate (reached after the 1 warmup step)
+    for run, peak in (("dense", 0.008), ("dense.seed1", 0.008), ("E2_k1_g1", 0.004), ("E4_k1_g1.seed1", 0.004)):
+        rows = [json.loads(line) for line in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        assert max(r["lr"] for r in rows if "lr" in r) == pytest.approx(peak)
     assert summary["E4_k1_g1"]["vs_previous"]["previous"] == "E2_k1_g1"
     text = (report / "summary.md").read_text()
     assert "| E4_k1_g1 | 4 (4 x 1) | 1 | 32 |" in text and "8 sequences x 16 tokens" in text
