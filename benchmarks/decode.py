@@ -211,10 +211,11 @@ def main() -> None:
             if llm is not None:
                 ll_runs.append(llama_speed(llm, ids, args.new))
         hf, mk = medians(hf_runs), medians(mk_runs)
-        limit = bandwidth / active_bytes(loaded.model)
+        active = active_bytes(loaded.model)
+        limit = bandwidth / active
         hf_step, mk_step = step_times(hf_model, loaded, ids, args.steps)
         row = {"hf_prefill": hf[0], "hf_decode": hf[1], "moekit_prefill": mk[0], "moekit_decode": mk[1],
-               "bandwidth_limit": limit, "active_MB": active_bytes(loaded.model) / 1e6,
+               "bandwidth_limit": limit, "active_MB": active / 1e6,
                "hf_step_ms": hf_step * 1e3, "moekit_step_ms": mk_step * 1e3}
         print(f"{dtype}: one decode step, interleaved, median of {args.steps}: moekit "
               f"{mk_step * 1e3:.1f} ms vs transformers {hf_step * 1e3:.1f} ms ({hf_step / mk_step:.2f}x)")
@@ -226,7 +227,7 @@ def main() -> None:
         if dtype == "float32" and not args.skip_engine:
             tput = {c: engine_throughput(loaded, c, 32, 64) for c in (1, 4, 16)}
             row["engine_throughput"] = tput
-            ceiling = {c: c * active_bytes(loaded.model) / active_bytes(loaded.model, c) for c in tput}
+            ceiling = {c: c * active / active_bytes(loaded.model, c) for c in tput}
             row["engine_bandwidth_ceiling"] = ceiling
             print("engine aggregate tok/s (32-token prompts, 64 new each): " + ", ".join(
                 f"{c} concurrent {v:.0f} ({v / tput[1]:.1f}x)" for c, v in tput.items()))

@@ -244,11 +244,10 @@ class Experts(nn.Module):
         selected experts' weights (`moekit.kernels.cpu.expert_rows`); zeros where the id is -1.
         None where the kernel cannot run (no compiler, autograd, device, dtype, layout): the
         caller then dispatches as usual."""
-        projections = [*self.input_projections(), self.output_projection()]
-        if not cpu_kernels.supports(x_TD, *(w for w, _ in projections)):
-            return None
         pointers = self.kernel_pointers()
-        return None if pointers is None else cpu_kernels.expert_rows(x_TD, ids_TK, pointers)
+        if pointers is None or not cpu_kernels.supports(x_TD, *pointers.keep):
+            return None
+        return cpu_kernels.expert_rows(x_TD, ids_TK, pointers)
 
     def kernel_pointers(self) -> cpu_kernels.ExpertPointers | None:
         """Where the experts' weights are, for `cpu_kernels.expert_rows` (None where their layout or

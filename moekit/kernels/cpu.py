@@ -134,8 +134,9 @@ def supports(x: Tensor, *weights: Tensor) -> bool:
     return same and not torch.compiler.is_compiling()
 
 
-def _ptr_of(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def address(t: Tensor | None) -> int:
+    """A tensor's address as the kernels take it; 0 (a null pointer) for None."""
+    return 0 if t is None else t.data_ptr()
 
 
 def addresses(values: list[int]) -> ctypes.Array:
@@ -161,7 +162,7 @@ def linear_rows_many(x: Tensor, weights: list[tuple[Tensor, Tensor | None]]) -> 
                        addresses([w.data_ptr() for w, _ in weights]),
                        addresses([w.shape[0] for w, _ in weights]),
                        addresses([w.stride(0) for w, _ in weights]),
-                       addresses([0 if b is None else b.data_ptr() for _, b in weights]),
+                       addresses([address(b) for _, b in weights]),
                        addresses([y.data_ptr() for y in ys]), _WTYPE[x.dtype], torch.get_num_threads())
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
@@ -247,7 +248,7 @@ def expert_rows(x_TD: Tensor, ids_TK: Tensor, experts: ExpertPointers, *, only: 
     if o.shape != (T, K, D) or o.dtype != torch.float32 or not o.is_contiguous():
         raise ValueError(f"out_TKD must be a contiguous float32 ({T}, {K}, {D}) tensor")
     lib.mk_expert_rows(x.data_ptr(), T, D, experts.d_ff, K, E, ids.data_ptr(), only,
-                       experts.ptrs_3E.data_ptr(), _ptr_of(experts.bias_ptrs_3E), experts.lds.data_ptr(),
+                       experts.ptrs_3E.data_ptr(), address(experts.bias_ptrs_3E), experts.lds.data_ptr(),
                        int(experts.gated), _WTYPE[experts.dtype], ACTIVATIONS[experts.activation],
                        o.data_ptr(), torch.get_num_threads())
     return o
@@ -323,8 +324,8 @@ def topk_route(x_TD: Tensor, gate_weight: Tensor, gate_bias: Tensor | None, *, t
     logits, probs = torch.empty(T, E), torch.empty(T, E)
     ids, weights = torch.empty(T, top_k, dtype=torch.int64), torch.empty(T, top_k)
     counts = torch.empty(E, dtype=torch.int64)
-    lib.mk_topk_route(x.data_ptr(), T, D, E, top_k, gate_weight.data_ptr(), _ptr_of(bias),
+    lib.mk_topk_route(x.data_ptr(), T, D, E, top_k, gate_weight.data_ptr(), address(bias),
                       int(score_func == "sigmoid"), int(softmax_after_topk), int(normalize_topk),
-                      routed_scaling_factor, _ptr_of(sel), logits.data_ptr(), probs.data_ptr(),
+                      routed_scaling_factor, address(sel), logits.data_ptr(), probs.data_ptr(),
                       ids.data_ptr(), weights.data_ptr(), counts.data_ptr(), _WTYPE[x.dtype])
     return ids, weights, logits, probs, counts

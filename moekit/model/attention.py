@@ -70,9 +70,11 @@ def attend(
     The softmax runs in fp32 (transformers' eager attention).
     """
     H, K = q_BHSd.shape[1], k_BKTd.shape[1]
-    if (q_BHSd.shape[2] == 1 and softcap is None and sinks_H is None and not torch.is_grad_enabled()
-            and (q_BHSd.shape[0] == 1 or _kernel_attends(q_BHSd, k_BKTd, v_BKTe, mask_B1ST))):
-        return attend_one(q_BHSd, k_BKTd, v_BKTe, mask_B1ST, scale=scale)
+    if q_BHSd.shape[2] == 1 and softcap is None and sinks_H is None and not torch.is_grad_enabled():
+        if _kernel_attends(q_BHSd, k_BKTd, v_BKTe, mask_B1ST):  # one call, no copies
+            return cpu_kernels.attend_one(q_BHSd, k_BKTd, v_BKTe, mask_B1ST, scale)
+        if q_BHSd.shape[0] == 1:
+            return attend_one(q_BHSd, k_BKTd, v_BKTe, mask_B1ST, scale=scale)
     if K != H:
         k_BKTd = k_BKTd.repeat_interleave(H // K, dim=1)
         v_BKTe = v_BKTe.repeat_interleave(H // K, dim=1)

@@ -101,7 +101,7 @@ class _Layer:
         cfg, dt = step.config, step.dtype
         attn = layer.self_attn
         H, K, hd = cfg.n_heads, cfg.kv_heads, cfg.dim_head
-        self.index, self.layer, self.attn = index, layer, attn
+        self.index, self.layer = index, layer
         new = step.buffer
         self.h, self.q, self.k, self.v = new(cfg.d_model), new(H * hd), new(K * hd), new(K * hd)
         self.qr, self.kr, self.a, self.o = new(H * hd), new(K * hd), new(H * hd), new(cfg.d_model)
@@ -132,13 +132,13 @@ class _Layer:
             router = self.moe.router
             self.slots = torch.empty(1, topk, cfg.d_model, dtype=torch.float32)
             self.route = [self.h2.data_ptr(), 1, cfg.d_model, E, topk, router.gate.weight.data_ptr(),
-                          _ptr(router.gate.bias), int(moe.score_func == "sigmoid"), int(moe.softmax_after_topk),
+                          cpu.address(router.gate.bias), int(moe.score_func == "sigmoid"), int(moe.softmax_after_topk),
                           int(moe.normalize_topk), moe.routed_scaling_factor, 0,
                           0, 0, 0, 0, 0, step.wt]  # the selection bias (fp32) and the five outputs: per step
             p = self.moe.experts.kernel_pointers()
             assert p is not None
             self.experts = [self.h2.data_ptr(), 1, cfg.d_model, p.d_ff, topk, p.ptrs_3E.shape[1], 0, -1,
-                            p.ptrs_3E.data_ptr(), _ptr(p.bias_ptrs_3E), p.lds.data_ptr(), int(p.gated), step.wt,
+                            p.ptrs_3E.data_ptr(), cpu.address(p.bias_ptrs_3E), p.lds.data_ptr(), int(p.gated), step.wt,
                             cpu.ACTIVATIONS[p.activation], self.slots.data_ptr(), step.threads]
             self.pointers = p  # holds the address tables alive
 
@@ -162,8 +162,8 @@ class OneTokenStep:
             self.cos, self.sin = torch.empty(1, R, dtype=self.dtype), torch.empty(1, R, dtype=self.dtype)
         self.layers = [_Layer(self, i, layer) for i, layer in enumerate(model.model.layers)]
         self.hf = self.buffer(cfg.d_model)
-        self.head = [self.rmsnorm(self.x, model.model.norm, self.hf)]
-        self.modules = list(model.modules())
+        self.final_norm = self.rmsnorm(self.x, model.model.norm, self.hf)
+        self.lm_head = self.linear(self.hf, [(model.lm_head, None)])  # its output: a new tensor each step
 
     # ---- binding ----
     def buffer(self, n: int) -> Tensor:
@@ -174,12 +174,14 @@ class OneTokenStep:
         return (self.fn["rmsnorm"], (x.data_ptr(), rows, D, norm.weight.data_ptr(), norm.variance_epsilon,
                                      y.data_ptr(), self.wt))
 
-    def linear(self, x: Tensor, projections: list[tuple[nn.Linear, Tensor]]) -> tuple:
+    def linear(self, x: Tensor, projections: list[tuple[nn.Linear, Tensor | None]]) -> tuple:
+        """The `linear_rows` call for these projections of x; an output given as None is for the
+        caller to set in the last address table (args[8]) before each call."""
         tables = [cpu.addresses([m.weight.data_ptr() for m, _ in projections]),
                   cpu.addresses([m.weight.shape[0] for m, _ in projections]),
                   cpu.addresses([m.weight.stride(0) for m, _ in projections]),
-                  cpu.addresses([_ptr(m.bias) for m, _ in projections]),
-                  cpu.addresses([y.data_ptr() for _, y in projections])]
+                  cpu.addresses([cpu.address(m.bias) for m, _ in projections]),
+                  cpu.addresses([cpu.address(y) for _, y in projections])]
         self._keep.append(tables)
         return (self.fn["linear_rows"], (x.data_ptr(), 1, x.shape[-1], len(projections), *tables, self.wt,
                                          self.threads))
@@ -194,12 +196,12 @@ class OneTokenStep:
         return (_no_step, ())
 
     # ---- validity ----
-    def active(self) -> bool:
-        """False while something the step would skip is on: a module hook, a router recording or
-        replaying decisions (the model then runs its modules)."""
+    def active(self, modules: list[nn.Module]) -> bool:
+        """False while something the step would skip is on: a hook on one of the model's `modules`,
+        a router recording or replaying decisions (the model then runs its modules)."""
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return False
-        if any([m._forward_hooks or m._forward_pre_hooks for m in self.modules]):
+        if any([m._forward_hooks or m._forward_pre_hooks for m in modules]):
             return False
         return not any(layer.moe is not None and (layer.moe.router.recording is not None or layer.moe.router.replay)
                        for layer in self.layers)
@@ -256,7 +258,7 @@ class OneTokenStep:
             r = layer.route
             bias = layer.moe.router.expert_bias
             bias = None if bias is None else bias.float()  # a buffer the model's cast may have made bf16
-            r[11] = _ptr(bias)
+            r[11] = cpu.address(bias)
             r[12], r[13], r[14], r[15], r[16] = (logits.data_ptr(), probs.data_ptr(), ids.data_ptr(),
                                                  weights.data_ptr(), counts.data_ptr())
             route(*r)
@@ -268,21 +270,16 @@ class OneTokenStep:
                 y = y + dense
             _residual_add(x, y, cfg.residual_multiplier)
             routing.append(RoutingDecision(ids, weights, logits, probs, counts))
-        for fn, args in self.head:
-            fn(*args)
-        head = model.lm_head
+        fn, args = self.final_norm
+        fn(*args)
         logits_BSV = torch.empty(1, 1, cfg.vocab_size, dtype=self.dtype)
-        tables = self._head_tables(head, logits_BSV)
-        self.fn["linear_rows"](self.hf.data_ptr(), 1, cfg.d_model, 1, *tables, self.wt, self.threads)
+        fn, args = self.lm_head
+        args[8][0] = logits_BSV.data_ptr()
+        fn(*args)
         if cfg.logits_scaling != 1.0:
             logits_BSV = logits_BSV / cfg.logits_scaling
         return ModelOutput(logits=logits_BSV, loss=None, aux_loss=None, routing=routing, cache=cache,
                            aux_losses={}, attention_routing=[None] * len(self.layers))
-
-    def _head_tables(self, head: nn.Linear, out: Tensor) -> list:
-        return [cpu.addresses([head.weight.data_ptr()]), cpu.addresses([head.weight.shape[0]]),
-                cpu.addresses([head.weight.stride(0)]), cpu.addresses([_ptr(head.bias)]),
-                cpu.addresses([out.data_ptr()])]
 
     @classmethod
     def build(cls, model: nn.Module) -> OneTokenStep | None:
@@ -317,15 +314,11 @@ def step_for(model: nn.Module) -> OneTokenStep | None:
         cached = (watch, watch.key(), OneTokenStep.build(model))
         model.__dict__["_one_token_step"] = cached
     step = cached[2]
-    return step if step is not None and step.active() else None
+    return step if step is not None and step.active(cached[0].modules) else None
 
 
 def _no_step() -> None:
     return None
-
-
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _residual_add(x: Tensor, h: Tensor, multiplier: float) -> None:
