@@ -86,15 +86,20 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, loaded: LoadedModel, recorder: TraceRecorder | None) -> int:
     from moekit.inference import generate
 
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    # The prompt is echoed once generation has started, so that a refused request (its error on
+    # stderr) does not print half a line first.
+    echo = [] if args.chat else [args.prompt]
 
-    if not args.chat:
-        show(args.prompt)
+    def show(text: str) -> None:
+        sys.stdout.write("".join(echo) + text)
+        sys.stdout.flush()
+        echo.clear()
+
     result = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
                       chat=args.chat, on_text=show, trace=recorder)
+    if echo:  # no text was generated (EOS at once)
+        show("")
     print()
     print(f"[{len(result.prompt_ids)} prompt tokens, {result.prompt_tokens_per_s:.1f} tokens/s; "
           f"{len(result.token_ids)} generated tokens, {result.generated_tokens_per_s:.1f} tokens/s; "

@@ -145,6 +145,9 @@ def test_cli_generate_streams_then_reports_speed(saved, capsys):
     assert "prompt tokens" in err and "generated tokens" in err and "tokens/s" in err
     assert main(["generate", str(path / "missing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "max_new_tokens=0" in err  # a refused request echoes no prompt before its error
 
 
 @pytest.mark.parametrize("flags", [
