@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.experts.activations import glu, plain
-from moekit.experts.layout import affine, compute_dtype, is_transposed, linear_layout, matmul
+from moekit.experts.layout import affine, compute_dtype, is_transposed, linear_layout, matmul, slow_reduced_matmul
 from moekit.kernels import cpu as cpu_kernels
 
 # The CPU kernel of torch._grouped_mm (torch >= 2.9) takes these; CUDA's takes bf16 only (sm80+).
@@ -76,6 +76,8 @@ def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor
 def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     """`torch._grouped_mm` in `compute_dtype` of its mean rows per expert (fp32 for bf16 on a CPU
     without bf16 matrix instructions, where each expert gets several rows), returned in a's dtype."""
+    if _own_kernel(a, b, offs_E):
+        return cpu_kernels.grouped_mm(a, b, offs_E)
     dtype = a.dtype
     rows_per_expert = (a.shape[0] if b.dim() == 3 else a.shape[1]) / max(1, offs_E.numel())
     if compute_dtype(a, rows_per_expert) != dtype:
@@ -83,6 +85,24 @@ def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     if not (_aligned(a) and _aligned(b)):
         a, b = a.contiguous(), b.contiguous()
     return torch._grouped_mm(a, b, offs=offs_E).to(dtype)
+
+
+# Mean rows per expert up to which moekit's kernel runs an fp32 forward: it reads such experts'
+# few rows and weights in place, where torch's kernel pays a matmul call per expert.
+OWN_KERNEL_MAX_ROWS = 8
+
+
+def _own_kernel(a: Tensor, b: Tensor, offs_E: Tensor) -> bool:
+    """True where moekit's CPU grouped GEMM (`moekit.kernels.cpu.grouped_mm`) beats torch's
+    (benchmarks/moe_layer.py): bf16 on a CPU without bf16 matrix instructions (computed at the fp32
+    rate from the bf16 operands, no fp32 copies), and an fp32 forward whose experts get a few rows
+    each. Elsewhere (fp32 experts of many rows, the weight gradient) torch's matmuls are as fast."""
+    if not cpu_kernels.grouped_mm_supports(a, b):
+        return False
+    if slow_reduced_matmul(a):
+        return True
+    return (a.dtype == torch.float32 and b.dim() == 3 and b.stride(-2) == 1 and a.stride(-1) == 1
+            and a.shape[0] <= OWN_KERNEL_MAX_ROWS * max(1, offs_E.numel()))
 
 
 class _GroupedMatmul(torch.autograd.Function):

@@ -1,4 +1,5 @@
-"""The CPU kernels of `small_rows.cpp`: built at first use, loaded with ctypes, torch fallbacks.
+"""The CPU kernels of `small_rows.cpp` and `grouped_gemm.cpp`: built at first use, loaded with ctypes,
+torch fallbacks.
 
 The library is compiled once per source, compiler and CPU (`g++ -O3 -march=native -fopenmp`, a few
 seconds) into `$MOEKIT_CACHE` (default `~/.cache/moekit`)`/kernels/`, written to a temporary name and
@@ -14,6 +15,8 @@ Entry points (no autograd; inference only; CPU tensors):
     attend_one(q_BH1d, k_BKTd, v_BKTe, mask_B11T, scale)   one query per sequence over its KV cache
     topk_route(x_TD, gate_weight, gate_bias, ...)   token-choice top-k routing of a few tokens
     expert_rows(x_TD, ids_TK, experts)  every routed slot's expert output, o_TKD (experts: ExpertPointers)
+    grouped_mm(a, b, offs)            torch._grouped_mm's 2-D x 3-D and 2-D x 2-D products (the
+                                      experts' forward and backward; grouped_mm_supports says where)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("small_rows.cpp")
+_SOURCES = (Path(__file__).with_name("small_rows.cpp"), Path(__file__).with_name("grouped_gemm.cpp"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17")
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1}
 ACTIVATIONS = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2, "gelu": 3, "relu": 4, "silu": 5}
@@ -59,7 +62,7 @@ def _cpu_key() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_key(),
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), " ".join(_FLAGS), version, _cpu_key(),
                                     sys.platform]).encode()).hexdigest()[:16]
     target = cache_dir() / f"small_rows-{key}.so"
     if target.exists():
@@ -68,9 +71,11 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True,
+                                text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{result.stderr[-2000:]}")
+            names = ", ".join(src.name for src in _SOURCES)
+            raise RuntimeError(f"{compiler} failed on {names}:\n{result.stderr[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -97,6 +102,9 @@ def _library() -> ctypes.CDLL | None:
     lib.mk_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _int]
     lib.mk_topk_route.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int, _int, _int, ctypes.c_float,
                                   _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
+    lib.mk_grouped_gemm.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _i64,
+                                    _i64, _ptr, _int, _int, _int, _int]
+    lib.mk_grouped_gemm.restype = _int
     lib.mk_attend_one.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64,
                                   _i64, _i64, _ptr, _i64, ctypes.c_float, _ptr, _int, _int]
     return lib
@@ -329,3 +337,51 @@ def topk_route(x_TD: Tensor, gate_weight: Tensor, gate_bias: Tensor | None, *, t
                       routed_scaling_factor, address(sel), logits.data_ptr(), probs.data_ptr(),
                       ids.data_ptr(), weights.data_ptr(), counts.data_ptr(), _WTYPE[x.dtype])
     return ids, weights, logits, probs, counts
+
+
+def grouped_mm_supports(a: Tensor, b: Tensor) -> bool:
+    """True when `grouped_mm` runs these operands: CPU, both fp32 or both bf16, library loaded
+    (any strides; autograd is the caller's: `moekit.experts.grouped` wraps it in its own Function)."""
+    return (a.device.type == "cpu" and b.device.type == "cpu" and a.dtype == b.dtype and a.dtype in _WTYPE
+            and not torch.compiler.is_compiling() and available())
+
+
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """`torch._grouped_mm(a, b, offs=offs)` for its two CPU cases, in one parallel kernel call:
+
+    - a (R, K), b (E, K, N): rows [offs[e-1], offs[e]) of a times b[e]; returns (R, N) (rows past
+      offs[-1] zero);
+    - a (M, R), b (R, N): depth [offs[e-1], offs[e]) of both; returns (E, M, N) (zero for an empty
+      group).
+
+    offs: int (E,) non-decreasing cumulative ends. Operands of any strides, fp32 or bf16 (widened to
+    fp32, accumulated in fp32 in order along the depth, rounded once to a's dtype). Call only where
+    `grouped_mm_supports(a, b)`."""
+    lib = _loaded("grouped_gemm")
+    offs32 = offs.to(torch.int32).contiguous()
+    E = offs32.numel()
+    if a.dim() != 2 or b.dim() not in (2, 3) or a.dtype != b.dtype:
+        raise ValueError(f"grouped_mm takes a 2-D a and a 2-D or 3-D b of one dtype; got {tuple(a.shape)} "
+                         f"{a.dtype} and {tuple(b.shape)} {b.dtype}")
+    if b.dim() == 3:
+        (R, K), (Eb, Kb, N) = a.shape, b.shape
+        if Eb != E or Kb != K:
+            raise ValueError(f"grouped_mm: a (R, K) = {tuple(a.shape)} needs b (E={E}, K={K}, N); got {tuple(b.shape)}")
+        out = torch.empty(R, N, dtype=a.dtype)
+        mode, M, sbe, sbk, sbn, sce = 0, R, b.stride(0), b.stride(1), b.stride(2), 0
+    else:
+        (M, R), (Rb, N) = a.shape, b.shape
+        if Rb != R:
+            raise ValueError(f"grouped_mm: a (M, R) = {tuple(a.shape)} needs b (R={R}, N); got {tuple(b.shape)}")
+        out = torch.empty(E, M, N, dtype=a.dtype)
+        mode, K, sbe, sbk, sbn, sce = 1, R, 0, b.stride(0), b.stride(1), M * N
+    status = lib.mk_grouped_gemm(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), sbe, sbk, sbn,
+                                 out.data_ptr(), sce, N, M, N, K, E, offs32.data_ptr(), mode,
+                                 _WTYPE[a.dtype], _WTYPE[a.dtype], torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"grouped_mm: offs must be non-decreasing and at most {R}; got {offs32.tolist()}")
+    if mode == 0 and E and int(offs32[-1]) < R:
+        out[int(offs32[-1]):] = 0
+    elif mode == 0 and not E:
+        out.zero_()
+    return out

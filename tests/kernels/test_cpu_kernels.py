@@ -150,7 +150,7 @@ def test_without_a_compiler_the_kernels_are_unavailable_and_layers_fall_back(mon
 def test_build_failure_is_reported_and_nothing_is_left_behind(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu, "_SOURCE", broken)
+    monkeypatch.setattr(cpu, "_SOURCES", (broken,))
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="failed on broken.cpp"):
         assert cpu._library.__wrapped__() is None
