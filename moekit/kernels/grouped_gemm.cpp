@@ -54,6 +54,41 @@ template <> inline float load1<uint16_t>(const uint16_t* p, int64_t i) {
     std::memcpy(&f, &bits, sizeof f);
     return f;
 }
+#ifdef MK_AVX2
+template <typename T> inline __m256 load8(const T* p, int64_t i);
+template <> inline __m256 load8<float>(const float* p, int64_t i) { return _mm256_loadu_ps(p + i); }
+template <> inline __m256 load8<uint16_t>(const uint16_t* p, int64_t i) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+// 8 rows of 8 values (row r at src + r * ld) transposed: out[k] holds value k of every row.
+template <typename T>
+inline void load_transposed8(const T* const rows[8], int64_t at, __m256 out[8]) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = load8<T>(rows[i], at);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        out[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        out[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#endif
+
 // A strided matrix view: element (i, j) at base + i * si + j * sj (in elements of its dtype).
 struct View {
     const void* base;
@@ -76,7 +111,24 @@ void pack_a_typed(const T* a, int64_t si, int64_t sj, int64_t m0, int64_t m1, in
         }
         return;
     }
-    for (int64_t m = 0; m < m1 - m0; ++m) {
+    int64_t m = 0;
+#ifdef MK_AVX2
+    if (sj == 1)  // full panels: 8 x 8 transposes of 6 rows (and 2 repeats), 8 floats stored per k,
+        for (; m + MR <= m1 - m0; m += MR) {  // whose last 2 the next k overwrites (ap has 8 spare)
+            const T* rows[8];
+            for (int i = 0; i < 8; ++i) rows[i] = a + (m0 + m + (i < MR ? i : 0)) * si + k0;
+            float* dst = ap + (m / MR) * K * MR;
+            int64_t k = 0;
+            for (; k + 8 <= K; k += 8) {
+                __m256 cols[8];
+                load_transposed8<T>(rows, k, cols);
+                for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * MR, cols[kk]);
+            }
+            for (; k < K; ++k)
+                for (int i = 0; i < MR; ++i) dst[k * MR + i] = load1<T>(rows[i], k);
+        }
+#endif
+    for (; m < m1 - m0; ++m) {
         const T* row = a + (m0 + m) * si + k0 * sj;
         float* dst = ap + (m / MR) * K * MR + m % MR;
         for (int64_t k = 0; k < K; ++k) dst[k * MR] = load1<T>(row, k * sj);
@@ -99,7 +151,36 @@ void pack_b(const View& b, int64_t k0, int64_t K, int64_t n0, int64_t cols, floa
             for (int64_t k = 0; k < K; ++k) std::memcpy(dst + k * NR, src + k * b.si, NR * sizeof(float));
             continue;
         }
-        for (int64_t j = 0; j < NR; ++j) {  // each column of B read along its own stride
+        int64_t j = 0;
+#ifdef MK_AVX2
+        if (b.si == 1)  // columns of B contiguous (weights stored (out, in)): 8 x 8 transposes
+            for (; j + 8 <= width; j += 8) {
+                const int64_t at = k0 + (n0 + p * NR + j) * b.sj;
+                int64_t k = 0;
+                if (b.bf16) {
+                    const uint16_t* rows[8];
+                    for (int i = 0; i < 8; ++i) rows[i] = static_cast<const uint16_t*>(b.base) + at + i * b.sj;
+                    for (; k + 8 <= K; k += 8) {
+                        __m256 cols[8];
+                        load_transposed8<uint16_t>(rows, k, cols);
+                        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * NR + j, cols[kk]);
+                    }
+                    for (; k < K; ++k)
+                        for (int i = 0; i < 8; ++i) dst[k * NR + j + i] = load1<uint16_t>(rows[i], k);
+                } else {
+                    const float* rows[8];
+                    for (int i = 0; i < 8; ++i) rows[i] = static_cast<const float*>(b.base) + at + i * b.sj;
+                    for (; k + 8 <= K; k += 8) {
+                        __m256 cols[8];
+                        load_transposed8<float>(rows, k, cols);
+                        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * NR + j, cols[kk]);
+                    }
+                    for (; k < K; ++k)
+                        for (int i = 0; i < 8; ++i) dst[k * NR + j + i] = rows[i][k];
+                }
+            }
+#endif
+        for (; j < NR; ++j) {  // each column of B read along its own stride
             if (j >= width) {
                 for (int64_t k = 0; k < K; ++k) dst[k * NR + j] = 0.0f;
                 continue;
@@ -191,7 +272,7 @@ void packed_piece(const View& av, const View& bv, int64_t m0, int64_t m1, int64_
         dst = scratch.data(), ld = cols, row0 = m0, col0 = n0, dst_bf16 = 0;
     }
     bp.resize(((cols + NR - 1) / NR) * NR * (blocks ? KC : depth));
-    ap.resize(((MC + MR - 1) / MR) * MR * (blocks ? KC : depth));
+    ap.resize(((MC + MR - 1) / MR) * MR * (blocks ? KC : depth) + 8);  // 8 spare: pack_a's stores
     for (int64_t kb = k0; kb < k0 + depth; kb += KC) {
         const int64_t kd = k0 + depth - kb < KC ? k0 + depth - kb : KC;
         const int add = kb > k0;
@@ -222,20 +303,6 @@ void packed_piece(const View& av, const View& bv, int64_t m0, int64_t m1, int64_
 constexpr int64_t kDotMaxRows = 16;
 constexpr int DR = 3, DC = 4;
 
-#ifdef MK_AVX2
-template <typename T> inline __m256 load8(const T* p, int64_t i);
-template <> inline __m256 load8<float>(const float* p, int64_t i) { return _mm256_loadu_ps(p + i); }
-template <> inline __m256 load8<uint16_t>(const uint16_t* p, int64_t i) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 template <typename T, int R, int C>
 void dot_tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, float out[DR][DC]) {
