@@ -60,11 +60,12 @@ class Spread:
     hi: float
     n: int
 
-    def text(self, spec: str = ".4f") -> str:
-        """'4.2391' for one seed, '4.2391 ± 0.0120 (3 seeds)' for several."""
+    def text(self, spec: str = ".4f", unit: str = "") -> str:
+        """'4.2391' for one seed, '4.2391 ± 0.0120 (3 seeds)' for several; `unit` follows each
+        number ('0.85x ± 0.03x (3 seeds)')."""
         if self.n == 1:
-            return format(self.mean, spec)
-        return f"{self.mean:{spec}} ± {self.std:{spec}} ({self.n} seeds)"
+            return f"{self.mean:{spec}}{unit}"
+        return f"{self.mean:{spec}}{unit} ± {self.std:{spec}}{unit} ({self.n} seeds)"
 
 
 def spread(values: list[float]) -> Spread | None:

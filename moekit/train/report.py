@@ -171,7 +171,7 @@ def _reach_text(name: str, s: dict, dense: dict | None) -> str:
     ratio = _sp(s, "reach_ratio")
     steps = _sp(s, "steps_to_dense")
     assert ratio is not None and steps is not None
-    text = f"{steps.mean:.0f} ({ratio.text('.2f') if ratio.n > 1 else format(ratio.mean, '.2f')}x)"
+    text = f"{steps.mean:.0f} ({ratio.text('.2f', 'x')})"
     if s["reached_seeds"] < s["seeds"]:
         text += f", reached by {s['reached_seeds']} of {s['seeds']} seeds (mean over those)"
     return text
@@ -254,7 +254,7 @@ def _target_line(name: str, s: dict, dense: dict) -> str:
     if s["reached_seeds"] == 0:
         reach = f"does not reach the dense final val loss within its {s['steps']} steps"
     else:
-        reach = f"reaches the dense final val loss at {_sp(s, 'reach_ratio').text('.2f')}x the dense steps"
+        reach = f"reaches the dense final val loss at {_sp(s, 'reach_ratio').text('.2f', 'x')} the dense steps"
         if s["reached_seeds"] < s["seeds"]:
             reach += f" (only {s['reached_seeds']} of {s['seeds']} seeds)"
     return (f"- {name}: {reach} (target <= {REACH_TARGET}x): **{'met' if fast else 'missed'}**; ends "

@@ -107,7 +107,7 @@ def test_report_over_seeds_gives_spreads_and_says_never_plainly():
     assert summary["topk_lb"]["spread"]["reach_ratio"]["std"] == pytest.approx(0.2 / 2 ** 0.5)
     assert summary["dense"]["final_val_loss"] == pytest.approx(2.1)
     text = markdown(summary, config={}, corpus="c")
-    assert "| topk_lb | 2.0000 ± 0.0000 (2 seeds) | 9 (0.90 ± 0.14 (2 seeds)x) |" in text
+    assert "| topk_lb | 2.0000 ± 0.0000 (2 seeds) | 9 (0.90x ± 0.14x (2 seeds)) |" in text
     assert "aux_free: does not reach the dense final val loss within its 10 steps (target <= 0.5x): " \
            "**missed**" in text
     assert "never" not in text
