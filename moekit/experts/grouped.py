@@ -1,10 +1,12 @@
 """Routed experts with 3-D weights: every projection of every expert in one tensor.
 
 `Experts.forward(x_RD, counts_E)` takes rows sorted by expert (`counts_E[e]` rows for expert e, in
-order) and runs each projection as ONE grouped GEMM over the 3-D weights (`torch._grouped_mm`,
-forward and backward, in the compute dtype of `moekit.experts.layout`). Where that kernel
-cannot run (device, dtype, 16-byte alignment) `grouped_matmul` falls back to a loop of plain matmuls. A decode step (a few rows) loops over only
-the experts that received rows, so it reads only their weights.
+order) and runs each projection as ONE grouped GEMM over the 3-D weights, forward and backward:
+on CPU moekit's own kernel where it is the faster one (`_own_kernel`: bf16 without bf16 matrix
+instructions, few-row fp32 forwards; `moekit.kernels.cpu.grouped_mm`), else `torch._grouped_mm`
+in the compute dtype of `moekit.experts.layout`. Where neither can run (device, dtype, 16-byte
+alignment) `grouped_matmul` falls back to a loop of plain matmuls. A decode step (a few rows)
+loops over only the experts that received rows, so it reads only their weights.
 """
 
 from __future__ import annotations
