@@ -200,9 +200,10 @@ void pack_b(const View& b, int64_t k0, int64_t K, int64_t n0, int64_t cols, floa
 // acc = sum over k of ap[k] (x) bp[k] for a rows x 16 tile, plus C's fp32 values when `add` (the
 // partial sum of the earlier depth blocks); written to C rows m0.., columns n0.. (cols of them),
 // rounded to bf16 or stored as fp32.
-template <int ROWS>
-void tile(const float* ap, const float* bp, int64_t K, void* c, int64_t ldc, int64_t m0, int64_t n0, int cols,
-          int out_bf16, int add) {
+// A is the packed panel (lda 0: ap[k * MR + i]) or, fp32 rows in place, ap[i * lda + k].
+template <int ROWS, bool DIRECT>
+void tile(const float* ap, int64_t lda, const float* bp, int64_t K, void* c, int64_t ldc, int64_t m0, int64_t n0,
+          int cols, int out_bf16, int add) {
     float acc[ROWS][NR];
 #ifdef MK_AVX2
     __m256 c0[ROWS], c1[ROWS];
@@ -210,7 +211,7 @@ void tile(const float* ap, const float* bp, int64_t K, void* c, int64_t ldc, int
     for (int64_t k = 0; k < K; ++k) {
         const __m256 b0 = _mm256_loadu_ps(bp + k * NR), b1 = _mm256_loadu_ps(bp + k * NR + 8);
         for (int i = 0; i < ROWS; ++i) {
-            const __m256 a = _mm256_broadcast_ss(ap + k * MR + i);
+            const __m256 a = _mm256_broadcast_ss(DIRECT ? ap + i * lda + k : ap + k * MR + i);
             c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
             c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
         }
@@ -224,7 +225,7 @@ void tile(const float* ap, const float* bp, int64_t K, void* c, int64_t ldc, int
         for (int j = 0; j < NR; ++j) acc[i][j] = 0.0f;
     for (int64_t k = 0; k < K; ++k)
         for (int i = 0; i < ROWS; ++i)
-            for (int j = 0; j < NR; ++j) acc[i][j] = __builtin_fmaf(ap[k * MR + i], bp[k * NR + j], acc[i][j]);
+            for (int j = 0; j < NR; ++j) acc[i][j] = __builtin_fmaf(DIRECT ? ap[i * lda + k] : ap[k * MR + i], bp[k * NR + j], acc[i][j]);
 #endif
     if (add)
         for (int i = 0; i < ROWS; ++i) {
@@ -242,15 +243,16 @@ void tile(const float* ap, const float* bp, int64_t K, void* c, int64_t ldc, int
     }
 }
 
-void run_tile(int rows, const float* ap, const float* bp, int64_t K, void* c, int64_t ldc, int64_t m0, int64_t n0,
-              int cols, int out_bf16, int add) {
+template <bool DIRECT>
+void run_tile(int rows, const float* ap, int64_t lda, const float* bp, int64_t K, void* c, int64_t ldc, int64_t m0,
+              int64_t n0, int cols, int out_bf16, int add) {
     switch (rows) {
-        case 1: tile<1>(ap, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
-        case 2: tile<2>(ap, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
-        case 3: tile<3>(ap, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
-        case 4: tile<4>(ap, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
-        case 5: tile<5>(ap, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
-        default: tile<6>(ap, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
+        case 1: tile<1, DIRECT>(ap, lda, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
+        case 2: tile<2, DIRECT>(ap, lda, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
+        case 3: tile<3, DIRECT>(ap, lda, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
+        case 4: tile<4, DIRECT>(ap, lda, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
+        case 5: tile<5, DIRECT>(ap, lda, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
+        default: tile<6, DIRECT>(ap, lda, bp, K, c, ldc, m0, n0, cols, out_bf16, add); break;
     }
 }
 
@@ -279,14 +281,20 @@ void packed_piece(const View& av, const View& bv, int64_t m0, int64_t m1, int64_
         pack_b(bv, kb, kd, n0, cols, bp.data());
         for (int64_t mb = m0; mb < m1; mb += MC) {
             const int64_t me = mb + MC < m1 ? mb + MC : m1;
-            pack_a(av, mb, me, kb, kd, ap.data());
+            // fp32 rows of A contiguous along the depth are read in place (6 sequential streams).
+            const bool direct = !av.bf16 && av.sj == 1;
+            if (!direct) pack_a(av, mb, me, kb, kd, ap.data());
             for (int64_t m = mb; m < me; m += MR) {
                 const int rows = me - m < MR ? static_cast<int>(me - m) : MR;
-                const float* panel = ap.data() + ((m - mb) / MR) * kd * MR;
                 for (int64_t p = 0; p * NR < cols; ++p) {
                     const int width = cols - p * NR < NR ? static_cast<int>(cols - p * NR) : NR;
-                    run_tile(rows, panel, bp.data() + p * kd * NR, kd, dst, ld, m - row0, n0 + p * NR - col0, width,
-                             dst_bf16, add);
+                    const float* bpanel = bp.data() + p * kd * NR;
+                    if (direct)
+                        run_tile<true>(rows, static_cast<const float*>(av.base) + m * av.si + kb, av.si, bpanel, kd,
+                                       dst, ld, m - row0, n0 + p * NR - col0, width, dst_bf16, add);
+                    else
+                        run_tile<false>(rows, ap.data() + ((m - mb) / MR) * kd * MR, 0, bpanel, kd, dst, ld, m - row0,
+                                        n0 + p * NR - col0, width, dst_bf16, add);
                 }
             }
         }
