@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 _SOURCES = (Path(__file__).with_name("small_rows.cpp"), Path(__file__).with_name("grouped_gemm.cpp"))
+_HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources; part of the build's key
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17")
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1}
 ACTIVATIONS = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2, "gelu": 3, "relu": 4, "silu": 5}
@@ -62,9 +63,10 @@ def _cpu_key() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), " ".join(_FLAGS), version, _cpu_key(),
-                                    sys.platform]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"small_rows-{key}.so"
+    texts = [src.read_text() for src in (*_SOURCES, *_HEADERS)]
+    digest = hashlib.sha256("\0".join([*texts, " ".join(_FLAGS), version, _cpu_key(), sys.platform]).encode())
+    key = digest.hexdigest()[:16]
+    target = cache_dir() / f"moekit_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

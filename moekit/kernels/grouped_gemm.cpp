@@ -13,60 +13,28 @@
 //                    depth (mode 1, C one matrix per group: the weight gradient); torch._grouped_mm's
 //                    2-D x 3-D and 2-D x 2-D cases (moekit.kernels.cpu.grouped_mm).
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include <omp.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MK_AVX2 1
-#endif
+#include "simd.h"
 
 namespace {
+
+using namespace mk;
 
 constexpr int MR = 6;   // rows of the register tile
 constexpr int NR = 16;  // columns of the register tile (two 8-float vectors)
 constexpr int64_t kPackFloats = 65536;  // packed B block: 256 KB, L2-resident
 
 inline float widen(const void* p, int64_t i, int bf16) {
-    if (!bf16) return static_cast<const float*>(p)[i];
-    const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
+    return bf16 ? load1(static_cast<const uint16_t*>(p), i) : static_cast<const float*>(p)[i];
 }
 
-inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's cast
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
-    return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
-template <typename T> inline float load1(const T* p, int64_t i);
-template <> inline float load1<float>(const float* p, int64_t i) { return p[i]; }
-template <> inline float load1<uint16_t>(const uint16_t* p, int64_t i) {
-    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
 #ifdef MK_AVX2
-template <typename T> inline __m256 load8(const T* p, int64_t i);
-template <> inline __m256 load8<float>(const float* p, int64_t i) { return _mm256_loadu_ps(p + i); }
-template <> inline __m256 load8<uint16_t>(const uint16_t* p, int64_t i) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 // 8 rows of 8 values (row r at src + r * ld) transposed: out[k] holds value k of every row.
 template <typename T>
 inline void load_transposed8(const T* const rows[8], int64_t at, __m256 out[8]) {
@@ -140,6 +108,23 @@ void pack_a(const View& a, int64_t m0, int64_t m1, int64_t k0, int64_t K, float*
     else pack_a_typed(static_cast<const float*>(a.base), a.si, a.sj, m0, m1, k0, K, ap);
 }
 
+#ifdef MK_AVX2
+// dst[k * NR + i] = column i of B for i < 8, the 8 columns contiguous along k, ld apart.
+template <typename T>
+void pack_columns8(const T* col0, int64_t ld, int64_t K, float* dst) {
+    const T* rows[8];
+    for (int i = 0; i < 8; ++i) rows[i] = col0 + i * ld;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 cols[8];
+        load_transposed8<T>(rows, k, cols);
+        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * NR, cols[kk]);
+    }
+    for (; k < K; ++k)
+        for (int i = 0; i < 8; ++i) dst[k * NR + i] = load1<T>(rows[i], k);
+}
+#endif
+
 // bp[(p * K + k) * NR + j] = B(k0 + k, n0 + p * NR + j) for columns < cols (zero beyond).
 void pack_b(const View& b, int64_t k0, int64_t K, int64_t n0, int64_t cols, float* bp) {
     const int64_t panels = (cols + NR - 1) / NR;
@@ -156,28 +141,8 @@ void pack_b(const View& b, int64_t k0, int64_t K, int64_t n0, int64_t cols, floa
         if (b.si == 1)  // columns of B contiguous (weights stored (out, in)): 8 x 8 transposes
             for (; j + 8 <= width; j += 8) {
                 const int64_t at = k0 + (n0 + p * NR + j) * b.sj;
-                int64_t k = 0;
-                if (b.bf16) {
-                    const uint16_t* rows[8];
-                    for (int i = 0; i < 8; ++i) rows[i] = static_cast<const uint16_t*>(b.base) + at + i * b.sj;
-                    for (; k + 8 <= K; k += 8) {
-                        __m256 cols[8];
-                        load_transposed8<uint16_t>(rows, k, cols);
-                        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * NR + j, cols[kk]);
-                    }
-                    for (; k < K; ++k)
-                        for (int i = 0; i < 8; ++i) dst[k * NR + j + i] = load1<uint16_t>(rows[i], k);
-                } else {
-                    const float* rows[8];
-                    for (int i = 0; i < 8; ++i) rows[i] = static_cast<const float*>(b.base) + at + i * b.sj;
-                    for (; k + 8 <= K; k += 8) {
-                        __m256 cols[8];
-                        load_transposed8<float>(rows, k, cols);
-                        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * NR + j, cols[kk]);
-                    }
-                    for (; k < K; ++k)
-                        for (int i = 0; i < 8; ++i) dst[k * NR + j + i] = rows[i][k];
-                }
+                if (b.bf16) pack_columns8(static_cast<const uint16_t*>(b.base) + at, b.sj, K, dst + j);
+                else pack_columns8(static_cast<const float*>(b.base) + at, b.sj, K, dst + j);
             }
 #endif
         for (; j < NR; ++j) {  // each column of B read along its own stride
@@ -235,7 +200,7 @@ void tile(const float* ap, int64_t lda, const float* bp, int64_t K, void* c, int
     for (int i = 0; i < ROWS; ++i) {
         if (out_bf16) {
             uint16_t* row = static_cast<uint16_t*>(c) + (m0 + i) * ldc + n0;
-            for (int j = 0; j < cols; ++j) row[j] = to_bf16(acc[i][j]);
+            for (int j = 0; j < cols; ++j) row[j] = f32_to_bf16(acc[i][j]);
         } else {
             float* row = static_cast<float*>(c) + (m0 + i) * ldc + n0;
             std::memcpy(row, acc[i], cols * sizeof(float));
@@ -302,7 +267,7 @@ void packed_piece(const View& av, const View& bv, int64_t m0, int64_t m1, int64_
     if (dst != c)
         for (int64_t m = m0; m < m1; ++m)
             for (int64_t j = 0; j < cols; ++j)
-                static_cast<uint16_t*>(c)[m * ldc + n0 + j] = to_bf16(scratch[(m - m0) * cols + j]);
+                static_cast<uint16_t*>(c)[m * ldc + n0 + j] = f32_to_bf16(scratch[(m - m0) * cols + j]);
 }
 
 // Few rows times weights stored (out, in): C(m, j) = dot(A row m, B column j), both contiguous
@@ -310,7 +275,6 @@ void packed_piece(const View& av, const View& bv, int64_t m0, int64_t m1, int64_
 // Register tile of DR rows x DC columns, 8-wide partial sums reduced at the end.
 constexpr int64_t kDotMaxRows = 16;
 constexpr int DR = 3, DC = 4;
-
 
 template <typename T, int R, int C>
 void dot_tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, float out[DR][DC]) {
@@ -367,7 +331,7 @@ void dot_piece(const void* a_, int64_t lda, int64_t m0, int64_t m1, const void* 
             for (int i = 0; i < nr; ++i)
                 for (int jj = 0; jj < nc; ++jj) {
                     const int64_t at = (m + i) * ldc + j + jj;
-                    if (out_bf16) static_cast<uint16_t*>(c)[at] = to_bf16(out[i][jj]);
+                    if (out_bf16) static_cast<uint16_t*>(c)[at] = f32_to_bf16(out[i][jj]);
                     else static_cast<float*>(c)[at] = out[i][jj];
                 }
         }

@@ -27,41 +27,14 @@
 
 #include <omp.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MK_AVX2 1
-#endif
+#include "simd.h"
 
 namespace {
 
+using namespace mk;
+
 enum WeightType { W_F32 = 0, W_BF16 = 1 };
 enum Act { A_SWIGLU = 0, A_GEGLU = 1, A_CLAMPED_SWIGLU = 2, A_GELU = 3, A_RELU = 4, A_SILU = 5 };
-
-inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-template <typename WT> inline float load1(const WT* w, int64_t k);
-template <> inline float load1<float>(const float* w, int64_t k) { return w[k]; }
-template <> inline float load1<uint16_t>(const uint16_t* w, int64_t k) { return bf16_to_f32(w[k]); }
-
-#ifdef MK_AVX2
-template <typename WT> inline __m256 load8(const WT* w, int64_t k);
-template <> inline __m256 load8<float>(const float* w, int64_t k) { return _mm256_loadu_ps(w + k); }
-template <> inline __m256 load8<uint16_t>(const uint16_t* w, int64_t k) {
-    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 // out[r] = dot(w, x row r) for NR input rows (ldx apart). One weight row is one sequential stream
 // (several rows at once, 2 KB apart, defeat the hardware prefetcher: 7.6 against 11.4 GB/s
@@ -120,13 +93,6 @@ void block_dots(const WT* w, int64_t ldw, int64_t n0, int64_t n1, const float* x
 
 // Output rows per work item: a few KB of weight, enough items for every thread.
 constexpr int64_t kBlock = 16;
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's cast
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
-    return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
 
 // x (R, K) in the weights' dtype, widened once to fp32.
 template <typename WT>
