@@ -24,12 +24,24 @@ def add_task_arguments(p: argparse.ArgumentParser, command: str) -> None:
                         "multitask: a folder with the Census-Income CSVs (default: fetched census-income)")
     p.add_argument("--set", dest="task_set", action="append", default=[], metavar="FIELD=VALUE",
                    help="vision/multitask: set a field of the task's config (repeatable)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="vision/multitask: torch CPU threads (default 1: these small models run several "
-                        "times faster on one thread than on threads that share busy cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: vision/multitask 1, since these small models run "
+                        "several times faster on one thread than on threads that share busy cores; "
+                        "language models torch's own default)")
     if command == "train":
         p.add_argument("--variant", default=None,
                        help="vision/multitask: which model to train (default topk / mmoe)")
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads from `--threads` (None: leave them); a count below 1 is refused."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: must be >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) -> int:
@@ -37,8 +49,9 @@ def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) ->
     if command == "train" and args.resume:
         raise ValueError(f"--resume is for language-model runs; a --task {args.task} run is short: rerun "
                          f"it into a new --out")
-    if args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: must be >= 1")
+    wanted = 1 if args.threads is None else args.threads
+    if wanted < 1:
+        raise ValueError(f"--threads {wanted}: must be >= 1")
     world = os.environ.get("WORLD_SIZE", "1")
     if getattr(args, "expert_parallel", None) is not None or world != "1":
         raise ValueError(f"--task {args.task} runs in one process (got --expert-parallel "
@@ -54,7 +67,7 @@ def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) ->
         args.out = Path(f"runs/compare-{args.task}")
     run = cli.train if command == "train" else cli.compare
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(wanted)
     try:
         return run(args, shared_flags)
     finally:

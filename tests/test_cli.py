@@ -77,3 +77,28 @@ def test_the_package_has_no_import_cycle() -> None:
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("0 import cycle(s)"), proc.stdout
+
+
+def test_threads_sets_torch_threads_and_refuses_zero() -> None:
+    import torch
+
+    from moekit.tasks import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(None)
+        assert torch.get_num_threads() == before  # not given: torch's default stays
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="--threads 0: must be >= 1"):
+        set_threads(0)
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_language_model_commands_refuse_bad_threads(command, tmp_path, capsys) -> None:
+    # The language-model path takes --threads too (it used to ignore it); checked before any work.
+    assert main([command, "--threads", "0", "--out", str(tmp_path / "run")]) != 0
+    assert "--threads 0: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

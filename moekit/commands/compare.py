@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from moekit.train.compare import CompareConfig
 
-from moekit.tasks import add_task_arguments, run_task
+from moekit.tasks import add_task_arguments, run_task, set_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task != "lm":
         shared = [f.name for f in fields(CompareConfig) if f.name != "train"] + list(TRAIN_FLAGS)
         return run_task(args, "compare", shared)
+    set_threads(args.threads)
     check_variants(args.variants)
     if args.seeds is not None:
         check_seeds(args.seeds)

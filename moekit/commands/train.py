@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from moekit.train.presets import Preset
     from moekit.train.trainer import TrainConfig
 
-from moekit.tasks import add_task_arguments, run_task
+from moekit.tasks import add_task_arguments, run_task, set_threads
 
 # flag -> TrainConfig field, for the settings a user can override on the command line.
 TRAIN_FLAGS = {
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.task != "lm":
         return run_task(args, "train", list(TRAIN_FLAGS))
+    set_threads(args.threads)
     preset = get_preset(args.preset)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     config = replace(preset.train, **overrides, bf16=args.bf16 or preset.train.bf16)
