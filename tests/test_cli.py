@@ -96,7 +96,7 @@ def test_threads_sets_torch_threads_and_refuses_zero() -> None:
         set_threads(0)
 
 
-@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("command", ["train", "compare", "sweep"])
 def test_language_model_commands_refuse_bad_threads(command, tmp_path, capsys) -> None:
     # The language-model path takes --threads too (it used to ignore it); checked before any work.
     assert main([command, "--threads", "0", "--out", str(tmp_path / "run")]) != 0

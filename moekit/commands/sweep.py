@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in SWEEP_TRAIN_FLAGS:
         _flag(p, name, getattr(defaults.train, name))
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, all cores)")
 
 
 HELP = {"eval_sequences": "validation sequences, a fixed sample evenly spaced over the held-out set; "
@@ -73,12 +74,14 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.hf.io import check_not_a_file
+    from moekit.tasks import set_threads
     from moekit.train.data import ensure_default_corpus
     from moekit.train.runfolder import StorageError
     from moekit.train.sweep import run_sweep
     from moekit.train.tokenizer import check_vocab_size
     from moekit.train.trainer import NonFiniteLossError
 
+    set_threads(args.threads)
     if args.vocab_size is not None:
         check_vocab_size(args.vocab_size, "--vocab-size")
     check_not_a_file(args.out, "--out")
