@@ -30,10 +30,6 @@ constexpr int MR = 6;   // rows of the register tile
 constexpr int NR = 16;  // columns of the register tile (two 8-float vectors)
 constexpr int64_t kPackFloats = 65536;  // packed B block: 256 KB, L2-resident
 
-inline float widen(const void* p, int64_t i, int bf16) {
-    return bf16 ? load1(static_cast<const uint16_t*>(p), i) : static_cast<const float*>(p)[i];
-}
-
 #ifdef MK_AVX2
 // 8 rows of 8 values (row r at src + r * ld) transposed: out[k] holds value k of every row.
 template <typename T>
@@ -55,6 +51,21 @@ inline void load_transposed8(const T* const rows[8], int64_t at, __m256 out[8]) 
         out[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
     }
 }
+
+// dst[k * stride + i] = rows[i][k] for i < n, k < K, 8 x 8 blocks at a time. Each k's store writes
+// 8 floats: with n < 8 its last 8 - n spill into the next k's slots (overwritten by it) and, after
+// the last k, into 8 - n spare floats the caller provides.
+template <typename T>
+void store_transposed(const T* const rows[8], int n, int64_t K, float* dst, int64_t stride) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 cols[8];
+        load_transposed8<T>(rows, k, cols);
+        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * stride, cols[kk]);
+    }
+    for (; k < K; ++k)
+        for (int i = 0; i < n; ++i) dst[k * stride + i] = load1<T>(rows[i], k);
+}
 #endif
 
 // A strided matrix view: element (i, j) at base + i * si + j * sj (in elements of its dtype).
@@ -62,7 +73,6 @@ struct View {
     const void* base;
     int64_t si, sj;
     int bf16;
-    float at(int64_t i, int64_t j) const { return widen(base, i * si + j * sj, bf16); }
 };
 
 // Rows [m0, m1) of A packed in panels of MR: ap[(p * K + k) * MR + i] = A(m0 + p * MR + i, k0 + k)
@@ -81,19 +91,11 @@ void pack_a_typed(const T* a, int64_t si, int64_t sj, int64_t m0, int64_t m1, in
     }
     int64_t m = 0;
 #ifdef MK_AVX2
-    if (sj == 1)  // full panels: 8 x 8 transposes of 6 rows (and 2 repeats), 8 floats stored per k,
-        for (; m + MR <= m1 - m0; m += MR) {  // whose last 2 the next k overwrites (ap has 8 spare)
+    if (sj == 1)  // full panels: 8 x 8 transposes of 6 rows (and 2 repeats; ap has 8 spare floats)
+        for (; m + MR <= m1 - m0; m += MR) {
             const T* rows[8];
             for (int i = 0; i < 8; ++i) rows[i] = a + (m0 + m + (i < MR ? i : 0)) * si + k0;
-            float* dst = ap + (m / MR) * K * MR;
-            int64_t k = 0;
-            for (; k + 8 <= K; k += 8) {
-                __m256 cols[8];
-                load_transposed8<T>(rows, k, cols);
-                for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * MR, cols[kk]);
-            }
-            for (; k < K; ++k)
-                for (int i = 0; i < MR; ++i) dst[k * MR + i] = load1<T>(rows[i], k);
+            store_transposed<T>(rows, MR, K, ap + (m / MR) * K * MR, MR);
         }
 #endif
     for (; m < m1 - m0; ++m) {
@@ -114,14 +116,7 @@ template <typename T>
 void pack_columns8(const T* col0, int64_t ld, int64_t K, float* dst) {
     const T* rows[8];
     for (int i = 0; i < 8; ++i) rows[i] = col0 + i * ld;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 cols[8];
-        load_transposed8<T>(rows, k, cols);
-        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(dst + (k + kk) * NR, cols[kk]);
-    }
-    for (; k < K; ++k)
-        for (int i = 0; i < 8; ++i) dst[k * NR + i] = load1<T>(rows[i], k);
+    store_transposed<T>(rows, 8, K, dst, NR);
 }
 #endif
 
