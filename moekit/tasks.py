@@ -33,12 +33,17 @@ def add_task_arguments(p: argparse.ArgumentParser, command: str) -> None:
                        help="vision/multitask: which model to train (default topk / mmoe)")
 
 
+def check_threads(threads: int) -> None:
+    """Refuse a `--threads` count below 1."""
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: must be >= 1")
+
+
 def set_threads(threads: int | None) -> None:
     """Set torch's CPU threads from `--threads` (None: leave them); a count below 1 is refused."""
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"--threads {threads}: must be >= 1")
+    check_threads(threads)
     import torch
 
     torch.set_num_threads(threads)
@@ -50,8 +55,7 @@ def run_task(args: argparse.Namespace, command: str, shared_flags: list[str]) ->
         raise ValueError(f"--resume is for language-model runs; a --task {args.task} run is short: rerun "
                          f"it into a new --out")
     wanted = 1 if args.threads is None else args.threads
-    if wanted < 1:
-        raise ValueError(f"--threads {wanted}: must be >= 1")
+    check_threads(wanted)
     world = os.environ.get("WORLD_SIZE", "1")
     if getattr(args, "expert_parallel", None) is not None or world != "1":
         raise ValueError(f"--task {args.task} runs in one process (got --expert-parallel "
