@@ -3,7 +3,7 @@
 `Experts.forward(x_RD, counts_E)` takes rows sorted by expert (`counts_E[e]` rows for expert e, in
 order) and runs each projection as ONE grouped GEMM over the 3-D weights, forward and backward:
 on CPU moekit's own kernel where it is the faster one (`_own_kernel`: bf16 without bf16 matrix
-instructions, few-row fp32 forwards; `moekit.kernels.cpu.grouped_mm`), else `torch._grouped_mm`
+instructions, fp32 forwards; `moekit.kernels.cpu.grouped_mm`), else `torch._grouped_mm`
 in the compute dtype of `moekit.experts.layout`. Where neither can run (device, dtype, 16-byte
 alignment) `grouped_matmul` falls back to a loop of plain matmuls. A decode step (a few rows)
 loops over only the experts that received rows, so it reads only their weights.
@@ -78,7 +78,7 @@ def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor
 def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     """`torch._grouped_mm` in `compute_dtype` of its mean rows per expert (fp32 for bf16 on a CPU
     without bf16 matrix instructions, where each expert gets several rows), returned in a's dtype."""
-    if _own_kernel(a, b, offs_E):
+    if _own_kernel(a, b):
         return cpu_kernels.grouped_mm(a, b, offs_E)
     dtype = a.dtype
     rows_per_expert = (a.shape[0] if b.dim() == 3 else a.shape[1]) / max(1, offs_E.numel())
@@ -89,22 +89,19 @@ def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     return torch._grouped_mm(a, b, offs=offs_E).to(dtype)
 
 
-# Mean rows per expert up to which moekit's kernel runs an fp32 forward: it reads such experts'
-# few rows and weights in place, where torch's kernel pays a matmul call per expert.
-OWN_KERNEL_MAX_ROWS = 8
-
-
-def _own_kernel(a: Tensor, b: Tensor, offs_E: Tensor) -> bool:
+def _own_kernel(a: Tensor, b: Tensor) -> bool:
     """True where moekit's CPU grouped GEMM (`moekit.kernels.cpu.grouped_mm`) beats torch's
     (benchmarks/moe_layer.py): bf16 on a CPU without bf16 matrix instructions (computed at the fp32
-    rate from the bf16 operands, no fp32 copies), and an fp32 forward whose experts get a few rows
-    each. Elsewhere (fp32 experts of many rows, the weight gradient) torch's matmuls are as fast."""
+    rate from the bf16 operands, no fp32 copies), and fp32 rows times weights stored (out, in), the
+    experts' forward: it reads the rows in place and shares all experts' pieces between the
+    threads, where torch's kernel makes one matmul call per expert and threads each on its own.
+    The fp32 backward products (input and weight gradients) stay with torch's, which runs them as
+    fast on one thread."""
     if not cpu_kernels.grouped_mm_supports(a, b):
         return False
     if slow_reduced_matmul(a):
         return True
-    return (a.dtype == torch.float32 and b.dim() == 3 and b.stride(-2) == 1 and a.stride(-1) == 1
-            and a.shape[0] <= OWN_KERNEL_MAX_ROWS * max(1, offs_E.numel()))
+    return a.dtype == torch.float32 and b.dim() == 3 and b.stride(-2) == 1 and a.stride(-1) == 1
 
 
 class _GroupedMatmul(torch.autograd.Function):

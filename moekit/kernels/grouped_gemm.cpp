@@ -82,10 +82,15 @@ template <typename T>
 void pack_a_typed(const T* a, int64_t si, int64_t sj, int64_t m0, int64_t m1, int64_t k0, int64_t K, float* ap) {
     const int64_t panels = (m1 - m0 + MR - 1) / MR;
     std::fill(ap + (m1 - m0) / MR * K * MR, ap + panels * K * MR, 0.0f);  // the last panel's missing rows
-    if (si == 1) {
+    if (si == 1) {  // each k: a column of A, contiguous, cut into the panels' MR-row pieces
+        const int64_t full = (m1 - m0) / MR;
         for (int64_t k = 0; k < K; ++k) {
             const T* col = a + (k0 + k) * sj + m0;
-            for (int64_t m = 0; m < m1 - m0; ++m) ap[((m / MR) * K + k) * MR + m % MR] = load1<T>(col, m);
+            for (int64_t p = 0; p < full; ++p) {
+                float* dst = ap + (p * K + k) * MR;
+                for (int i = 0; i < MR; ++i) dst[i] = load1<T>(col, p * MR + i);
+            }
+            for (int64_t m = full * MR; m < m1 - m0; ++m) ap[(full * K + k) * MR + m - full * MR] = load1<T>(col, m);
         }
         return;
     }
@@ -175,6 +180,18 @@ void tile(const float* ap, int64_t lda, const float* bp, int64_t K, void* c, int
             c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
             c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
         }
+    }
+    if (!out_bf16 && cols == NR) {  // a full fp32 tile: straight from the registers into C
+        for (int i = 0; i < ROWS; ++i) {
+            float* row = static_cast<float*>(c) + (m0 + i) * ldc + n0;
+            if (add) {
+                c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(row));
+                c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(row + 8));
+            }
+            _mm256_storeu_ps(row, c0[i]);
+            _mm256_storeu_ps(row + 8, c1[i]);
+        }
+        return;
     }
     for (int i = 0; i < ROWS; ++i) {
         _mm256_storeu_ps(acc[i], c0[i]);

@@ -99,3 +99,23 @@ def test_rows_past_the_last_group_are_zero_and_bad_offsets_are_refused():
         cpu.grouped_mm(x, w, torch.tensor([3, 11], dtype=torch.int32))
     with pytest.raises(ValueError, match="needs b"):
         cpu.grouped_mm(x, torch.randn(3, 8, 4), torch.tensor([3, 7], dtype=torch.int32))
+
+
+def test_the_experts_run_their_fp32_forward_products_here_and_their_gradients_on_torch(monkeypatch):
+    """`Experts` take moekit's kernel for every fp32 forward product (weights stored (out, in)),
+    however many rows each expert gets, and torch's for the fp32 input and weight gradients."""
+    from moekit.config import MoEConfig
+    from moekit.experts import grouped
+
+    calls = []
+    real = cpu.grouped_mm
+    monkeypatch.setattr(grouped.cpu_kernels, "grouped_mm",
+                        lambda a, b, offs: calls.append((tuple(a.shape), tuple(b.shape))) or real(a, b, offs))
+    cfg = MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=1)
+    experts = grouped.Experts(cfg)
+    counts = torch.tensor([100, 0, 60, 40])  # 50 rows per expert on average: far past a decode step
+    x = torch.randn(200, 16, requires_grad=True)
+    y = experts(x, counts)
+    assert calls == [((200, 16), (4, 16, 24))] * 2 + [((200, 24), (4, 24, 16))]
+    y.square().sum().backward()
+    assert len(calls) == 3
