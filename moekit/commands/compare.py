@@ -57,6 +57,8 @@ HELP = {"eval_sequences": "validation sequences, a fixed sample evenly spaced ov
         "aux_free_balance_coef": "aux-loss-free variants' complementary sequence-wise balance loss "
                                  "(DeepSeek-V3's alpha, 1e-4 there; 0: none)",
         "z_loss_coef": "ST-MoE router z-loss on every MoE variant",
+        "routed_scaling_factor": "multiplies the combine weights of the variants whose router weights its "
+                                 "experts (DeepSeek-V3's routed scaling; top-k: k x each weight)",
         "load_balance_coef": "the load-balancing loss of the variants that use one"}
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from moekit.config import MoEConfig, check, check_choice
 from moekit.model.config import ModelConfig
+from moekit.traits import ROUTER_TRAITS
 from moekit.train.batches import eval_indices
 from moekit.train.run import PreparedData, prepare_data
 from moekit.train.runfolder import RunLock
@@ -59,6 +60,9 @@ class CompareConfig:
         aux_free_balance_coef: aux-loss-free variants' complementary sequence-wise balance loss
             (DeepSeek-V3's alpha, 1e-4 there; 0 turns it off).
         z_loss_coef: ST-MoE router z-loss on every MoE variant (0 turns it off).
+        routed_scaling_factor: multiplies the routed experts' combine weights of every variant whose
+            router weights its experts (DeepSeek-V2/V3's factor; top_k gives each of k experts,
+            weighted ~1/k, the dense model's output scale at initialisation).
         variant_lr: (variant, peak learning rate) pairs overriding `train.lr` for those variants,
             so that each can train at its own best learning rate (default: the dense model at 1.2e-2).
         train: the training run every variant gets (steps, batch, sequence length, schedule, seed).
@@ -78,6 +82,7 @@ class CompareConfig:
     load_balance_granularity: str = "micro_batch"
     aux_free_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
+    routed_scaling_factor: float = 1.0
     variant_lr: tuple[tuple[str, float], ...] = DEFAULT_VARIANT_LR
     train: TrainConfig = DEFAULT_TRAIN
 
@@ -96,6 +101,9 @@ class CompareConfig:
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value,
                   "must be a finite number >= 0")
+        check(isinstance(self.routed_scaling_factor, (int, float)) and math.isfinite(self.routed_scaling_factor)
+              and self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor,
+              "must be a finite number > 0")
         check(isinstance(self.variant_lr, tuple), "variant_lr", self.variant_lr,
               "must be a tuple of (variant, lr) pairs")
         for pair in self.variant_lr:
@@ -127,6 +135,8 @@ def _topk(c: CompareConfig, width_k: int, **changes) -> MoEConfig:
     base = dict(d_model=c.d_model, d_ff=c.active_d_ff // width_k, num_experts=c.num_experts, top_k=width_k,
                 load_balance_coef=c.load_balance_coef, load_balance_granularity=c.load_balance_granularity,
                 z_loss_coef=c.z_loss_coef)
+    if ROUTER_TRAITS[changes.get("router", "topk")].scales_weights:
+        base["routed_scaling_factor"] = float(c.routed_scaling_factor)
     return MoEConfig(**{**base, **changes})
 
 
@@ -156,8 +166,10 @@ VARIANTS: dict[str, Variant] = {
         "top-k softmax + aux-loss-free expert bias",
         lambda c: _topk(c, c.top_k, expert_bias=True, **_aux_free_loss(c),
                         bias_update_rate=c.bias_update_rate)),
+    # Switch weights each token's expert by its router probability (not renormalised to 1, which
+    # would leave the router without a gradient from the loss)
     "switch": Variant("top-1 (Switch), capacity factor 1.25, load-balancing loss; experts top_k x wide",
-                      lambda c: _topk(c, 1, capacity_factor=1.25)),
+                      lambda c: _topk(c, 1, capacity_factor=1.25, normalize_topk=False)),
     "noisy_topk": Variant("top-k noisy gating + load-balancing loss (Shazeer et al. 2017)",
                           lambda c: _topk(c, c.top_k, noisy_gating=True)),
     "shared": Variant("1 shared expert + top-(k-1) routed, load-balancing loss (DeepSeekMoE)",

@@ -127,8 +127,10 @@ class SweepPoint:
         if self.experts == 1:
             return None
         k = self.top_k * self.granularity
+        # Top-1 weights its expert by the router's probability (Switch Transformer): renormalised over
+        # one expert that weight would be exactly 1, and the router would get no gradient from the loss.
         base = dict(d_model=c.d_model, d_ff=c.active_d_ff // k, num_experts=self.experts * self.granularity,
-                    top_k=k)
+                    top_k=k, normalize_topk=k > 1)
         if c.balance == "aux_free":
             return MoEConfig(**base, score_func="sigmoid", expert_bias=True, load_balance_coef=0.0,
                              bias_update_rate=c.bias_update_rate)

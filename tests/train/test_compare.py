@@ -230,3 +230,17 @@ def test_last_step_is_also_evaluated_on_the_whole_held_out_set(tmp_path):
     text = (report / "summary.md").read_text()
     assert "final val loss (whole held-out set)" in text
     assert f"the final step is also evaluated on all {data.val.num_sequences}" in text
+
+
+def test_switch_weights_its_expert_by_the_router_probability():
+    """The top-1 Switch variant is not renormalised (a weight of exactly 1 has no gradient)."""
+    import torch
+
+    from moekit.layer import MoELayer
+    from moekit.train.compare import CompareConfig, model_config
+
+    moe = model_config("switch", CompareConfig()).moe
+    layer = MoELayer(replace(moe, load_balance_coef=0.0))
+    layer(torch.randn(2, 8, moe.d_model)).y.square().sum().backward()
+    # renormalised, only rounding noise reaches the router (1e-6 of the experts' gradient)
+    assert layer.router.gate.weight.grad.abs().max() > 1e-3 * layer.experts.w_down_EFD.grad.abs().max()

@@ -36,6 +36,22 @@ def test_points_share_the_active_width_and_differ_only_in_experts():
         assert flops_per_token(p.model(SMALL), 16) - flops_per_token(dense, 16) == 6 * router
 
 
+
+@pytest.mark.parametrize("balance", ["topk_lb", "aux_free"])
+def test_every_moe_point_trains_its_router_from_the_loss(balance):
+    """Top-1 points weight their expert by its router probability (Switch): renormalised over one
+    expert the weight would be exactly 1 and the router would get no gradient from the loss."""
+    import torch
+
+    from moekit.layer import MoELayer
+
+    for p in replace(SMALL, balance=balance).points()[1:]:
+        moe = replace(p.moe(replace(SMALL, balance=balance)), load_balance_coef=0.0)
+        layer = MoELayer(moe)
+        layer(torch.randn(2, 8, moe.d_model)).y.square().sum().backward()
+        # renormalised, only rounding noise reaches the router (1e-6 of the experts' gradient)
+        assert layer.router.gate.weight.grad.abs().max() > 1e-3 * layer.experts.w_down_EFD.grad.abs().max(), p.name
+
 @pytest.mark.parametrize("changes, match", [
     pytest.param({"experts": (1,), "top_k": (1,)}, None, id="dense-only-is-fine"),
     pytest.param({"experts": (2,), "top_k": (2,)}, "gives no point", id="k-not-below-E"),
