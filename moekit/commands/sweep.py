@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from moekit.train.sweep import SweepConfig
 
-AXES = ("experts", "top_k", "granularity", "seeds")
+AXES = ("experts", "top_k", "granularity", "shared", "seeds")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", type=int, nargs="+", default=None, metavar="G",
                    help="split each expert into G experts G x narrower, routing to G x top-k "
                         f"(DeepSeekMoE fine-grained experts; default {' '.join(map(str, defaults.granularity))})")
+    p.add_argument("--shared", type=int, nargs="+", default=None, choices=(0, 1), metavar="S",
+                   help="1: one of each point's top-k x granularity active experts is a shared expert every "
+                        "token uses, the others routed (DeepSeekMoE); 0 1 runs both (default 0); needs "
+                        "top-k x granularity >= 2")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help=f"every point trains once per seed (default {' '.join(map(str, defaults.seeds))})")
     p.add_argument("--balance", choices=("topk_lb", "aux_free"), default=None,

@@ -45,7 +45,9 @@ class SweepConfig:
 
     Args:
         active_d_ff: feed-forward width one token uses (the dense model's d_ff) at every point.
-        experts / top_k / granularity: the axes; every combination is a point (E = 1 once, dense).
+        experts / top_k / granularity / shared: the axes; every combination is a point (E = 1 once,
+            dense). shared 1: one of the top_k x granularity active experts is a shared expert every
+            token uses (DeepSeekMoE), the others routed; it needs top_k x granularity >= 2.
         balance: topk_lb (softmax top-k + load-balancing loss) or aux_free (sigmoid scores +
             aux-loss-free expert bias, DeepSeek-V3).
         seeds: every point trains once per seed.
@@ -60,6 +62,7 @@ class SweepConfig:
     experts: tuple[int, ...] = (1, 4, 16, 64)
     top_k: tuple[int, ...] = (1,)
     granularity: tuple[int, ...] = (1,)
+    shared: tuple[int, ...] = (0,)
     balance: Balance = "topk_lb"
     load_balance_coef: float = 1e-2
     bias_update_rate: float = 3e-3
@@ -76,6 +79,7 @@ class SweepConfig:
             check(isinstance(values, tuple) and values and all(isinstance(v, int) and v >= 1 for v in values)
                   and len(set(values)) == len(values), name, values,
                   "must be one or more different positive integers")
+        check(set(self.shared) <= {0, 1}, "shared", self.shared, "must be 0 (no shared expert) and/or 1")
         check(self.balance in ("topk_lb", "aux_free"), "balance", self.balance, "must be topk_lb or aux_free")
         check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")
         check(isinstance(self.dense_lr, (int, float)) and math.isfinite(self.dense_lr) and self.dense_lr > 0,
@@ -85,15 +89,21 @@ class SweepConfig:
             for g in self.granularity:
                 check(self.active_d_ff % (k * g) == 0, "active_d_ff", self.active_d_ff,
                       f"must be divisible by top_k x granularity = {k} x {g} (the active experts share it)")
+        if 1 in self.shared and not any(k * g >= 2 for k in self.top_k for g in self.granularity):
+            raise ValueError(f"shared=1 needs top_k x granularity >= 2 (one shared expert and at least one "
+                             f"routed); with top_k={self.top_k} and granularity={self.granularity} there is "
+                             f"none; add --granularity 2 or more, or --top-k 2 or more")
         if not self.points():
             raise ValueError(f"experts={self.experts} with top_k={self.top_k} gives no point: every MoE "
                              f"point needs top_k < experts; add more experts or a smaller --top-k")
 
     def points(self) -> list[SweepPoint]:
-        """The points, dense (E = 1) first, then by experts, top-k, granularity; top_k >= E skipped."""
+        """The points, dense (E = 1) first, then by experts, top-k, granularity, shared; top_k >= E
+        skipped, and a shared expert where it would leave no routed one (top_k x granularity = 1)."""
         out = [SweepPoint(1, 1, 1)] if 1 in self.experts else []
-        out += [SweepPoint(e, k, g) for e in sorted(self.experts) if e > 1
-                for k in sorted(self.top_k) if k < e for g in sorted(self.granularity)]
+        out += [SweepPoint(e, k, g, sh) for e in sorted(self.experts) if e > 1
+                for k in sorted(self.top_k) if k < e for g in sorted(self.granularity)
+                for sh in sorted(self.shared) if not (sh and k * g < 2)]
         return out
 
     def lr(self, point: SweepPoint) -> float:
@@ -101,7 +111,8 @@ class SweepConfig:
         return self.dense_lr if point.experts == 1 else self.train.lr
 
     def settings(self) -> dict:
-        shape = {k: v for k, v in asdict(self).items() if k not in ("train", "experts", "top_k", "granularity")}
+        shape = {k: v for k, v in asdict(self).items()
+                 if k not in ("train", "experts", "top_k", "granularity", "shared")}
         return {**shape, **asdict(self.train)}
 
 
@@ -110,18 +121,22 @@ class SweepPoint:
     experts: int
     top_k: int
     granularity: int
+    shared: int = 0
 
     @property
     def name(self) -> str:
-        return "dense" if self.experts == 1 else f"E{self.experts}_k{self.top_k}_g{self.granularity}"
+        if self.experts == 1:
+            return "dense"
+        return f"E{self.experts}_k{self.top_k}_g{self.granularity}" + ("_s1" if self.shared else "")
 
     def describe(self, c: SweepConfig) -> str:
         if self.experts == 1:
             return f"dense MLP of width {c.active_d_ff} (E = 1); peak lr {c.lr(self):g}"
         e, k = self.experts * self.granularity, self.top_k * self.granularity
-        return (f"{e} experts of width {c.active_d_ff // k}, top-{k} ({self.experts} x granularity "
-                f"{self.granularity}), {'load-balancing loss' if c.balance == 'topk_lb' else 'aux-loss-free bias'}"
-                f"; peak lr {c.lr(self):g}")
+        experts = (f"1 shared + {e} routed experts of width {c.active_d_ff // k}, top-{k - 1}" if self.shared
+                   else f"{e} experts of width {c.active_d_ff // k}, top-{k}")
+        return (f"{experts} ({self.experts} x granularity {self.granularity}), "
+                f"{'load-balancing loss' if c.balance == 'topk_lb' else 'aux-loss-free bias'}; peak lr {c.lr(self):g}")
 
     def moe(self, c: SweepConfig) -> MoEConfig | None:
         if self.experts == 1:
@@ -129,8 +144,10 @@ class SweepPoint:
         k = self.top_k * self.granularity
         # Top-1 weights its expert by the router's probability (Switch Transformer): renormalised over
         # one expert that weight would be exactly 1, and the router would get no gradient from the loss.
+        # A shared expert takes one of the k active widths: the token's other k - 1 are routed.
+        routed_k = k - self.shared
         base = dict(d_model=c.d_model, d_ff=c.active_d_ff // k, num_experts=self.experts * self.granularity,
-                    top_k=k, normalize_topk=k > 1)
+                    top_k=routed_k, normalize_topk=routed_k > 1, num_shared_experts=self.shared)
         if c.balance == "aux_free":
             return MoEConfig(**base, score_func="sigmoid", expert_bias=True, load_balance_coef=0.0,
                              bias_update_rate=c.bias_update_rate)

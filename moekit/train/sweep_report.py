@@ -20,14 +20,14 @@ def summarize_sweep(runs: dict[str, dict]) -> dict[str, dict]:
     finals = {name: spread([val_curve(m)[1][-1] for m in run["metrics"].values() if val_curve(m)[1]])
               for name, run in runs.items()}
     out: dict[str, dict] = {}
-    previous: dict[tuple[int, int], str] = {}  # (top_k, granularity) -> the last point on that curve
+    previous: dict[tuple[int, int, int], str] = {}  # (top_k, granularity, shared) -> the curve's last point
     for name, run in runs.items():
         point = run["point"]
         final, dense = finals[name], finals.get("dense")
-        curve = (point.top_k, point.granularity)
+        curve = (point.top_k, point.granularity, point.shared)
         prev = previous.get(curve, "dense" if "dense" in runs and name != "dense" else None)
         out[name] = {
-            "experts": point.experts, "top_k": point.top_k, "granularity": point.granularity,
+            "experts": point.experts, "top_k": point.top_k, "granularity": point.granularity, "shared": point.shared,
             "expert_width": run["model"].moe.d_ff if run["model"].moe is not None else run["model"].d_ff,
             "total_params": run["total_params"], "active_params": run["active_params"],
             "flops_per_token": run["flops_per_token"], "description": run["description"],
@@ -55,14 +55,15 @@ def sweep_markdown(summary: dict[str, dict], *, config: dict, corpus: str, valid
     lines = ["# moekit sweep", "", f"Corpus: {corpus}", "",
              f"Validation loss: {validation}.", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in config.items()), "",
-             "| point | experts (E x granularity) | top-k | expert width | total params | active params "
+             "| point | experts (E x granularity) | active experts | expert width | total params | active params "
              "| training FLOPs/token | final val loss | vs dense | vs previous point |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         final = Spread(**s["final_val_loss"]).text(".4f") if s["final_val_loss"] else "-"
         e, k = s["experts"] * s["granularity"], s["top_k"] * s["granularity"]
+        active = f"1 shared + top-{k - 1}" if s.get("shared") else f"top-{k}"
         prev = s["vs_previous"]
-        lines.append(f"| {name} | {e} ({s['experts']} x {s['granularity']}) | {k} | {s['expert_width']} "
+        lines.append(f"| {name} | {e} ({s['experts']} x {s['granularity']}) | {active} | {s['expert_width']} "
                      f"| {s['total_params']:,} | {s['active_params']:,} | {s['flops_per_token']:,.0f} | {final} "
                      f"| {_verdict(s['vs_dense'])} | "
                      f"{_verdict(prev) + ' vs ' + prev['previous'] if prev else '-'} |")
@@ -84,10 +85,10 @@ def plot_sweep(runs: dict[str, dict], summary: dict[str, dict], path: Path) -> N
         s = Spread(**summary[name]["final_val_loss"])
         ax_p.errorbar([run["total_params"]], [s.mean], yerr=[[s.mean - s.lo], [s.hi - s.mean]], fmt="o",
                       color=colour[name], capsize=3, label=name)
-    curves: dict[tuple[int, int], list[str]] = {}
+    curves: dict[tuple[int, int, int], list[str]] = {}
     for name, s in summary.items():
         if name != "dense":
-            curves.setdefault((s["top_k"], s["granularity"]), []).append(name)
+            curves.setdefault((s["top_k"], s["granularity"], s.get("shared", 0)), []).append(name)
     for names in curves.values():  # join each curve's points, starting from dense
         names = (["dense"] if "dense" in summary else []) + names
         xs = [summary[n]["total_params"] for n in names]

@@ -37,6 +37,39 @@ def test_points_share_the_active_width_and_differ_only_in_experts():
 
 
 
+
+def test_a_shared_expert_takes_one_active_width_and_needs_a_routed_one_beside_it():
+    config = replace(SMALL, shared=(0, 1))
+    names = [p.name for p in config.points()]
+    # top-1 of granularity 1 would have no routed expert left: no shared point there
+    assert "E2_k1_g1_s1" not in names and {"E2_k1_g2_s1", "E4_k2_g1_s1", "E4_k2_g2_s1"} <= set(names)
+    dense = config.points()[0].model(config)
+    for p in config.points()[1:]:
+        moe = p.model(config).moe
+        k = p.top_k * p.granularity
+        assert moe.num_shared_experts == p.shared and moe.top_k == k - p.shared
+        assert moe.d_ff == config.active_d_ff // k and moe.shared_width == p.shared * moe.d_ff
+        router = config.n_layers * config.d_model * moe.num_experts
+        assert active_params(p.model(config)) - active_params(dense) == router, p.name
+    described = {p.name: p.describe(config) for p in config.points()}
+    assert described["E2_k1_g2_s1"].startswith("1 shared + 4 routed experts of width 16, top-1 (2 x granularity 2)")
+
+
+@pytest.mark.parametrize("changes, match", [
+    pytest.param({"top_k": (1,), "granularity": (1,), "shared": (1,)}, "needs top_k x granularity >= 2",
+                 id="no-routed-expert-left"),
+    pytest.param({"shared": (2,)}, "must be 0", id="two-shared"),
+])
+def test_bad_shared_axes_are_clear_errors(changes, match):
+    with pytest.raises(ValueError, match=match):
+        replace(SMALL, **changes)
+
+
+def test_the_cli_refuses_a_shared_expert_without_a_routed_one(tmp_path, capsys):
+    assert main(["sweep", "--experts", "1", "4", "--shared", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "needs top_k x granularity >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
 @pytest.mark.parametrize("balance", ["topk_lb", "aux_free"])
 def test_every_moe_point_trains_its_router_from_the_loss(balance):
     """Top-1 points weight their expert by its router probability (Switch): renormalised over one
@@ -105,7 +138,7 @@ def test_sweep_end_to_end_on_the_fixture_and_resumes(tmp_path, capsys):
         assert max(r["lr"] for r in rows if "lr" in r) == pytest.approx(peak)
     assert summary["E4_k1_g1"]["vs_previous"]["previous"] == "E2_k1_g1"
     text = (report / "summary.md").read_text()
-    assert "| E4_k1_g1 | 4 (4 x 1) | 1 | 32 |" in text and "8 sequences x 16 tokens" in text
+    assert "| E4_k1_g1 | 4 (4 x 1) | top-1 | 32 |" in text and "8 sequences x 16 tokens" in text
     assert {p.name for p in (out / "runs").iterdir()} == {
         "dense", "dense.seed1", "E2_k1_g1", "E2_k1_g1.seed1", "E4_k1_g1", "E4_k1_g1.seed1"}
     # rerunning trains nothing again: every run is complete
