@@ -13,7 +13,7 @@ from moekit.traits import ROUTER_TRAITS
 # Named token-choice variants shown beside the plain routers.
 VARIANTS: dict[str, dict] = {
     "topk sigmoid+bias": dict(router="topk", score_func="sigmoid", expert_bias=True),
-    "switch (cap 1.0)": dict(router="topk", top_k=1, capacity_factor=1.0),
+    "switch (cap 1.0)": dict(router="topk", top_k=1, capacity_factor=1.0, normalize_topk=False),
 }
 
 

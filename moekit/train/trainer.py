@@ -192,6 +192,24 @@ class FitResult:
     start_step: int = 0  # the step training began from (a resumed checkpoint's)
 
 
+
+def warn_constant_top1_weights(model: nn.Module) -> None:
+    """Warn about each top-1 MoE layer whose combine weight is exactly 1 (the chosen score
+    renormalised, or softmaxed, over one expert): its router then gets no gradient from the loss and
+    learns from the aux losses alone. The Switch Transformer weights the expert by its probability."""
+    import warnings
+
+    from moekit.layer import moe_layers
+
+    for i, layer in enumerate(moe_layers(model)):
+        cfg = layer.config
+        if cfg.router == "topk" and cfg.top_k == 1 and (cfg.normalize_topk or cfg.softmax_after_topk):
+            option = "softmax_after_topk" if cfg.softmax_after_topk else "normalize_topk"
+            warnings.warn(f"MoE layer {i}: top_k=1 with {option}=True weights every token's expert by exactly 1, "
+                          f"so the router gets no gradient from the loss (only from the aux losses); set "
+                          f"{option}=False to weight it by its router probability (Switch Transformer)",
+                          stacklevel=3)
+
 class Trainer:
     """Trains `model` on packed sequences, writing metrics and checkpoints under `out_dir`.
 
@@ -221,6 +239,7 @@ class Trainer:
         self.run_info = run_info or {}
         self.progress, self.label, self.plan = progress, label, plan
         self.device = next(model.parameters()).device
+        warn_constant_top1_weights(model)
         self.optimizer = build_optimizer(model, config)
         self.step = 0
         self.settings_history: list[dict] = []  # each resume that changed settings: step and changes

@@ -220,3 +220,14 @@ def test_bf16_autocast_trains(tmp_path):
     records = _losses(tmp_path)
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(loss)) for _, loss, _ in records)
     assert trainer.model.lm_head.weight.dtype == torch.float32  # autocast: weights stay fp32
+
+
+def test_a_top1_router_that_cannot_learn_from_the_loss_is_warned_about(tmp_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match="top_k=1 with normalize_topk=True"):
+        make_trainer(tmp_path / "a", model_config=tiny_model_config(top_k=1, noisy_gating=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # weighted by its probability (Switch): no warning
+        make_trainer(tmp_path / "b", model_config=tiny_model_config(top_k=1, noisy_gating=False,
+                                                                      normalize_topk=False))
