@@ -86,12 +86,13 @@ class RoutedLayer(nn.Module):
         return total
 
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
-        """Aux-loss-free balancing step from the loads counted since the last call; resets them."""
+    def update_expert_bias(self, scale: float = 1.0) -> None:
+        """Aux-loss-free balancing step (at `scale` x bias_update_rate) from the loads counted since
+        the last call; resets them."""
         update = getattr(self.router, "update_bias", None)
         if update is None or getattr(self.router, "expert_bias", None) is None:
             raise ValueError("update_expert_bias needs MoEConfig(router='topk', expert_bias=True)")
-        update(self.load_counts_E)
+        update(self.load_counts_E, scale)
         self.load_counts_E.zero_()
 
 

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 HELP = {"eval_sequences": "validation sequences, a fixed sample evenly spaced over the held-out set; "
                          "0: the whole held-out set",
         "router_lr_mult": "the MoE routers' weight matrices train at the peak lr x this",
+        "bias_update_schedule": "the aux-loss-free bias step: constant (the bias update rate every step) "
+                                "or lr (that rate x the step's lr / the peak lr)",
         "aux_free_balance_coef": "aux-loss-free variants' complementary sequence-wise balance loss "
                                  "(DeepSeek-V3's alpha, 1e-4 there; 0: none)",
         "z_loss_coef": "ST-MoE router z-loss on every MoE variant",

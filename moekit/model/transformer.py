@@ -93,12 +93,12 @@ class MoETransformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, RoutedLayer)]
 
     @torch.no_grad()
-    def update_expert_biases(self) -> None:
+    def update_expert_biases(self, scale: float = 1.0) -> None:
         """Aux-loss-free balancing step on every routed layer (MoE or mixture of attention) whose
-        router has an expert bias."""
+        router has an expert bias, at `scale` x each layer's bias_update_rate."""
         for layer in self.routed_layers():
             if getattr(layer.router, "expert_bias", None) is not None:
-                layer.update_expert_bias()
+                layer.update_expert_bias(scale)
 
     def forward(
         self,

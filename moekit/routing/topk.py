@@ -219,10 +219,11 @@ class TopKRouter(LinearGateRouter):
                                counts_from_ids(expert_ids_TK, cfg.num_experts))
 
     @torch.no_grad()
-    def update_bias(self, counts_E: Tensor) -> None:
-        """Aux-loss-free update (DeepSeek-V3 sec. 2.1.2): b_i += rate * sign(mean load - load_i)."""
+    def update_bias(self, counts_E: Tensor, scale: float = 1.0) -> None:
+        """Aux-loss-free update (DeepSeek-V3 sec. 2.1.2): b_i += rate * sign(mean load - load_i), with
+        rate = scale x bias_update_rate."""
         if self.expert_bias is None:
             raise ValueError("update_bias needs a router built with expert_bias=True")
         self.expert_bias.copy_(
-            expert_bias_update(self.expert_bias, counts_E, rate=self.config.bias_update_rate)
+            expert_bias_update(self.expert_bias, counts_E, rate=self.config.bias_update_rate * scale)
         )

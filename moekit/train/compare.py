@@ -38,7 +38,7 @@ DEFAULT_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=6e-3, war
 DEFAULT_VARIANT_LR: tuple[tuple[str, float], ...] = (("dense", 1.2e-2),)
 # TrainConfig fields `moekit compare` takes as flags (the rest keep DEFAULT_TRAIN's values)
 TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences", "seed",
-               "router_lr_mult")
+               "router_lr_mult", "bias_update_schedule")
 
 if TYPE_CHECKING:
     from moekit.parallel.context import SingleProcess

@@ -35,7 +35,7 @@ SWEEP_TRAIN = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=DEFAULT_TRAI
                           eval_every=50, eval_sequences=EVAL_SEQUENCES, checkpoint_every=0, keep_last=1, seed=0)
 SWEEP_DENSE_LR = dict(DEFAULT_VARIANT_LR)["dense"]
 SWEEP_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_sequences",
-                     "router_lr_mult")
+                     "router_lr_mult", "bias_update_schedule")
 Balance = Literal["topk_lb", "aux_free"]
 
 

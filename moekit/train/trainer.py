@@ -41,6 +41,7 @@ class NonFiniteLossError(RuntimeError):
 DATA_SETTINGS = ("batch_size", "seq_len", "grad_accum", "seed")
 # Metrics only the last step of a run records (its whole-held-out-set evaluation).
 FINAL_KEYS = ("full_val_loss", "full_val_moe")
+BIAS_UPDATE_SCHEDULES = ("constant", "lr")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,9 @@ class TrainConfig:
         bf16: run forward in bfloat16 autocast.
         router_lr_mult: the MoE routers' weight matrices train at lr x this (their own AdamW group;
             1: no group of their own, the optimizer then has the same two groups as without it).
+        bias_update_schedule: the aux-loss-free expert-bias step after each optimizer step:
+            "constant" (the MoEConfig's bias_update_rate every step) or "lr" (that rate times the
+            step's learning rate over the peak: warmed up, then decayed with the cosine).
     """
 
     steps: int
@@ -81,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     router_lr_mult: float = 1.0
+    bias_update_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_last"):
@@ -98,6 +103,8 @@ class TrainConfig:
         check(isinstance(self.router_lr_mult, (int, float)) and math.isfinite(self.router_lr_mult)
               and self.router_lr_mult > 0, "router_lr_mult", self.router_lr_mult,
               "must be a finite number > 0 (1: routers at the common learning rate)")
+        check(self.bias_update_schedule in BIAS_UPDATE_SCHEDULES, "bias_update_schedule",
+              self.bias_update_schedule, f"must be one of {', '.join(BIAS_UPDATE_SCHEDULES)}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -403,7 +410,8 @@ class Trainer:
         self.optimizer.step()
         if hasattr(self.model, "update_expert_biases"):
             self.parallel.before_bias_update(self.model)
-            self.model.update_expert_biases()
+            scale = lr / cfg.lr if cfg.bias_update_schedule == "lr" else 1.0
+            self.model.update_expert_biases(scale)
         self.step += 1
         means = self.parallel.mean({"loss": loss_sum, "aux_loss": aux_sum, **aux_named})
         loss_sum, aux_sum = means.pop("loss"), means.pop("aux_loss")

@@ -231,3 +231,24 @@ def test_a_top1_router_that_cannot_learn_from_the_loss_is_warned_about(tmp_path)
         warnings.simplefilter("error")  # weighted by its probability (Switch): no warning
         make_trainer(tmp_path / "b", model_config=tiny_model_config(top_k=1, noisy_gating=False,
                                                                       normalize_topk=False))
+
+
+@pytest.mark.parametrize("schedule, expected", [("constant", 0.01), ("lr", 0.005)])
+def test_the_expert_bias_step_follows_its_schedule(tmp_path, schedule, expected):
+    """The tiny model's bias_update_rate is 0.01; the first step's lr is half the peak (2 warmup
+    steps), so the "lr" schedule moves each bias by 0.005 there and "constant" by 0.01."""
+    from moekit.layer import moe_layers
+
+    trainer = make_trainer(tmp_path, bias_update_schedule=schedule)
+    trainer.train_step()
+    for layer in moe_layers(trainer.model):
+        moved = layer.router.expert_bias.abs().tolist()  # each bias moves by the step or not at all
+        assert max(moved) == pytest.approx(expected, rel=1e-6)
+        assert all(m == 0 or m == pytest.approx(expected, rel=1e-6) for m in moved)
+
+
+def test_an_unknown_bias_update_schedule_is_refused():
+    from moekit.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="bias_update_schedule='cosine' is invalid: must be one of constant, lr"):
+        TrainConfig(steps=1, bias_update_schedule="cosine")
