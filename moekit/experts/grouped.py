@@ -143,6 +143,16 @@ def row_blocks(counts_E: Tensor) -> list[tuple[int, int, int]]:
     return blocks
 
 
+def expert_matmul(x_rD: Tensor, w_DF: Tensor) -> Tensor:
+    """One expert's rows times its weight exactly as `grouped_matmul` computes that expert's block
+    (the same kernel and compute dtype, so the same bits; a forward, no autograd): for modules that
+    hold their experts one at a time (`moekit.inference.offload`)."""
+    w_1DF = w_DF.unsqueeze(0)
+    if x_rD.shape[0] and grouped_mm_supported(x_rD, w_1DF) and _own_kernel(x_rD, w_1DF):
+        return cpu_kernels.grouped_mm(x_rD, w_1DF, torch.tensor([x_rD.shape[0]], dtype=torch.int32))
+    return matmul(x_rD, w_DF)
+
+
 def _loop_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
     """The fallback: one matmul per expert with rows (slow on many experts, exact everywhere)."""
     ys = [matmul(x_RD[lo:hi], w_EDF[e]) for e, lo, hi in row_blocks(counts_E)]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.experts.grouped import row_blocks
+from moekit.experts.grouped import expert_matmul, row_blocks
 from moekit.experts.layout import matmul
 from moekit.hf.checkpoint import _to_empty, _Without, _zero_runtime_buffers, from_pretrained, resolve_dtype
 from moekit.hf.convert import checkpoint_to_model
@@ -117,8 +117,10 @@ class FloatFormat:
             view.copy_(tensors[name])  # the cast `load_weights` does with Parameter.copy_
 
     def forward(self, x_rD: Tensor, views: dict[str, Tensor], *, fused_bias: bool) -> Tensor:
+        # fused_bias: Experts' decode path (plain matmuls), else its grouped path's kernel
+        mm = matmul if fused_bias else expert_matmul
         return expert_forward(x_rD, views, self.config, fused_bias=fused_bias,
-                              matmul=lambda x, name: matmul(x, views[name]))
+                              matmul=lambda x, name: mm(x, views[name]))
 
 
 class OffloadedExperts(nn.Module):
