@@ -66,13 +66,22 @@ def grouped_matmul(x_RD: Tensor, w_EDF: Tensor, counts_E: Tensor, offs_E: Tensor
     Returns:
         (R, F) in x's dtype.
     """
-    if not grouped_mm_supported(x_RD, w_EDF) and x_RD.shape[0] and grouped_mm_supported(x_RD.clone(), w_EDF):
-        x_RD = x_RD.clone()  # only x's base pointer is off (a sliced view): a fresh copy is aligned
-    if grouped_mm_supported(x_RD, w_EDF):
+    x = _grouped_operand(x_RD, w_EDF)
+    if x is not None:
         if offs_E is None:
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return _GroupedMatmul.apply(x_RD, w_EDF, offs_E)
+        return _GroupedMatmul.apply(x, w_EDF, offs_E)
     return _loop_matmul(x_RD, w_EDF, counts_E)
+
+
+def _grouped_operand(x_RD: Tensor, w_EDF: Tensor) -> Tensor | None:
+    """x as the grouped path takes it (a fresh copy where only its base pointer is off, as a sliced
+    view's may be), or None where `torch._grouped_mm` cannot run these operands (the loop instead)."""
+    if grouped_mm_supported(x_RD, w_EDF):
+        return x_RD
+    if x_RD.shape[0] and grouped_mm_supported(x_RD.clone(), w_EDF):
+        return x_RD.clone()
+    return None
 
 
 def _grouped_mm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
@@ -148,8 +157,9 @@ def expert_matmul(x_rD: Tensor, w_DF: Tensor) -> Tensor:
     (the same kernel and compute dtype, so the same bits; a forward, no autograd): for modules that
     hold their experts one at a time (`moekit.inference.offload`)."""
     w_1DF = w_DF.unsqueeze(0)
-    if x_rD.shape[0] and grouped_mm_supported(x_rD, w_1DF) and _own_kernel(x_rD, w_1DF):
-        return cpu_kernels.grouped_mm(x_rD, w_1DF, torch.tensor([x_rD.shape[0]], dtype=torch.int32))
+    x = _grouped_operand(x_rD, w_1DF) if x_rD.shape[0] else None
+    if x is not None and _own_kernel(x, w_1DF):
+        return cpu_kernels.grouped_mm(x, w_1DF, torch.tensor([x.shape[0]], dtype=torch.int32))
     return matmul(x_rD, w_DF)
 
 

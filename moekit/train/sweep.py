@@ -79,7 +79,9 @@ class SweepConfig:
             check(isinstance(values, tuple) and values and all(isinstance(v, int) and v >= 1 for v in values)
                   and len(set(values)) == len(values), name, values,
                   "must be one or more different positive integers")
-        check(set(self.shared) <= {0, 1}, "shared", self.shared, "must be 0 (no shared expert) and/or 1")
+        check(isinstance(self.shared, tuple) and self.shared and set(self.shared) <= {0, 1}
+              and len(set(self.shared)) == len(self.shared), "shared", self.shared,
+              "must be 0 (no shared expert) and/or 1, each once")
         check(self.balance in ("topk_lb", "aux_free"), "balance", self.balance, "must be topk_lb or aux_free")
         check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")
         check(isinstance(self.dense_lr, (int, float)) and math.isfinite(self.dense_lr) and self.dense_lr > 0,

@@ -61,7 +61,7 @@ def sweep_markdown(summary: dict[str, dict], *, config: dict, corpus: str, valid
     for name, s in summary.items():
         final = Spread(**s["final_val_loss"]).text(".4f") if s["final_val_loss"] else "-"
         e, k = s["experts"] * s["granularity"], s["top_k"] * s["granularity"]
-        active = f"1 shared + top-{k - 1}" if s.get("shared") else f"top-{k}"
+        active = f"1 shared + top-{k - 1}" if s["shared"] else f"top-{k}"
         prev = s["vs_previous"]
         lines.append(f"| {name} | {e} ({s['experts']} x {s['granularity']}) | {active} | {s['expert_width']} "
                      f"| {s['total_params']:,} | {s['active_params']:,} | {s['flops_per_token']:,.0f} | {final} "
@@ -88,7 +88,7 @@ def plot_sweep(runs: dict[str, dict], summary: dict[str, dict], path: Path) -> N
     curves: dict[tuple[int, int, int], list[str]] = {}
     for name, s in summary.items():
         if name != "dense":
-            curves.setdefault((s["top_k"], s["granularity"], s.get("shared", 0)), []).append(name)
+            curves.setdefault((s["top_k"], s["granularity"], s["shared"]), []).append(name)
     for names in curves.values():  # join each curve's points, starting from dense
         names = (["dense"] if "dense" in summary else []) + names
         xs = [summary[n]["total_params"] for n in names]

@@ -199,7 +199,6 @@ class FitResult:
     start_step: int = 0  # the step training began from (a resumed checkpoint's)
 
 
-
 def warn_constant_top1_weights(model: nn.Module) -> None:
     """Warn about each top-1 MoE layer whose combine weight is exactly 1 (the chosen score
     renormalised, or softmaxed, over one expert): its router then gets no gradient from the loss and
@@ -216,6 +215,7 @@ def warn_constant_top1_weights(model: nn.Module) -> None:
                           f"so the router gets no gradient from the loss (only from the aux losses); set "
                           f"{option}=False to weight it by its router probability (Switch Transformer)",
                           stacklevel=3)
+
 
 class Trainer:
     """Trains `model` on packed sequences, writing metrics and checkpoints under `out_dir`.

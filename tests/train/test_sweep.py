@@ -59,6 +59,7 @@ def test_a_shared_expert_takes_one_active_width_and_needs_a_routed_one_beside_it
     pytest.param({"top_k": (1,), "granularity": (1,), "shared": (1,)}, "needs top_k x granularity >= 2",
                  id="no-routed-expert-left"),
     pytest.param({"shared": (2,)}, "must be 0", id="two-shared"),
+    pytest.param({"shared": (1, 1)}, "each once", id="repeated-shared"),
 ])
 def test_bad_shared_axes_are_clear_errors(changes, match):
     with pytest.raises(ValueError, match=match):
