@@ -61,7 +61,7 @@ def sweep_markdown(summary: dict[str, dict], *, config: dict, corpus: str, valid
     for name, s in summary.items():
         final = Spread(**s["final_val_loss"]).text(".4f") if s["final_val_loss"] else "-"
         e, k = s["experts"] * s["granularity"], s["top_k"] * s["granularity"]
-        active = f"1 shared + top-{k - 1}" if s["shared"] else f"top-{k}"
+        active = "dense" if name == "dense" else f"1 shared + top-{k - 1}" if s["shared"] else f"top-{k}"
         prev = s["vs_previous"]
         lines.append(f"| {name} | {e} ({s['experts']} x {s['granularity']}) | {active} | {s['expert_width']} "
                      f"| {s['total_params']:,} | {s['active_params']:,} | {s['flops_per_token']:,.0f} | {final} "
